@@ -1,0 +1,1 @@
+"""FLUX.1 in MLX: transformer, VAE, CLIP-L, T5, tokenizers, sampler, loading."""
