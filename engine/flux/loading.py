@@ -1,0 +1,151 @@
+"""`load_model`: a FLUX.1 model (transformer, VAE, CLIP-L, T5 and tokenizers) from
+a name, a Hugging Face repo id or a local folder in the diffusers layout.
+
+Compute is bf16 on a GPU or Apple Silicon and float32 on a plain CPU, where
+MLX's bf16 matmuls are a slow loop. Quantization (3/4/5/6/8 bits) applies to
+the frozen linears of the transformer and the text encoders.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.errors import ModelLoadError
+from engine.flux.hub import ProgressCallback, resolve_model_path
+from engine.flux.weights import load_component
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_BITS = (3, 4, 5, 6, 8)
+QUANTIZE_GROUP_SIZE = 64
+CLIP_MAX_LENGTH = 77
+
+
+def default_dtype() -> mx.Dtype:
+    return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+
+
+@dataclass
+class FluxModel:
+    """The loaded model. Text encoders and the VAE encoder can be released once
+    their work is done, so training holds only the transformer (and VAE decoder)."""
+
+    name: str
+    path: Path
+    transformer: nn.Module
+    vae: nn.Module
+    clip: nn.Module | None
+    t5: nn.Module | None
+    clip_tokenizer: object | None
+    t5_tokenizer: object | None
+    dtype: mx.Dtype
+    quantize: int | None
+    transformer_config: dict
+    scheduler_config: dict = field(default_factory=dict)
+
+    @property
+    def has_guidance(self) -> bool:
+        return bool(self.transformer_config.get("guidance_embeds"))
+
+    @property
+    def t5_max_length(self) -> int:
+        # FLUX.1-dev was trained with 512 T5 tokens, schnell with 256
+        return 512 if self.has_guidance else 256
+
+    @property
+    def num_joint_blocks(self) -> int:
+        return int(self.transformer_config.get("num_layers", 19))
+
+    @property
+    def num_single_blocks(self) -> int:
+        return int(self.transformer_config.get("num_single_layers", 38))
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[mx.array, mx.array]:
+        """(T5 hidden states (B, T, D), CLIP pooled output (B, P)) in the compute dtype."""
+        if self.clip is None or self.t5 is None:
+            raise RuntimeError("the text encoders were released; encode prompts before releasing them")
+        clip_ids = mx.array(self.clip_tokenizer.encode(prompts, CLIP_MAX_LENGTH))
+        t5_ids = mx.array(self.t5_tokenizer.encode(prompts, self.t5_max_length))
+        _, pooled = self.clip(clip_ids)
+        hidden = self.t5(t5_ids)
+        mx.eval(hidden, pooled)
+        return hidden.astype(self.dtype), pooled.astype(self.dtype)
+
+    def release_text_encoders(self) -> None:
+        self.clip = self.t5 = None
+        mx.clear_cache()
+
+    def release_vae_encoder(self) -> None:
+        self.vae.release_encoder()
+        mx.clear_cache()
+
+
+def load_model(name_or_path: str | os.PathLike = "tiny", quantize: int | None = None, dtype: mx.Dtype | None = None,
+               text_encoders: bool = True, progress: ProgressCallback | None = None,
+               token: str | None = None) -> FluxModel:
+    """Load FLUX.1: `dev`, `schnell`, `tiny`, a Hugging Face repo id or a local folder."""
+    from engine.flux.clip import CLIPTextModel
+    from engine.flux.clip import convert_hf_weights as convert_clip
+    from engine.flux.t5 import T5Encoder
+    from engine.flux.t5 import convert_hf_weights as convert_t5
+    from engine.flux.tokenizers import ClipTokenizer, T5Tokenizer
+    from engine.flux.transformer import FluxTransformer
+    from engine.flux.transformer import convert_hf_weights as convert_transformer
+    from engine.flux.vae import AutoencoderKL
+    from engine.flux.vae import convert_hf_weights as convert_vae
+
+    if quantize is not None and quantize not in QUANTIZE_BITS:
+        raise ModelLoadError(f"quantize = {quantize} is not supported", "use 3, 4, 5, 6 or 8 bits, or none")
+    folder = resolve_model_path(name_or_path, progress=progress, token=token)
+    dtype = dtype or default_dtype()
+    transformer, transformer_config = load_component(folder / "transformer", FluxTransformer, convert_transformer, dtype)
+    vae, _ = load_component(folder / "vae", AutoencoderKL, convert_vae, dtype)
+    clip = t5 = clip_tokenizer = t5_tokenizer = None
+    if text_encoders:
+        for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            if not (folder / sub).is_dir():
+                raise ModelLoadError(f"{folder} has no {sub}/ folder", "the model folder is incomplete: download it again")
+        clip, _ = load_component(folder / "text_encoder", CLIPTextModel, convert_clip, dtype)
+        t5, _ = load_component(folder / "text_encoder_2", T5Encoder, convert_t5, dtype)
+        clip_tokenizer = ClipTokenizer.from_folder(folder / "tokenizer")
+        t5_tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2")
+    if quantize:
+        for label, module in (("transformer", transformer), ("CLIP", clip), ("T5", t5)):
+            if module is not None:
+                quantize_module(module, quantize, label)
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler_path.read_text()) if scheduler_path.is_file() else {}
+    return FluxModel(name=str(name_or_path), path=folder, transformer=transformer, vae=vae, clip=clip, t5=t5,
+                     clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer, dtype=dtype, quantize=quantize,
+                     transformer_config=transformer_config, scheduler_config=scheduler_config)
+
+
+def quantize_module(module: nn.Module, bits: int, label: str = "model", group_size: int = QUANTIZE_GROUP_SIZE) -> int:
+    """Quantize every linear whose input width fits a group size (64, else 32).
+
+    Returns how many linears stayed unquantized; they are counted in a log line.
+    """
+    skipped = []
+
+    def fits(path: str, layer: nn.Module):
+        if not isinstance(layer, nn.Linear):
+            return False
+        width = layer.weight.shape[-1]
+        for size in (group_size, 32):
+            if width % size == 0:
+                return {"group_size": size, "bits": bits, "mode": "affine"}
+        skipped.append(path)
+        return False
+
+    nn.quantize(module, group_size=group_size, bits=bits, class_predicate=fits)
+    mx.eval(module.parameters())
+    if skipped:
+        log.info("%s: %d linear layer(s) stay unquantized (width not a multiple of 32), e.g. %s",
+                 label, len(skipped), skipped[0])
+    return len(skipped)

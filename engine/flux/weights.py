@@ -1,0 +1,101 @@
+"""Read one component folder (config.json + safetensors, sharded or not) into a module.
+
+Every way a folder can be wrong (no config, a shard named in the index but
+absent, a tensor of the wrong shape, missing tensors) ends in one
+ModelLoadError that names the file and says what to do.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from engine.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing", "the model folder is incomplete: download it again")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path} is not valid JSON ({error})", "the model folder is damaged: download it again") from error
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a component: those named by an index, else all of them."""
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"{indexes[0]} is not a valid safetensors index ({error})",
+                                 "the model folder is damaged: download it again") from error
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{indexes[0].name} names {', '.join(absent)} but {folder} lacks it",
+                                 "the download is incomplete: run the same command again to resume it")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {folder}",
+                             "the model folder is incomplete (weights in .bin format are not supported)")
+    return files
+
+
+def read_weights(folder: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for path in weight_files(folder):
+        try:
+            weights.update(mx.load(str(path)))
+        except Exception as error:  # mlx raises bare RuntimeError/ValueError on damaged files
+            raise ModelLoadError(f"cannot read {path} ({error})",
+                                 "the file is damaged: delete it and download again") from error
+    return weights
+
+
+def load_component(folder: Path, build: Callable[[dict], nn.Module],
+                   convert: Callable[[dict], dict], dtype: mx.Dtype) -> tuple[nn.Module, dict]:
+    """Build the module from config.json and fill it with the folder's weights, cast to `dtype`."""
+    config = read_config(folder)
+    try:
+        module = build(config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelLoadError(f"{folder / 'config.json'} does not describe a supported model ({error})",
+                             "is this a FLUX.1 model in the diffusers layout?") from error
+    weights = convert(read_weights(folder))
+    assign_weights(module, weights, folder, dtype)
+    return module, config
+
+
+def assign_weights(module: nn.Module, weights: dict[str, mx.array], source: Path | str, dtype: mx.Dtype) -> None:
+    expected = dict(tree_flatten(module.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ModelLoadError(
+            f"{source} lacks {len(missing)} tensor(s) the config asks for, e.g. {', '.join(missing[:3])}",
+            "the weights and config.json do not belong together: download the model again")
+    wrong = [(k, tuple(weights[k].shape), tuple(v.shape)) for k, v in expected.items() if weights[k].shape != v.shape]
+    if wrong:
+        key, got, want = wrong[0]
+        raise ModelLoadError(
+            f"{source}: tensor {key} has shape {got}, config.json implies {want} ({len(wrong)} mismatch(es))",
+            "the weights belong to another model or config.json was edited: download the model again")
+    unused = sorted(set(weights) - set(expected))
+    if unused:
+        log.warning("%s: %d tensor(s) ignored, e.g. %s", source, len(unused), ", ".join(unused[:3]))
+    items = [(k, weights[k].astype(dtype) if mx.issubdtype(weights[k].dtype, mx.floating) else weights[k])
+             for k in expected]
+    module.load_weights(items, strict=True)
+    mx.eval(module.parameters())
