@@ -95,19 +95,30 @@ def save_png(image: np.ndarray, path: str | Path, metadata: dict[str, str] | Non
     return path
 
 
-def generate_image(model, request: GenerationRequest) -> np.ndarray:
-    """One image for `request`, with its LoRA files attached at their scales."""
+def generate_image(model, request: GenerationRequest, release_text_encoders: bool = False,
+                   on_phase=None) -> np.ndarray:
+    """One image for `request`, with its LoRA files attached at their scales.
+
+    `release_text_encoders` frees CLIP and T5 once the prompt is encoded (T5-XXL
+    alone is ~9 GB in bf16); `on_phase(name)` is called as each phase ends.
+    """
+    on_phase = on_phase or (lambda name: None)
     if request.lora_paths:
+        from engine.errors import UserError
         from engine.lora_formats import attach_lora_files
 
         scales = list(request.lora_scales) or [1.0] * len(request.lora_paths)
         if len(scales) != len(request.lora_paths):
-            from engine.errors import UserError
-
             raise UserError(f"{len(request.lora_paths)} LoRA file(s) but {len(scales)} scale(s)",
                             "give one --lora-scales value per --lora-paths file, or none for 1.0 each")
         attach_lora_files(model.transformer, list(zip(request.lora_paths, scales)))
     prompt_embeds, pooled = model.encode_prompts([request.prompt])
+    if release_text_encoders:
+        model.release_text_encoders()
+    on_phase("encode")
     latents = denoise_latents(model, prompt_embeds, pooled, request.width, request.height, request.steps,
                               request.guidance, seed=request.seed)
-    return decode_latents(model, latents, request.width, request.height)[0]
+    on_phase("denoise")
+    image = decode_latents(model, latents, request.width, request.height)[0]
+    on_phase("decode")
+    return image
