@@ -1,0 +1,300 @@
+"""The DreamBooth LoRA training loop, driven by a config and steered by controls.
+
+A library first: it reports through a callback (engine/events.py) and polls
+its controls between steps, so the wizard runs it in a thread, the CLI prints
+its events and tests inspect them. Nothing here prints.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from engine.checkpoint import CheckpointContents, flatten_optimizer_state, read_checkpoint, write_checkpoint
+from engine.config import TrainingConfig, config_to_dict, lora_targets, parse_config, validate
+from engine.dataset import BatchIterator, build_training_set
+from engine.errors import CheckpointError, OutputError, UserError
+from engine.export import adapter_from_bytes, adapter_metadata, adapter_to_bytes
+from engine.events import EventCallback, TrainingControls, make_event
+from engine.flux.latents import latent_image_ids, latent_size, text_ids
+from engine.flux.sampler import sigma_grid
+from engine.instrumentation import write_loss_history, write_validation_image
+from engine.lora import apply_lora, load_lora_parameters, lora_parameters
+from engine.optimizers import build_optimizer
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "adapter.safetensors"
+
+
+@dataclass
+class TrainingResult:
+    step: int
+    total_steps: int
+    adapter_path: Path | None
+    checkpoint_path: Path | None
+    stopped: bool
+    loss_history: list[dict]
+    output_dir: Path
+
+
+class Trainer:
+    def __init__(self, config: TrainingConfig, callback: EventCallback | None = None,
+                 controls: TrainingControls | None = None, resume_from: Path | None = None):
+        self.config = config
+        self.callback = callback or (lambda event: None)
+        self.controls = controls or TrainingControls()
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.model = None
+        self.output_dir: Path | None = None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path, callback: EventCallback | None = None,
+                        controls: TrainingControls | None = None) -> "Trainer":
+        contents = read_checkpoint(checkpoint)
+        base_dir = Path(contents.config.get("examples", {}).get("path", ".")).parent
+        config = parse_config(contents.config, base_dir)
+        return cls(config, callback, controls, resume_from=checkpoint)
+
+    def emit(self, kind: str, **fields) -> None:
+        try:
+            self.callback(make_event(kind, **fields))
+        except Exception:  # a broken listener must not kill a long training run
+            log.exception("event listener failed on %s", kind)
+
+    def run(self) -> TrainingResult:
+        try:
+            return self._run()
+        except UserError as error:
+            self.emit("error", message=error.message, hint=error.hint)
+            raise
+        except Exception as error:
+            self.emit("error", message=f"{type(error).__name__}: {error}", hint="see the log file for details")
+            raise
+
+    # -- phases ---------------------------------------------------------------------------------
+
+    def _run(self) -> TrainingResult:
+        from engine.flux.loading import load_model
+
+        cfg = self.config
+        resume = read_checkpoint(self.resume_from) if self.resume_from else None
+        self.output_dir = self._prepare_output_dir(resume is not None)
+        started = datetime.now()
+        if resume and resume.iterator.get("start_date_time"):
+            try:
+                started = datetime.fromisoformat(resume.iterator["start_date_time"])
+            except ValueError:
+                pass
+
+        self.emit("phase", phase="load", detail=f"loading {cfg.model}")
+        progress = lambda done, total: self.emit("progress", phase="download", done=done, total=total)  # noqa: E731
+        model = self.model = load_model(cfg.model, quantize=cfg.quantize, progress=progress)
+        # the block limits come from the loaded model (tiny has fewer blocks than FLUX.1)
+        for warning in validate(cfg, model.num_joint_blocks, model.num_single_blocks):
+            self.emit("warning", message=warning)
+        if cfg.quantize:
+            self.emit("phase", phase="quantize", detail=f"base quantized to {cfg.quantize} bits")
+
+        self.emit("phase", phase="encode", detail="encoding images and prompts")
+        validation_prompt = cfg.instrumentation.validation_prompt if cfg.instrumentation else None
+        examples = [(path, image.prompt, getattr(image, "crop", None))
+                    for path, image in zip(cfg.image_paths, cfg.examples.images)]
+        dataset, extra = build_training_set(
+            model, examples, cfg.width, cfg.height, extra_prompts=[validation_prompt] if validation_prompt else [],
+            progress=lambda phase, done, total: self.emit("progress", phase=phase, done=done, total=total))
+        model.release_text_encoders()
+        model.release_vae_encoder()
+        validation = extra.get(validation_prompt) if validation_prompt else None
+
+        transformer = model.transformer
+        transformer.gradient_checkpointing = bool(cfg.gradient_checkpointing)
+        targets = lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks)
+        apply_lora(transformer, targets, key=mx.random.key(cfg.seed))
+        optimizer = build_optimizer(cfg.optimizer.name, cfg.optimizer.learning_rate)
+        optimizer.init(transformer.trainable_parameters())
+        self._optimizer = optimizer
+
+        iterator = BatchIterator(len(dataset), cfg.training_loop.batch_size, cfg.training_loop.num_epochs, cfg.seed)
+        loss_history: list[dict] = []
+        if resume:
+            iterator, loss_history = self._restore(resume, transformer, optimizer, len(dataset))
+
+        self.emit("phase", phase="compile", detail="compiling the training step")
+        step_fn = self._make_step(transformer, optimizer, model)
+        latent_h, latent_w = latent_size(cfg.height, cfg.width, model.vae.scale_factor)
+        img_ids, txt_ids = latent_image_ids(latent_h, latent_w), text_ids(model.t5_max_length)
+        sigmas = sigma_grid(cfg.steps, img_ids.shape[0], _scheduler(model)).astype(np.float32)
+
+        state = _RunState(iterator=iterator, loss_history=loss_history, started=started)
+        self.emit("phase", phase="train", detail=f"{iterator.total_steps} steps")
+        last_checkpoint = None
+        window_start, window_steps = time.perf_counter(), 0
+        mx.reset_peak_memory()
+        while not iterator.finished:
+            if self.controls.paused:
+                self.emit("paused", step=iterator.num_iterations)
+                self.controls.wait_while_paused()
+                self.emit("resumed", step=iterator.num_iterations)
+                window_start, window_steps = time.perf_counter(), 0
+            if self.controls.stop_requested:
+                break
+            indices = iterator.next_batch()
+            latents, hidden, pooled = dataset.batch(indices)
+            t_index = iterator.draw_timesteps(len(indices), cfg.steps)
+            noise = mx.array(iterator.draw_noise(tuple(latents.shape)))
+            sigma = mx.array(sigmas[t_index])
+            guidance = mx.full((len(indices),), cfg.guidance, dtype=mx.float32)
+            loss = step_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise UserError(f"the loss became {loss_value} at step {iterator.num_iterations}",
+                                "lower optimizer.learning_rate (e.g. by 10x) and resume from the last checkpoint")
+            step = iterator.num_iterations
+            loss_history.append({"step": step, "loss": loss_value, "time": time.time()})
+            window_steps += 1
+            elapsed = time.perf_counter() - window_start
+            it_per_s = window_steps / elapsed if elapsed > 0 else 0.0
+            remaining = iterator.total_steps - step
+            self.emit("step", step=step, total_steps=iterator.total_steps, epoch=iterator.epoch + 1,
+                      num_epochs=iterator.num_epochs, loss=loss_value, it_per_s=it_per_s,
+                      eta_s=remaining / it_per_s if it_per_s else None,
+                      peak_memory_gib=mx.get_peak_memory() / 2**30)
+            last_checkpoint = self._instrument(step, state, model, validation) or last_checkpoint
+
+        stopped = not iterator.finished
+        step = iterator.num_iterations
+        checkpoint = last_checkpoint
+        if last_checkpoint is None or not last_checkpoint.name.startswith(f"{step:07d}"):
+            checkpoint = self._write_checkpoint(step, state)
+        adapter_path = None
+        if not stopped:
+            adapter_path = self._save_final_adapter()
+        self.emit("finished", step=step, adapter_path=str(adapter_path) if adapter_path else None,
+                  checkpoint_path=str(checkpoint) if checkpoint else None, stopped=stopped)
+        return TrainingResult(step=step, total_steps=iterator.total_steps, adapter_path=adapter_path,
+                              checkpoint_path=checkpoint, stopped=stopped, loss_history=loss_history,
+                              output_dir=self.output_dir)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    def _make_step(self, transformer: nn.Module, optimizer, model):
+        has_guidance = model.has_guidance
+
+        def loss_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
+            s = sigma[:, None, None]
+            noisy = ((1 - s) * latents + s * noise).astype(model.dtype)
+            prediction = transformer(noisy, hidden, pooled, sigma.astype(model.dtype), img_ids, txt_ids,
+                                     guidance.astype(model.dtype) if has_guidance else None)
+            # rectified flow: the transformer predicts the velocity noise - x0
+            return mx.mean(mx.square(prediction.astype(mx.float32) - (noise - latents)))
+
+        loss_and_grad = nn.value_and_grad(transformer, loss_fn)
+        state = [transformer.state, optimizer.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(*arrays):
+            loss, grads = loss_and_grad(*arrays)
+            optimizer.update(transformer, grads)
+            return loss
+
+        def run_step(*arrays):
+            loss = step(*arrays)
+            mx.eval(loss, state)
+            return loss
+
+        return run_step
+
+    def _instrument(self, step: int, state: "_RunState", model, validation) -> Path | None:
+        cfg = self.config
+        instrumentation = cfg.instrumentation
+        checkpoint = None
+        if step % cfg.save.checkpoint_frequency == 0 or self.controls.take_checkpoint_request():
+            checkpoint = self._write_checkpoint(step, state)
+        if instrumentation and step % instrumentation.plot_frequency == 0:
+            path = write_loss_history(self.output_dir, step, state.loss_history)
+            self.emit("plot", step=step, path=str(path))
+        wants_preview = self.controls.take_preview_request()
+        if validation is not None and (wants_preview or step % instrumentation.generate_image_frequency == 0):
+            path = write_validation_image(self.output_dir, step, model, validation, cfg)
+            self.emit("preview", step=step, path=str(path))
+        return checkpoint
+
+    def _write_checkpoint(self, step: int, state: "_RunState") -> Path:
+        contents = CheckpointContents(
+            step=step, adapter=adapter_to_bytes(lora_parameters(self.model.transformer), self._adapter_metadata()),
+            optimizer=flatten_optimizer_state(self._optimizer.state),
+            iterator=state.iterator.state(state.started.isoformat()), loss=state.loss_history,
+            config=config_to_dict(self.config, absolute_paths=True))
+        path = write_checkpoint(self.output_dir, contents, state.started)
+        self.emit("checkpoint", step=step, path=str(path))
+        return path
+
+    def _adapter_metadata(self) -> dict[str, str]:
+        return adapter_metadata(self.config)
+
+    def _save_final_adapter(self) -> Path:
+        from engine.lora_formats import save_mflux
+
+        path = self.output_dir / ADAPTER_NAME
+        save_mflux(path, lora_parameters(self.model.transformer), self._adapter_metadata())
+        return path
+
+    def _restore(self, resume: CheckpointContents, transformer, optimizer, num_examples: int):
+        adapter, _ = adapter_from_bytes(resume.adapter)
+        expected = lora_parameters(transformer)
+        if set(adapter) != set(expected) or any(adapter[k].shape != expected[k].shape for k in expected):
+            raise CheckpointError(
+                f"{self.resume_from.name} holds a LoRA for other layers or another model than its config describes",
+                "resume with the checkpoint's own config and model, or start a new training")
+        load_lora_parameters(transformer, adapter)
+        if resume.optimizer:
+            try:
+                optimizer.state = tree_unflatten(list(resume.optimizer.items()))
+            except Exception as error:
+                raise CheckpointError(f"{self.resume_from.name} has an optimizer state that does not fit ({error})",
+                                      "the checkpoint was written with another optimizer; start a new training") from error
+        saved_examples = resume.iterator.get("num_examples", num_examples)
+        if saved_examples != num_examples:
+            raise CheckpointError(
+                f"{self.resume_from.name} was trained on {saved_examples} images, the config now lists {num_examples}",
+                "restore the original images, or start a new training")
+        iterator = BatchIterator.from_state(resume.iterator, num_examples, self.config.seed)
+        return iterator, list(resume.loss)
+
+    def _prepare_output_dir(self, resuming: bool) -> Path:
+        output = self.config.output_dir
+        if not resuming and output.exists() and any(output.iterdir()):
+            # never overwrite an earlier run (mflux appends a timestamp the same way)
+            output = output.with_name(f"{output.name}_{datetime.now():%Y%m%d_%H%M%S}")
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            probe = output / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise OutputError(f"cannot write to the output folder {output} ({error.strerror})",
+                              "set save.output_path to a folder you can write to") from error
+        return output
+
+
+@dataclass
+class _RunState:
+    iterator: BatchIterator
+    loss_history: list[dict]
+    started: datetime
+
+
+def _scheduler(model) -> dict:
+    from engine.generate import scheduler_for
+
+    return scheduler_for(model)

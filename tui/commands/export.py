@@ -1,0 +1,19 @@
+"""`dreambooth-wizard export`: a checkpoint's LoRA for mflux, diffusers or kohya/ComfyUI."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a NNNNNNN_checkpoint.zip")
+    parser.add_argument("--format", default="diffusers", choices=["mflux", "diffusers", "kohya"],
+                        help="mflux; diffusers (also loads in ComfyUI); kohya with BFL names (ComfyUI, Forge)")
+    parser.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.format, args.output)
+    print(f"wrote {args.format} LoRA {path}")
+    return 0
