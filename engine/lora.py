@@ -1,0 +1,262 @@
+"""LoRA adapters on the linear layers of any MLX module tree.
+
+y = base(x) + scale * (x @ A.T) @ B.T, with A (rank, in) and B (out, rank)
+kept in float32: the orientation of every LoRA file format (FORMATS.md s.4),
+so saving and loading never transposes.
+
+Training wraps each target once (`apply_lora`). Generation may stack several
+files on one layer: `LoRALinear.from_adapters` concatenates them into one
+adapter (the sum of the products is exact), so a layer costs two matmuls
+however many files are attached. A LoRALinear may also wrap another one
+(a file attached on top of the adapter being trained, for previews).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from engine.errors import LoraFormatError, UserError
+
+logger = logging.getLogger(__name__)
+
+LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+
+
+class LoraDelta(NamedTuple):
+    """One adapter on one layer: its contribution is scale * B @ A."""
+
+    lora_A: mx.array  # (rank, in)
+    lora_B: mx.array  # (out, rank)
+    scale: float
+
+
+def linear_dims(layer: nn.Module) -> tuple[int, int]:
+    """(input_dims, output_dims) of a Linear, QuantizedLinear or LoRALinear."""
+    if isinstance(layer, LoRALinear):
+        return layer.input_dims, layer.output_dims
+    output_dims, input_dims = layer.weight.shape
+    if isinstance(layer, nn.QuantizedLinear):
+        input_dims = input_dims * 32 // layer.bits  # packed into uint32 words
+    return input_dims, output_dims
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update.
+
+    The LoRA path runs in the input's dtype, with A and B cast down from
+    their float32 master copies. The delta is added to a base output that is
+    already in that dtype, so computing it wider would buy no precision, and
+    bf16 matmuls keep the tensor cores busy at full FLUX size. The float32
+    masters (and the optimizer state on them) keep small updates from being
+    rounded away. On CPU everything is float32 and the casts are no-ops.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, key: mx.array, scale: float = 1.0):
+        super().__init__()
+        self.input_dims, self.output_dims = linear_dims(base)
+        self.base = base
+        if not isinstance(base, LoRALinear):  # a wrapped adapter may still be training
+            base.freeze()
+        # PEFT's default: kaiming_uniform_(a=sqrt(5)) reduces to U(-1/sqrt(in), 1/sqrt(in))
+        bound = 1.0 / math.sqrt(self.input_dims)
+        self.lora_A = mx.random.uniform(-bound, bound, (rank, self.input_dims), key=key)
+        # B = 0: step 0 is exactly the base model
+        self.lora_B = mx.zeros((self.output_dims, rank))
+        self.scale = float(scale)
+
+    @classmethod
+    def from_adapters(cls, base: nn.Module, adapters: list[LoraDelta]) -> "LoRALinear":
+        """One layer carrying the sum of several adapters (generation)."""
+        layer = cls(base, rank=1, key=mx.random.key(0))
+        if len(adapters) == 1:
+            (lora_A, lora_B, scale), = adapters
+            layer.set_weights(lora_A, lora_B, scale)
+            return layer
+        # [s1 B1 | s2 B2] @ [A1; A2] = s1 B1 A1 + s2 B2 A2
+        lora_A = mx.concatenate([a.lora_A.astype(mx.float32) for a in adapters], axis=0)
+        lora_B = mx.concatenate([a.lora_B.astype(mx.float32) * a.scale for a in adapters], axis=1)
+        layer.set_weights(lora_A, lora_B, 1.0)
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    def set_weights(self, lora_A: mx.array, lora_B: mx.array, scale: float | None = None) -> None:
+        if lora_A.ndim != 2 or lora_B.ndim != 2 or lora_A.shape[0] != lora_B.shape[1]:
+            raise LoraFormatError(f"LoRA pair of shapes A {lora_A.shape}, B {lora_B.shape} is not (rank, in), (out, rank).")
+        if lora_A.shape[1] != self.input_dims or lora_B.shape[0] != self.output_dims:
+            raise LoraFormatError(
+                f"LoRA of shape (in {lora_A.shape[1]}, out {lora_B.shape[0]}) does not fit a layer "
+                f"of (in {self.input_dims}, out {self.output_dims})."
+            )
+        self.lora_A = lora_A.astype(mx.float32)
+        self.lora_B = lora_B.astype(mx.float32)
+        if scale is not None:
+            self.scale = float(scale)
+
+    def deltas(self) -> list[LoraDelta]:
+        """Adapters from the outermost to the innermost wrapped layer."""
+        inner = self.base.deltas() if isinstance(self.base, LoRALinear) else []
+        return [LoraDelta(self.lora_A, self.lora_B, self.scale), *inner]
+
+    def innermost(self) -> nn.Module:
+        return self.base.innermost() if isinstance(self.base, LoRALinear) else self.base
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.base(x)
+        z = x @ self.lora_A.astype(x.dtype).T
+        if self.scale != 1.0:  # a Python float: decided once when compiled
+            z = z * self.scale
+        z = z @ self.lora_B.astype(x.dtype).T
+        return y + z.astype(y.dtype)
+
+
+def _walk(model: nn.Module, path: str):
+    # lists (to_out, ff.net) are not modules, so the walk returns them too
+    node = model
+    for part in path.split(".") if path else []:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted path ("transformer_blocks.0.attn.to_out.0"), or None."""
+    node = _walk(model, path)
+    return node if isinstance(node, nn.Module) else None
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = _walk(model, parent_path)
+    if isinstance(parent, list):
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+
+
+def apply_lora(model: nn.Module, targets: list[tuple[str, int]], key: mx.array) -> list[str]:
+    """Wrap each (path, rank) target in a LoRALinear; freeze everything else.
+
+    All targets are checked before any is wrapped, so a bad one leaves the
+    model untouched. Each target draws its A from its own split of `key`.
+    """
+    seen = set()
+    for path, rank in targets:
+        layer = get_module(model, path)
+        if layer is None:
+            raise UserError(f"LoRA target '{path}' does not exist in the model.",
+                            hint="Check lora_layers: block indices and layer_types.")
+        if isinstance(layer, LoRALinear):
+            raise UserError(f"LoRA target '{path}' already has a LoRA adapter.")
+        if not isinstance(layer, LINEAR_TYPES):
+            raise UserError(f"LoRA target '{path}' is a {type(layer).__name__}, not a linear layer.",
+                            hint="LoRA applies to linear layers only (e.g. attn.to_q, ff.net.0.proj).")
+        if not isinstance(rank, int) or rank < 1:
+            raise UserError(f"LoRA rank for '{path}' must be a positive integer, got {rank!r}.")
+        if path in seen:
+            raise UserError(f"LoRA target '{path}' is listed twice.")
+        seen.add(path)
+
+    model.freeze()
+    keys = mx.random.split(key, max(len(targets), 1))
+    wrapped = []
+    for (path, rank), layer_key in zip(targets, keys):
+        lora = LoRALinear(get_module(model, path), rank, key=layer_key)
+        lora.unfreeze(keys=["lora_A", "lora_B"], recurse=False)
+        set_module(model, path, lora)
+        wrapped.append(path)
+    logger.debug("LoRA on %d layers", len(wrapped))
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Outermost LoRALinear of each wrapped layer, by module path."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            found[path] = module
+    # a LoRALinear nested in another one shows up as "<path>.base"
+    return {p: m for p, m in found.items() if not (p.endswith(".base") and p[: -len(".base")] in found)}
+
+
+def lora_deltas(model: nn.Module) -> dict[str, list[LoraDelta]]:
+    """Every adapter of the model by layer path, stacked ones included."""
+    return {path: layer.deltas() for path, layer in sorted(lora_layers(model).items())}
+
+
+def lora_parameters(model: nn.Module) -> dict[str, mx.array]:
+    """Flat {"<path>.lora_A": A, "<path>.lora_B": B}: what a checkpoint stores."""
+    return {k: v for k, v in tree_flatten(model.parameters()) if k.endswith((".lora_A", ".lora_B"))}
+
+
+def load_lora_parameters(model: nn.Module, flat: dict[str, mx.array]) -> None:
+    """Put saved A/B values back into the model's adapters (resume).
+
+    The keys and shapes must be exactly those of `lora_parameters(model)`.
+    """
+    current = lora_parameters(model)
+    missing = sorted(set(current) - set(flat))
+    unexpected = sorted(set(flat) - set(current))
+    if missing or unexpected:
+        raise LoraFormatError(
+            "The saved LoRA does not match the model's adapters"
+            + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+            + (f"; unexpected: {', '.join(unexpected[:5])}" if unexpected else "")
+            + ".",
+            hint="Resume with the same lora_layers as the run that saved it.",
+        )
+    for name, value in flat.items():
+        if tuple(value.shape) != tuple(current[name].shape):
+            raise LoraFormatError(f"Saved LoRA '{name}' has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(current[name].shape)}.",
+                                  hint="Resume with the same lora_layers and ranks.")
+    for name, value in flat.items():
+        path, _, which = name.rpartition(".")
+        setattr(get_module(model, path), which, value.astype(mx.float32))
+
+
+def remove_lora(model: nn.Module) -> list[str]:
+    """Put the original layers back; returns the paths that had adapters."""
+    layers = lora_layers(model)
+    for path, layer in layers.items():
+        set_module(model, path, layer.innermost())
+    return sorted(layers)
+
+
+def fuse_lora(model: nn.Module, dequantize: bool = False) -> list[str]:
+    """Merge adapters into their base weights, so generation runs plain linears.
+
+    A quantized base is left unfused (its LoRALinear stays) unless
+    `dequantize`: re-quantizing would round the small delta away, so fusing
+    means a dense, larger layer, which must be asked for.
+    """
+    fused = []
+    for path, layer in sorted(lora_layers(model).items()):
+        base = layer.innermost()
+        if isinstance(base, nn.QuantizedLinear):
+            if not dequantize:
+                continue
+            weight = mx.dequantize(base.weight, base.scales, base.get("biases"), base.group_size,
+                                   base.bits, mode=getattr(base, "mode", "affine"))
+        else:
+            weight = base.weight
+        delta = sum(d.scale * (d.lora_B @ d.lora_A) for d in layer.deltas())
+        dense = nn.Linear(layer.input_dims, layer.output_dims, bias="bias" in base)
+        dense.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+        if "bias" in base:
+            dense.bias = base.bias
+        dense.freeze()
+        set_module(model, path, dense)
+        fused.append(path)
+    return fused
