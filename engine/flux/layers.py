@@ -1,0 +1,167 @@
+"""Building blocks of the FLUX.1 transformer, named like diffusers' modules.
+
+Attribute names follow diffusers' state_dict keys exactly, so weights load
+without renaming and LoRA code can wrap any `nn.Linear` by replacing the
+attribute (or list item) that holds it.
+"""
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from engine.flux.rope import apply_rope
+
+TIMESTEP_EMBEDDING_DIM = 256
+NORM_EPS = 1e-6
+
+
+def timestep_embedding(timestep: mx.array, dim: int = TIMESTEP_EMBEDDING_DIM, max_period: float = 10000.0) -> mx.array:
+    """Sinusoidal embedding [cos, sin] of a (B,) float timestep, in float32.
+
+    Kept in float32 whatever the model dtype: bf16 would round t*1000 by up to
+    ~4 steps, which moves the embedding noticeably.
+    """
+    half = dim // 2
+    frequencies = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    angles = timestep.astype(mx.float32)[:, None] * frequencies[None]
+    return mx.concatenate([mx.cos(angles), mx.sin(angles)], axis=-1)
+
+
+@mx.compile
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    """adaLN: parameter-free LayerNorm, then a per-sample scale and shift."""
+    return mx.fast.layer_norm(x, None, None, NORM_EPS) * (1 + scale) + shift
+
+
+@mx.compile
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU with the tanh approximation (torch's approximate="tanh"), evaluated
+    in float32 so bf16 activations lose nothing beyond their final rounding."""
+    return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
+
+
+class MLPEmbedder(nn.Module):
+    """linear_1 -> SiLU -> linear_2: diffusers' TimestepEmbedding and the
+    silu PixArtAlphaTextProjection share this shape and these names."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class TimeTextEmbedding(nn.Module):
+    """The conditioning vector `temb`: timestep (+ guidance) + pooled text."""
+
+    def __init__(self, dim: int, pooled_projection_dim: int, guidance_embeds: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(TIMESTEP_EMBEDDING_DIM, dim)
+        if guidance_embeds:
+            self.guidance_embedder = MLPEmbedder(TIMESTEP_EMBEDDING_DIM, dim)
+        self.text_embedder = MLPEmbedder(pooled_projection_dim, dim)
+
+    def __call__(self, timestep: mx.array, guidance: mx.array | None, pooled: mx.array) -> mx.array:
+        dtype = pooled.dtype
+        temb = self.timestep_embedder(timestep_embedding(timestep * 1000).astype(dtype))
+        if "guidance_embedder" in self:
+            temb = temb + self.guidance_embedder(timestep_embedding(guidance * 1000).astype(dtype))
+        return temb + self.text_embedder(pooled)
+
+
+class AdaptiveModulation(nn.Module):
+    """Maps silu(temb) to `count` per-channel vectors (shift, scale, gate, ...),
+    each shaped (B, 1, dim) to broadcast over tokens. diffusers' AdaLayerNormZero,
+    AdaLayerNormZeroSingle and AdaLayerNormContinuous keep only this linear as
+    weights; their LayerNorm has none and lives in `modulate`."""
+
+    def __init__(self, dim: int, count: int):
+        super().__init__()
+        self.count = count
+        self.linear = nn.Linear(dim, count * dim)
+
+    def __call__(self, temb: mx.array) -> list[mx.array]:
+        return mx.split(self.linear(nn.silu(temb))[:, None], self.count, axis=-1)
+
+
+class FluxAttention(nn.Module):
+    """Multi-head attention with RMS-normed queries and keys and rotary positions.
+
+    Joint blocks (`joint=True`) also project the text stream with the `add_*`
+    layers, attend over [text, image] together and project each stream back
+    out; single blocks attend over their one (already joined) sequence and
+    leave the output projection to the block.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, joint: bool):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        inner_dim = heads * head_dim
+        self.to_q = nn.Linear(dim, inner_dim)
+        self.to_k = nn.Linear(dim, inner_dim)
+        self.to_v = nn.Linear(dim, inner_dim)
+        self.norm_q = nn.RMSNorm(head_dim, eps=NORM_EPS)
+        self.norm_k = nn.RMSNorm(head_dim, eps=NORM_EPS)
+        if joint:
+            self.to_out = [nn.Linear(inner_dim, dim)]
+            self.add_q_proj = nn.Linear(dim, inner_dim)
+            self.add_k_proj = nn.Linear(dim, inner_dim)
+            self.add_v_proj = nn.Linear(dim, inner_dim)
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=NORM_EPS)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=NORM_EPS)
+            self.to_add_out = nn.Linear(inner_dim, dim)
+
+    def _split_heads(self, x: mx.array, projection: nn.Module, norm: nn.Module | None = None) -> mx.array:
+        """(B, L, dim) -> (B, heads, L, head_dim), the layout the fused attention wants."""
+        batch, length, _ = x.shape
+        x = projection(x).reshape(batch, length, self.heads, self.head_dim)
+        if norm is not None:
+            x = norm(x)
+        return x.transpose(0, 2, 1, 3)
+
+    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, context: mx.array | None = None):
+        query = self._split_heads(x, self.to_q, self.norm_q)
+        key = self._split_heads(x, self.to_k, self.norm_k)
+        value = self._split_heads(x, self.to_v)
+        if context is not None:
+            # text tokens first, as the rotary ids are ordered
+            query = mx.concatenate([self._split_heads(context, self.add_q_proj, self.norm_added_q), query], axis=2)
+            key = mx.concatenate([self._split_heads(context, self.add_k_proj, self.norm_added_k), key], axis=2)
+            value = mx.concatenate([self._split_heads(context, self.add_v_proj), value], axis=2)
+        query = apply_rope(query, cos, sin)
+        key = apply_rope(key, cos, sin)
+        out = mx.fast.scaled_dot_product_attention(query, key, value, scale=self.head_dim**-0.5)
+        batch, _, length, _ = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+        if context is None:
+            return out
+        text_length = context.shape[1]
+        return self.to_out[0](out[:, text_length:]), self.to_add_out(out[:, :text_length])
+
+
+class GeluProjection(nn.Module):
+    """diffusers' GELU(approximate="tanh") module: a linear named `proj`, then GELU."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, hidden_dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return gelu_tanh(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    """`net` mirrors diffusers' ModuleList [GELU, Dropout, Linear]; the dropout
+    slot holds a parameter-free Identity so the indices (and keys) line up."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = [GeluProjection(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.net[2](self.net[0](x))
