@@ -17,6 +17,7 @@ class ImageChoice:
     crop: tuple[int, int, int, int] | None = None  # left, top, width, height in original pixels
     status: str = "ok"  # ok | warning | rejected (from engine.images.check_image)
     reasons: list[str] = field(default_factory=list)
+    size: tuple[int, int] | None = None  # width, height as displayed (EXIF rotation applied); None until checked
 
 
 @dataclass
