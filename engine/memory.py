@@ -1,0 +1,646 @@
+"""How much memory a LoRA training run needs, estimated before anything is loaded.
+
+A run has two phases that never overlap. Encoding: every component is loaded
+(transformer, VAE, T5, CLIP) and each image and prompt is encoded once.
+Training: the text encoders and the VAE encoder are gone, the LoRA weights,
+their gradients, the optimizer state and the activations of a training step
+are there. The peak is the larger phase, not the sum.
+
+Weights are counted exactly from the model's config.json (the transformer's
+linears are listed by name, as LoRA targets are); activations are counted in
+tensors of (tokens x hidden) per block and scaled by the coefficients in
+CALIBRATION, which are meant to be refitted against peaks measured on real
+runs (`mx.get_peak_memory()`), so keep every guess there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 2**30
+FLOAT32_BYTES = 4
+# VAE downsamples 8x, then latents are packed in 2x2 patches (FORMATS.md s.2)
+PIXELS_PER_TOKEN_SIDE = 16
+# as engine.flux.loading.quantize_module: groups of 64 along the input, else 32, else not quantized
+QUANTIZE_GROUP_SIZES = (64, 32)
+CLIP_TOKENS = 77
+# a FLUX block's MLP is 4x the hidden width (diffusers FluxTransformerBlock / FluxSingleTransformerBlock)
+MLP_RATIO = 4
+TIMESTEP_EMBEDDING_DIM = 256
+
+# Every coefficient of the activation and workspace model. The first values are
+# counted by hand from engine/flux/layers.py and transformer.py and are to be
+# replaced by values fitted to measured peaks (one GPU run per setting).
+CALIBRATION: dict[str, float] = {
+    # (tokens x hidden) tensors in the compute dtype a block keeps for the backward pass, per sample.
+    # Joint block, per stream: LayerNorm in/out and modulated input (3), q k v before and after
+    # RMSNorm and rotary (7), attention output (1), gated residuals (2), the MLP's input (1), its 4x
+    # hidden before and after GELU, GELU upcast to float32 (4 + 4 + 8), about 30 in all.
+    "joint_block_saved_tensors": 30.0,
+    # single block: the same minus the second output projection, plus the 5x concat before proj_out
+    "single_block_saved_tensors": 30.0,
+    # Where attention's backward is not fused (MLX on Metal and CPU differentiate the unfused
+    # fallback), each stored block also keeps its softmax probabilities, (heads x L x L) per sample.
+    "attention_probabilities_saved": 1.0,
+    # the backward of one block: incoming and outgoing gradients, temporaries (hidden-wide tensors)
+    "backward_transient_tensors": 6.0,
+    # the unfused attention backward: gradients of the probabilities and scores ((heads x L x L) tensors)
+    "attention_backward_transient": 2.0,
+    # with gradient checkpointing, what each block keeps: its input (both streams together)
+    "checkpoint_saved_tensors": 1.0,
+    # final norm, projection and the float32 MSE loss over image tokens (hidden-wide image tensors)
+    "output_layer_saved_tensors": 3.0,
+    # a preview generation: one inference block's temporaries (hidden-wide tensors, batch 1)
+    "preview_transformer_tensors": 8.0,
+    # VAE over one image: (H x W x widest full-resolution channels) tensors alive at once
+    "vae_encode_tensors": 4.0,
+    "vae_decode_tensors": 4.0,
+    # the VAE mid-block attention over (H/8 x W/8) pixels in one 512-wide head: no fused kernel
+    # takes that head size, so scores and probabilities are materialized
+    "vae_attention_tensors": 2.0,
+    # T5 forward of one prompt: (tokens x d_ff) tensors alive at once
+    "t5_encode_tensors": 4.0,
+    # allocator fragmentation and kernel scratch, a fraction of each phase, plus a floor
+    "workspace_fraction": 0.10,
+    "workspace_minimum_bytes": 64 * 2**20,
+}
+
+# mlx.optimizers state per parameter, in float32 copies of it (SGD always keeps "v", even without momentum)
+OPTIMIZER_STATE_COPIES = {
+    "adam": 2, "adamw": 2, "adamax": 2, "adadelta": 2, "lion": 1, "sgd": 1, "rmsprop": 1, "adagrad": 1, "muon": 1,
+}  # fmt: skip
+FACTORED_OPTIMIZERS = ("adafactor",)  # a row and a column vector per matrix
+
+# The published configs of FLUX.1 (diffusers layout), so an estimate needs no download.
+FLUX1_DEV_TRANSFORMER = {
+    "num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24, "attention_head_dim": 128,
+    "joint_attention_dim": 4096, "pooled_projection_dim": 768, "in_channels": 64, "patch_size": 1,
+    "guidance_embeds": True,
+}  # fmt: skip
+FLUX1_SCHNELL_TRANSFORMER = dict(FLUX1_DEV_TRANSFORMER, guidance_embeds=False)
+FLUX1_T5 = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
+            "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu"}
+FLUX1_CLIP = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "vocab_size": 49408,
+              "max_position_embeddings": 77}
+FLUX1_VAE = {"in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+             "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+             "mid_block_add_attention": True}
+# the tiny model's tokenizers are built at first use; their vocabularies are about this size
+TINY_VOCAB_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """The config.json dicts of a model's components (transformer, T5, CLIP, VAE)."""
+
+    transformer: dict
+    t5: dict = field(default_factory=lambda: dict(FLUX1_T5))
+    clip: dict = field(default_factory=lambda: dict(FLUX1_CLIP))
+    vae: dict = field(default_factory=lambda: dict(FLUX1_VAE))
+
+    @property
+    def t5_length(self) -> int:
+        # as FluxModel.t5_max_length: dev was trained with 512 T5 tokens, schnell with 256
+        return 512 if self.transformer.get("guidance_embeds") else 256
+
+
+@dataclass(frozen=True)
+class MemoryInputs:
+    """Everything the estimate depends on; `inputs_from_config` fills it from a training config."""
+
+    model: ModelConfigs
+    lora_targets: tuple[tuple[str, int], ...]  # (module path in diffusers names, rank)
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    quantize: int | None = None
+    optimizer: str = "AdamW"
+    gradient_checkpointing: bool = False
+    t5_length: int = 512
+    dtype_bytes: int = 2  # bf16 on a GPU, float32 (4) on a CPU
+    backend: str = "apple"  # "apple", "cuda" or "cpu": decides whether attention's backward is fused
+    num_prompts: int = 1  # distinct prompts cached (training prompts plus the validation prompt)
+    num_images: int = 1
+
+
+def inputs_for_run(cfg, machine=None) -> MemoryInputs:
+    """The inputs for training `cfg` (an engine.config.TrainingConfig) on `machine` (detected when None)."""
+    if machine is None:
+        from engine.machine import detect_machine
+
+        machine = detect_machine()
+    return inputs_from_config(cfg, model_configs_for(cfg.model, cfg.base_dir), backend=machine.kind,
+                              dtype_bytes=machine.compute_dtype_bytes)
+
+
+def inputs_from_config(cfg, model: ModelConfigs | dict, *, backend: str = "apple",
+                       dtype_bytes: int = 2) -> MemoryInputs:
+    """The estimate's inputs for an engine.config.TrainingConfig and the model's configs (or just its
+    transformer config.json dict); raises ConfigError for LoRA blocks the model lacks."""
+    from engine.config import lora_targets
+
+    if isinstance(model, dict):
+        model = ModelConfigs(transformer=model)
+    targets = lora_targets(cfg, int(model.transformer.get("num_layers", 19)),
+                           int(model.transformer.get("num_single_layers", 38)))
+    prompts = set(cfg.prompts)
+    if cfg.instrumentation is not None:
+        prompts.add(cfg.instrumentation.validation_prompt)
+    return MemoryInputs(
+        model=model, lora_targets=tuple(targets), width=cfg.width, height=cfg.height,
+        batch_size=cfg.training_loop.batch_size, quantize=cfg.quantize, optimizer=cfg.optimizer.name,
+        gradient_checkpointing=bool(cfg.gradient_checkpointing), t5_length=model.t5_length,
+        dtype_bytes=dtype_bytes, backend=backend, num_prompts=max(1, len(prompts)),
+        num_images=max(1, len(cfg.examples.images)),
+    )  # fmt: skip
+
+
+def model_configs_for(model: str, base_dir: Path | None = None) -> ModelConfigs:
+    """The configs of `model` without downloading: built in for dev, schnell and Hub repos, the tiny
+    model's own, or read from a local folder's */config.json."""
+    from engine.config import model_source
+    from engine.errors import ModelLoadError
+
+    kind, where = model_source(model, base_dir)
+    if kind == "tiny":
+        from engine.flux import tiny
+
+        return ModelConfigs(transformer=dict(tiny.TRANSFORMER_CONFIG, joint_attention_dim=tiny.T5_CONFIG["d_model"],
+                                             pooled_projection_dim=tiny.CLIP_CONFIG["hidden_size"]),
+                            t5=dict(tiny.T5_CONFIG, vocab_size=TINY_VOCAB_SIZE),
+                            clip=dict(tiny.CLIP_CONFIG, vocab_size=TINY_VOCAB_SIZE), vae=dict(tiny.VAE_CONFIG))
+    if kind == "hub":
+        # FLUX.1 fine-tunes on the Hub share the architecture; only schnell lacks the guidance embedder
+        schnell = "schnell" in where.lower()
+        return ModelConfigs(transformer=dict(FLUX1_SCHNELL_TRANSFORMER if schnell else FLUX1_DEV_TRANSFORMER))
+    if kind == "local":
+        folder = Path(where)
+        transformer = _read_json(folder / "transformer" / "config.json")
+        if transformer is None:
+            raise ModelLoadError(f"{folder} has no readable transformer/config.json",
+                                 "point `model` at a FLUX.1 folder in the diffusers layout")
+        return ModelConfigs(transformer=transformer,
+                            t5=_read_json(folder / "text_encoder_2" / "config.json") or dict(FLUX1_T5),
+                            clip=_read_json(folder / "text_encoder" / "config.json") or dict(FLUX1_CLIP),
+                            vae=_read_json(folder / "vae" / "config.json") or dict(FLUX1_VAE))
+    raise ModelLoadError(f"model {model!r} is not dev, schnell, tiny, a Hugging Face repo id or a folder",
+                         "fix `model` in the training config")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- counting weights
+
+def transformer_linears(config: dict) -> dict[str, tuple[int, int]]:
+    """Every linear of the FLUX transformer, path (diffusers names) -> (in, out); all have a bias."""
+    dim = config.get("num_attention_heads", 24) * config.get("attention_head_dim", 128)
+    mlp = MLP_RATIO * dim
+    patch = config.get("patch_size", 1)
+    out_channels = config.get("out_channels") or config.get("in_channels", 64)
+    linears = {
+        "x_embedder": (config.get("in_channels", 64), dim),
+        "context_embedder": (config.get("joint_attention_dim", 4096), dim),
+        "time_text_embed.timestep_embedder.linear_1": (TIMESTEP_EMBEDDING_DIM, dim),
+        "time_text_embed.timestep_embedder.linear_2": (dim, dim),
+    }
+    if config.get("guidance_embeds"):
+        linears["time_text_embed.guidance_embedder.linear_1"] = (TIMESTEP_EMBEDDING_DIM, dim)
+        linears["time_text_embed.guidance_embedder.linear_2"] = (dim, dim)
+    linears["time_text_embed.text_embedder.linear_1"] = (config.get("pooled_projection_dim", 768), dim)
+    linears["time_text_embed.text_embedder.linear_2"] = (dim, dim)
+    joint = {"norm1.linear": (dim, 6 * dim), "norm1_context.linear": (dim, 6 * dim),
+             "ff.net.0.proj": (dim, mlp), "ff.net.2": (mlp, dim),
+             "ff_context.net.0.proj": (dim, mlp), "ff_context.net.2": (mlp, dim)}
+    for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+        joint[f"attn.{name}"] = (dim, dim)
+    single = {"norm.linear": (dim, 3 * dim), "proj_mlp": (dim, mlp), "proj_out": (dim + mlp, dim),
+              "attn.to_q": (dim, dim), "attn.to_k": (dim, dim), "attn.to_v": (dim, dim)}
+    for i in range(config.get("num_layers", 19)):
+        linears.update({f"transformer_blocks.{i}.{name}": shape for name, shape in joint.items()})
+    for i in range(config.get("num_single_layers", 38)):
+        linears.update({f"single_transformer_blocks.{i}.{name}": shape for name, shape in single.items()})
+    linears["norm_out.linear"] = (dim, 2 * dim)
+    linears["proj_out"] = (dim, patch * patch * out_channels)
+    return linears
+
+
+def _transformer_norm_parameters(config: dict) -> int:
+    # RMSNorm weights of queries and keys: four per joint block, two per single block
+    head_dim = config.get("attention_head_dim", 128)
+    return head_dim * (4 * config.get("num_layers", 19) + 2 * config.get("num_single_layers", 38))
+
+
+def transformer_parameter_count(config: dict) -> int:
+    return (sum(i * o + o for i, o in transformer_linears(config).values())
+            + _transformer_norm_parameters(config))
+
+
+def _t5_linears(config: dict) -> list[tuple[int, int]]:
+    d_model, d_ff = config.get("d_model", 4096), config.get("d_ff", 10240)
+    inner = config.get("num_heads", 64) * config.get("d_kv", 64)
+    gated = str(config.get("feed_forward_proj", "gated-gelu")).startswith("gated")
+    layer = [(d_model, inner)] * 3 + [(inner, d_model)] + [(d_model, d_ff)] * (2 if gated else 1) + [(d_ff, d_model)]
+    return layer * config.get("num_layers", 24)
+
+
+def _t5_other_parameters(config: dict) -> int:
+    d_model = config.get("d_model", 4096)
+    # embedding, two layer norms per layer plus the final one, relative position bias of layer 0
+    return (config.get("vocab_size", 32128) * d_model + (2 * config.get("num_layers", 24) + 1) * d_model
+            + config.get("relative_attention_num_buckets", 32) * config.get("num_heads", 64))
+
+
+def _clip_linears(config: dict) -> list[tuple[int, int]]:
+    hidden, inner = config.get("hidden_size", 768), config.get("intermediate_size", 3072)
+    return ([(hidden, hidden)] * 4 + [(hidden, inner), (inner, hidden)]) * config.get("num_hidden_layers", 12)
+
+
+def _clip_other_parameters(config: dict) -> int:
+    hidden = config.get("hidden_size", 768)
+    # token and position embeddings, two layer norms per layer plus the final one
+    embeddings = (config.get("vocab_size", 49408) + config.get("max_position_embeddings", CLIP_TOKENS)) * hidden
+    return embeddings + (2 * config.get("num_hidden_layers", 12) + 1) * 2 * hidden
+
+
+def text_encoder_parameter_counts(model: ModelConfigs) -> tuple[int, int]:
+    """(T5, CLIP) parameter counts."""
+    t5 = sum(i * o for i, o in _t5_linears(model.t5)) + _t5_other_parameters(model.t5)
+    clip = sum(i * o + o for i, o in _clip_linears(model.clip)) + _clip_other_parameters(model.clip)
+    return t5, clip
+
+
+def vae_parameter_counts(config: dict) -> tuple[int, int]:
+    """(encoder, decoder) parameter counts of a diffusers AutoencoderKL."""
+    channels = list(config.get("block_out_channels", FLUX1_VAE["block_out_channels"]))
+    layers = config.get("layers_per_block", 2)
+    latent = config.get("latent_channels", 16)
+
+    def conv(i: int, o: int, k: int = 3) -> int:
+        return k * k * i * o + o
+
+    def resnet(i: int, o: int) -> int:
+        return 2 * i + conv(i, o) + 2 * o + conv(o, o) + (conv(i, o, 1) if i != o else 0)
+
+    def mid(c: int) -> int:
+        attention = 2 * c + 4 * (c * c + c) if config.get("mid_block_add_attention", True) else 0
+        return 2 * resnet(c, c) + attention
+
+    encoder = conv(config.get("in_channels", 3), channels[0]) + mid(channels[-1])
+    encoder += 2 * channels[-1] + conv(channels[-1], 2 * latent)
+    for i, out in enumerate(channels):
+        encoder += resnet(channels[max(i - 1, 0)], out) + (layers - 1) * resnet(out, out)
+        encoder += conv(out, out) if i < len(channels) - 1 else 0
+    if config.get("use_quant_conv", True):
+        encoder += conv(2 * latent, 2 * latent, 1)
+    reverse = channels[::-1]
+    decoder = conv(latent, reverse[0]) + mid(reverse[0])
+    decoder += 2 * reverse[-1] + conv(reverse[-1], config.get("out_channels", 3))
+    for i, out in enumerate(reverse):
+        decoder += resnet(reverse[max(i - 1, 0)], out) + layers * resnet(out, out)
+        decoder += conv(out, out) if i < len(reverse) - 1 else 0
+    if config.get("use_post_quant_conv", True):
+        decoder += conv(latent, latent, 1)
+    return encoder, decoder
+
+
+def linear_bytes(in_features: int, out_features: int, bits: int | None, dtype_bytes: int, bias: bool = True) -> int:
+    """A linear's weights: quantized to `bits` with a scale and a bias per group (in the compute
+    dtype) where the input width allows a group size, else unquantized."""
+    bias_bytes = out_features * dtype_bytes if bias else 0
+    group = next((g for g in QUANTIZE_GROUP_SIZES if in_features % g == 0), None) if bits else None
+    if group is None:
+        return in_features * out_features * dtype_bytes + bias_bytes
+    weights = in_features * out_features
+    return math.ceil(weights * bits / 8) + 2 * (weights // group) * dtype_bytes + bias_bytes
+
+
+# ---------------------------------------------------------------- the estimate
+
+ENCODING, TRAINING = "encoding", "training"
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per part and the parts alive in each phase; the peak is the larger phase."""
+
+    parts: dict[str, int]
+    phases: dict[str, tuple[str, ...]]
+    details: dict = field(default_factory=dict)  # counts behind the numbers: tokens, blocks, parameters
+
+    def phase_peak(self, phase: str) -> int:
+        return sum(self.parts[name] for name in self.phases[phase])
+
+    @property
+    def encoding_peak(self) -> int:
+        return self.phase_peak(ENCODING)
+
+    @property
+    def training_peak(self) -> int:
+        return self.phase_peak(TRAINING)
+
+    @property
+    def peak(self) -> int:
+        return max(self.encoding_peak, self.training_peak)
+
+    def fits(self, available_bytes: int) -> bool:
+        return self.peak <= available_bytes
+
+    def phase_of(self, name: str) -> str:
+        inside = [phase for phase, names in self.phases.items() if name in names]
+        return "both" if len(inside) > 1 else (inside[0] if inside else "")
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """Table rows (part, GiB, phase), parts first, then the two phase peaks."""
+        rows = [(name, f"{size / GIB:.2f}", self.phase_of(name)) for name, size in self.parts.items()]
+        rows.append(("encoding peak", f"{self.encoding_peak / GIB:.2f}", ENCODING))
+        rows.append(("training peak", f"{self.training_peak / GIB:.2f}", TRAINING))
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "parts": dict(self.parts),
+            "phases": {phase: list(names) for phase, names in self.phases.items()},
+            "encoding_peak": self.encoding_peak,
+            "training_peak": self.training_peak,
+            "peak": self.peak,
+            "peak_gib": round(self.peak / GIB, 3),
+            "details": dict(self.details),
+        }
+
+
+def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
+    """The estimate for `inputs`; see the module docstring for the model behind it."""
+    model, bits, dtype = inputs.model, inputs.quantize, inputs.dtype_bytes
+    linears = transformer_linears(model.transformer)
+    transformer = (sum(linear_bytes(i, o, bits, dtype) for i, o in linears.values())
+                   + _transformer_norm_parameters(model.transformer) * dtype)
+    vae_encoder, vae_decoder = vae_parameter_counts(model.vae)  # load_model never quantizes the VAE
+    t5 = (sum(linear_bytes(i, o, bits, dtype, bias=False) for i, o in _t5_linears(model.t5))
+          + _t5_other_parameters(model.t5) * dtype)
+    clip = (sum(linear_bytes(i, o, bits, dtype) for i, o in _clip_linears(model.clip))
+            + _clip_other_parameters(model.clip) * dtype)
+
+    lora_parameters = 0
+    for path, rank in inputs.lora_targets:
+        in_features, out_features = _target_shape(linears, path)
+        lora_parameters += rank * (in_features + out_features)
+    activations, details = _training_activations(inputs, linears)
+
+    parts = {
+        "transformer weights": transformer,
+        "VAE decoder": vae_decoder * dtype,
+        "VAE encoder": vae_encoder * dtype,
+        "T5 encoder": t5,
+        "CLIP encoder": clip,
+        "encoding activations": _encoding_activations(inputs),
+        "cached encodings": _cached_encodings(inputs),
+        "LoRA weights": lora_parameters * FLOAT32_BYTES,
+        "LoRA gradients": lora_parameters * FLOAT32_BYTES,
+        "optimizer state": _optimizer_state_bytes(inputs, linears),
+        "activations": max(activations, _preview_activations(inputs)),
+    }
+    encoding = ("transformer weights", "VAE decoder", "VAE encoder", "T5 encoder", "CLIP encoder",
+                "encoding activations", "cached encodings")
+    training = ("transformer weights", "VAE decoder", "cached encodings", "LoRA weights", "LoRA gradients",
+                "optimizer state", "activations")
+    for phase, names in ((ENCODING, encoding), (TRAINING, training)):
+        parts[f"workspace ({phase})"] = _workspace(sum(parts[name] for name in names))
+    phases = {ENCODING: encoding + ("workspace (encoding)",), TRAINING: training + ("workspace (training)",)}
+    details.update(lora_parameters=lora_parameters,
+                   transformer_parameters=transformer_parameter_count(model.transformer))
+    return MemoryEstimate(parts, phases, details)
+
+
+def _workspace(phase_bytes: int) -> int:
+    return int(phase_bytes * CALIBRATION["workspace_fraction"] + CALIBRATION["workspace_minimum_bytes"])
+
+
+# mflux's spellings of joint-block layers (FORMATS.md s.1)
+_MFLUX_ALIASES = {"attn.to_out": "attn.to_out.0", "ff.linear1": "ff.net.0.proj", "ff.linear2": "ff.net.2",
+                  "ff_context.linear1": "ff_context.net.0.proj", "ff_context.linear2": "ff_context.net.2"}
+
+
+def _target_shape(linears: dict[str, tuple[int, int]], path: str) -> tuple[int, int]:
+    path = path.removeprefix("transformer.")
+    if path not in linears:
+        match = re.match(r"^(transformer_blocks\.\d+\.)(.+)$", path)
+        if match and match.group(2) in _MFLUX_ALIASES:
+            path = match.group(1) + _MFLUX_ALIASES[match.group(2)]
+    if path not in linears:
+        from engine.errors import ConfigError
+
+        raise ConfigError([f"LoRA target {path!r} is not a linear layer of this model"])
+    return linears[path]
+
+
+def _block_position(path: str, num_joint: int, num_single: int) -> int:
+    """Where a layer runs in the forward pass: joint blocks 0.., then single blocks, embedders before, output after."""
+    path = path.removeprefix("transformer.")
+    if match := re.match(r"^transformer_blocks\.(\d+)\.", path):
+        return int(match.group(1))
+    if match := re.match(r"^single_transformer_blocks\.(\d+)\.", path):
+        return num_joint + int(match.group(1))
+    return num_joint + num_single if path.startswith(("norm_out", "proj_out")) else -1
+
+
+def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dict]:
+    config = inputs.model.transformer
+    num_joint, num_single = config.get("num_layers", 19), config.get("num_single_layers", 38)
+    heads = config.get("num_attention_heads", 24)
+    dim = heads * config.get("attention_head_dim", 128)
+    image_tokens = (inputs.height // PIXELS_PER_TOKEN_SIDE) * (inputs.width // PIXELS_PER_TOKEN_SIDE)
+    tokens = image_tokens + inputs.t5_length
+    details = {"image_tokens": image_tokens, "sequence_length": tokens, "stored_joint_blocks": 0,
+               "stored_single_blocks": 0, "attention_backward_fused": _attention_backward_fused(inputs.backend, tokens)}
+    if not inputs.lora_targets:
+        return 0, details
+    # Blocks before the first trained one need no backward: they run, hand on their output and
+    # free everything. From the first trained block on, every block's activations must be kept,
+    # trained or not, because the gradient flows back through them.
+    first = min(_block_position(path, num_joint, num_single) for path, _ in inputs.lora_targets)
+    stored_joint = num_joint - min(max(first, 0), num_joint)
+    stored_single = num_single - min(max(first - num_joint, 0), num_single)
+    details.update(stored_joint_blocks=stored_joint, stored_single_blocks=stored_single)
+
+    c = CALIBRATION
+    hidden = inputs.batch_size * tokens * dim * inputs.dtype_bytes
+    probabilities = inputs.batch_size * heads * tokens**2 * inputs.dtype_bytes
+    if details["attention_backward_fused"]:
+        probabilities = 0
+    joint_block = c["joint_block_saved_tensors"] * hidden + c["attention_probabilities_saved"] * probabilities
+    single_block = c["single_block_saved_tensors"] * hidden + c["attention_probabilities_saved"] * probabilities
+    transient = c["backward_transient_tensors"] * hidden + c["attention_backward_transient"] * probabilities
+    if inputs.gradient_checkpointing:
+        # only block inputs are kept; the backward recomputes one block at a time
+        saved = (stored_joint + stored_single) * c["checkpoint_saved_tensors"] * hidden
+        largest = max(joint_block if stored_joint else 0, single_block if stored_single else 0)
+        saved += largest
+    else:
+        saved = stored_joint * joint_block + stored_single * single_block
+    output = c["output_layer_saved_tensors"] * inputs.batch_size * image_tokens * dim * inputs.dtype_bytes
+    return int(saved + transient + output), details
+
+
+def _attention_backward_fused(backend: str, tokens: int) -> bool:
+    # MLX 0.32 has a fused (cuDNN) attention backward on CUDA only, for lengths in whole 128-token tiles
+    return backend == "cuda" and tokens % 128 == 0
+
+
+def _full_resolution_channels(inputs: MemoryInputs) -> int:
+    channels = inputs.model.vae.get("block_out_channels", FLUX1_VAE["block_out_channels"])
+    # the decoder's last upsample lands the second-narrowest width at full resolution
+    return channels[1] if len(channels) > 1 else channels[0]
+
+
+def _vae_attention(inputs: MemoryInputs) -> float:
+    channels = inputs.model.vae.get("block_out_channels", FLUX1_VAE["block_out_channels"])
+    pixels = (inputs.height >> (len(channels) - 1)) * (inputs.width >> (len(channels) - 1))
+    return CALIBRATION["vae_attention_tensors"] * pixels**2 * inputs.dtype_bytes
+
+
+def _encoding_activations(inputs: MemoryInputs) -> int:
+    """Images and prompts are encoded one at a time: the larger of a VAE encode and a T5 forward."""
+    channels = inputs.model.vae.get("block_out_channels", FLUX1_VAE["block_out_channels"])[0]
+    vae = (CALIBRATION["vae_encode_tensors"] * inputs.height * inputs.width * channels * inputs.dtype_bytes
+           + _vae_attention(inputs))
+    t5 = inputs.model.t5
+    # T5 adds its position bias to unfused float32 attention scores
+    t5_bytes = (CALIBRATION["t5_encode_tensors"] * inputs.t5_length * t5.get("d_ff", 10240) * inputs.dtype_bytes
+                + 2 * t5.get("num_heads", 64) * inputs.t5_length**2 * FLOAT32_BYTES)
+    return int(max(vae, t5_bytes))
+
+
+def _preview_activations(inputs: MemoryInputs) -> int:
+    """A preview image during training: batch-1 inference, then a VAE decode at the training size."""
+    config = inputs.model.transformer
+    dim = config.get("num_attention_heads", 24) * config.get("attention_head_dim", 128)
+    tokens = (inputs.height // PIXELS_PER_TOKEN_SIDE) * (inputs.width // PIXELS_PER_TOKEN_SIDE) + inputs.t5_length
+    transformer = CALIBRATION["preview_transformer_tensors"] * tokens * dim * inputs.dtype_bytes
+    if inputs.backend == "cpu":  # the CPU has no fused attention even for inference
+        transformer += config.get("num_attention_heads", 24) * tokens**2 * inputs.dtype_bytes
+    decode = (CALIBRATION["vae_decode_tensors"] * inputs.height * inputs.width * _full_resolution_channels(inputs)
+              * inputs.dtype_bytes + _vae_attention(inputs))
+    return int(max(transformer, decode))
+
+
+def _cached_encodings(inputs: MemoryInputs) -> int:
+    config = inputs.model.transformer
+    image_tokens = (inputs.height // PIXELS_PER_TOKEN_SIDE) * (inputs.width // PIXELS_PER_TOKEN_SIDE)
+    latents = inputs.num_images * image_tokens * config.get("in_channels", 64) * FLOAT32_BYTES  # dataset keeps float32
+    prompt = inputs.t5_length * config.get("joint_attention_dim", 4096) + config.get("pooled_projection_dim", 768)
+    return latents + inputs.num_prompts * prompt * inputs.dtype_bytes
+
+
+def _optimizer_state_bytes(inputs: MemoryInputs, linears: dict) -> int:
+    name = inputs.optimizer.lower()
+    if name in FACTORED_OPTIMIZERS:
+        # A (r, in) keeps r + in numbers, B (out, r) keeps out + r
+        numbers = sum(2 * rank + sum(_target_shape(linears, path)) for path, rank in inputs.lora_targets)
+        return numbers * FLOAT32_BYTES
+    copies = OPTIMIZER_STATE_COPIES.get(name, 2)  # an unknown optimizer is assumed to be Adam-like
+    numbers = sum(rank * sum(_target_shape(linears, path)) for path, rank in inputs.lora_targets)
+    return copies * numbers * FLOAT32_BYTES
+
+
+# ---------------------------------------------------------------- fixes
+
+@dataclass
+class Fix:
+    """One change to the run that lowers its peak; `key` is the wizard's shortcut."""
+
+    key: str
+    label: str
+    inputs: MemoryInputs
+    estimate: MemoryEstimate
+    fits: bool
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "label": self.label, "peak": self.estimate.peak,
+                "peak_gib": round(self.estimate.peak / GIB, 3), "fits": self.fits}
+
+
+MINIMUM_SIDE = 256
+
+
+def suggest_fixes(inputs: MemoryInputs, available_bytes: int) -> list[Fix]:
+    """The guide's fixes, in its order, each applied alone to `inputs`: quantize, gradient
+    checkpointing, lower rank, fewer blocks, lower resolution. Only fixes that lower the peak are
+    listed; if none fits alone, a last fix ("a") applies them in turn until the run fits."""
+    base = estimate_memory(inputs).peak
+    fixes = []
+    for key, label, changed in _candidate_changes(inputs):
+        estimate = estimate_memory(changed)
+        if estimate.peak < base:
+            fixes.append(Fix(key, label, changed, estimate, estimate.fits(available_bytes)))
+    if fixes and not any(fix.fits for fix in fixes):
+        combined, labels, estimate = inputs, [], None
+        for wanted in ("4", "g", "r", "b", "l"):  # each kind once, in order, until it fits
+            step = next((step for step in _candidate_changes(combined) if step[0] == wanted), None)
+            if step is None:
+                continue
+            _, label, combined = step
+            labels.append(label)
+            estimate = estimate_memory(combined)
+            if estimate.fits(available_bytes):
+                break
+        if len(labels) > 1 and estimate is not None and estimate.peak < base:
+            fixes.append(Fix("a", "all of: " + "; ".join(labels), combined, estimate, estimate.fits(available_bytes)))
+    return fixes
+
+
+def _candidate_changes(inputs: MemoryInputs) -> list[tuple[str, str, MemoryInputs]]:
+    replace = dataclasses.replace
+    changes = []
+    if inputs.quantize is None:
+        changes.append(("8", "quantize the base model to 8 bits", replace(inputs, quantize=8)))
+    if inputs.quantize is None or inputs.quantize > 4:
+        changes.append(("4", "quantize the base model to 4 bits", replace(inputs, quantize=4)))
+    if not inputs.gradient_checkpointing:
+        changes.append(("g", "turn on gradient checkpointing (~30% slower)",
+                        replace(inputs, gradient_checkpointing=True)))
+    ranks = [rank for _, rank in inputs.lora_targets]
+    if ranks and max(ranks) > 1:
+        halved = tuple((path, max(1, rank // 2)) for path, rank in inputs.lora_targets)
+        changes.append(("r", f"halve the LoRA rank ({max(ranks)} -> {max(1, max(ranks) // 2)})",
+                        replace(inputs, lora_targets=halved)))
+    fewer = _later_half_of_blocks(inputs)
+    if fewer is not None:
+        kept, total, targets = fewer
+        changes.append(("b", f"train only the last {kept} of the {total} blocks",
+                        replace(inputs, lora_targets=targets)))
+    if max(inputs.width, inputs.height) > MINIMUM_SIDE:
+        width, height = _smaller_size(inputs.width, inputs.height)
+        changes.append(("l", f"train at {width}x{height} instead of {inputs.width}x{inputs.height}",
+                        replace(inputs, width=width, height=height)))
+    return changes
+
+
+def _later_half_of_blocks(inputs: MemoryInputs):
+    """Keep the later half of the trained blocks: activations are stored from the first trained
+    block on, so dropping the earliest ones saves most."""
+    config = inputs.model.transformer
+    num_joint, num_single = config.get("num_layers", 19), config.get("num_single_layers", 38)
+    positions = sorted({_block_position(path, num_joint, num_single) for path, _ in inputs.lora_targets})
+    if len(positions) < 2:
+        return None
+    kept = set(positions[len(positions) // 2:])
+    targets = tuple((path, rank) for path, rank in inputs.lora_targets
+                    if _block_position(path, num_joint, num_single) in kept)
+    return len(kept), len(positions), targets
+
+
+def _smaller_size(width: int, height: int) -> tuple[int, int]:
+    """Three quarters of each side, on the 64-pixel grid, no side below 256 (aspect ratio roughly kept)."""
+    def shrink(side: int) -> int:
+        return max(MINIMUM_SIDE, min(side, int(side * 0.75) // 64 * 64))
+
+    return shrink(width), shrink(height)

@@ -1,0 +1,330 @@
+"""The memory estimate: exact weight counts, the phase logic, monotonicity, fixes, the CLI."""
+import dataclasses
+import json
+
+import pytest
+from mlx.utils import tree_flatten
+
+from engine.errors import ConfigError, ModelLoadError
+from engine.memory import (
+    FLUX1_CLIP,
+    FLUX1_DEV_TRANSFORMER,
+    FLUX1_T5,
+    FLUX1_VAE,
+    GIB,
+    MemoryInputs,
+    ModelConfigs,
+    estimate_memory,
+    inputs_from_config,
+    linear_bytes,
+    model_configs_for,
+    suggest_fixes,
+    text_encoder_parameter_counts,
+    transformer_linears,
+    transformer_parameter_count,
+    vae_parameter_counts,
+)
+
+SINGLE_LAYERS = ("proj_out", "proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v")
+FLUX_VAE_CONFIG = dict(FLUX1_VAE, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+
+
+def single_targets(blocks, rank=4):
+    return tuple((f"single_transformer_blocks.{i}.{name}", rank) for i in blocks for name in SINGLE_LAYERS)
+
+
+def dev_inputs(**changes) -> MemoryInputs:
+    base = MemoryInputs(model=ModelConfigs(transformer=dict(FLUX1_DEV_TRANSFORMER)),
+                        lora_targets=single_targets(range(38)), width=512, height=512, quantize=4)
+    return dataclasses.replace(base, **changes)
+
+
+def parameter_count(module) -> int:
+    return sum(value.size for _, value in tree_flatten(module.parameters()))
+
+
+# ---------------------------------------------------------------- weights
+
+def test_flux1_dev_transformer_has_the_published_11_9_billion_parameters():
+    count = transformer_parameter_count(FLUX1_DEV_TRANSFORMER)
+    assert abs(count - 11.9e9) / 11.9e9 < 0.01
+
+
+def test_parameter_counts_equal_the_mlx_modules_at_full_size():
+    # MLX initialises lazily: building the full-size modules allocates nothing
+    from engine.flux.clip import CLIPTextModel
+    from engine.flux.t5 import T5Encoder
+    from engine.flux.transformer import FluxTransformer
+    from engine.flux.vae import AutoencoderKL
+
+    assert transformer_parameter_count(FLUX1_DEV_TRANSFORMER) == parameter_count(FluxTransformer(FLUX1_DEV_TRANSFORMER))
+    schnell = dict(FLUX1_DEV_TRANSFORMER, guidance_embeds=False)
+    assert transformer_parameter_count(schnell) == parameter_count(FluxTransformer(schnell))
+    t5, clip = text_encoder_parameter_counts(ModelConfigs(transformer=FLUX1_DEV_TRANSFORMER))
+    assert t5 == parameter_count(T5Encoder(FLUX1_T5))
+    assert clip == parameter_count(CLIPTextModel(FLUX1_CLIP))
+    vae = AutoencoderKL(FLUX_VAE_CONFIG)
+    assert vae_parameter_counts(FLUX_VAE_CONFIG) == (parameter_count(vae.encoder), parameter_count(vae.decoder))
+
+
+def test_parameter_counts_equal_the_mlx_modules_for_the_tiny_model():
+    from engine.flux import tiny
+    from engine.flux.transformer import FluxTransformer
+    from engine.flux.vae import AutoencoderKL
+
+    configs = model_configs_for("tiny")
+    assert transformer_parameter_count(configs.transformer) == parameter_count(FluxTransformer(configs.transformer))
+    vae = AutoencoderKL(tiny.VAE_CONFIG)
+    assert vae_parameter_counts(tiny.VAE_CONFIG) == (parameter_count(vae.encoder), parameter_count(vae.decoder))
+
+
+def test_transformer_linears_match_the_modules_lora_can_wrap():
+    import mlx.nn as nn
+
+    from engine.flux.transformer import FluxTransformer
+
+    config = model_configs_for("tiny").transformer
+    module_linears = {path: (layer.weight.shape[1], layer.weight.shape[0])
+                      for path, layer in FluxTransformer(config).named_modules() if isinstance(layer, nn.Linear)}
+    assert transformer_linears(config) == module_linears
+
+
+def test_quantized_linear_costs_its_bits_plus_a_scale_and_bias_per_group():
+    unquantized = linear_bytes(3072, 3072, None, 2)
+    assert unquantized == (3072 * 3072 + 3072) * 2
+    four = linear_bytes(3072, 3072, 4, 2)
+    assert four == 3072 * 3072 // 2 + 2 * (3072 * 3072 // 64) * 2 + 3072 * 2
+    assert linear_bytes(3072, 3072, 8, 2) > four
+
+
+def test_linear_whose_width_fits_no_group_stays_unquantized():
+    assert linear_bytes(100, 10, 4, 2) == linear_bytes(100, 10, None, 2)
+    # a width of 32 (not 64) quantizes with groups of 32
+    assert linear_bytes(32, 64, 4, 2) == 32 * 64 // 2 + 2 * (32 * 64 // 32) * 2 + 64 * 2
+
+
+def test_quantizing_shrinks_the_weights_4_below_8_below_none():
+    sizes = [estimate_memory(dev_inputs(quantize=bits)).parts["transformer weights"] for bits in (4, 8, None)]
+    assert sizes[0] < sizes[1] < sizes[2]
+    # bf16 FLUX.1-dev is ~22 GiB; 4 bits with group scales ~6.3 GiB
+    assert 21.5 * GIB < sizes[2] < 23 * GIB
+    assert 5.8 * GIB < sizes[0] < 6.8 * GIB
+
+
+def test_float32_weights_on_cpu_are_twice_bf16():
+    bf16 = estimate_memory(dev_inputs(quantize=None)).parts["transformer weights"]
+    assert estimate_memory(dev_inputs(quantize=None, dtype_bytes=4)).parts["transformer weights"] == 2 * bf16
+
+
+# ---------------------------------------------------------------- phases
+
+def test_peak_is_the_larger_phase_not_the_sum():
+    estimate = estimate_memory(dev_inputs())
+    assert estimate.peak == max(estimate.encoding_peak, estimate.training_peak)
+    assert estimate.peak < estimate.encoding_peak + estimate.training_peak
+    assert "T5 encoder" in estimate.phases["encoding"] and "T5 encoder" not in estimate.phases["training"]
+    assert "LoRA gradients" in estimate.phases["training"] and "LoRA gradients" not in estimate.phases["encoding"]
+    assert "transformer weights" in estimate.phases["encoding"] and "transformer weights" in estimate.phases["training"]
+    assert estimate.encoding_peak == sum(estimate.parts[name] for name in estimate.phases["encoding"])
+
+
+def test_encoding_dominates_a_small_checkpointed_run_and_training_a_large_one():
+    small = estimate_memory(dev_inputs(width=256, height=256, gradient_checkpointing=True))
+    assert small.peak == small.encoding_peak > small.training_peak
+    large = estimate_memory(dev_inputs(width=1024, height=1024))
+    assert large.peak == large.training_peak > large.encoding_peak
+
+
+def test_text_encoders_do_not_change_the_training_peak():
+    inputs = dev_inputs()
+    bigger_t5 = dataclasses.replace(inputs, model=dataclasses.replace(inputs.model, t5=dict(FLUX1_T5, num_layers=48)))
+    assert estimate_memory(bigger_t5).training_peak == estimate_memory(inputs).training_peak
+    assert estimate_memory(bigger_t5).encoding_peak > estimate_memory(inputs).encoding_peak
+
+
+# ---------------------------------------------------------------- monotonicity
+
+@pytest.mark.parametrize("smaller, larger", [
+    ({"lora_targets": single_targets(range(38), rank=4)}, {"lora_targets": single_targets(range(38), rank=16)}),
+    ({"width": 512, "height": 512}, {"width": 768, "height": 768}),
+    ({"batch_size": 1}, {"batch_size": 2}),
+    ({"lora_targets": single_targets(range(30, 38))}, {"lora_targets": single_targets(range(10, 38))}),
+    ({"optimizer": "SGD"}, {"optimizer": "AdamW"}),
+    ({"optimizer": "Adafactor"}, {"optimizer": "Lion"}),
+    ({"gradient_checkpointing": True}, {"gradient_checkpointing": False}),
+    ({"backend": "cuda"}, {"backend": "apple"}),
+])  # fmt: skip
+def test_more_of_anything_costs_more_training_memory(smaller, larger):
+    assert estimate_memory(dev_inputs(**smaller)).training_peak < estimate_memory(dev_inputs(**larger)).training_peak
+
+
+def test_checkpointing_keeps_only_block_inputs():
+    plain = estimate_memory(dev_inputs(width=1024, height=1024)).parts["activations"]
+    checkpointed = estimate_memory(dev_inputs(width=1024, height=1024, gradient_checkpointing=True))
+    checkpointed = checkpointed.parts["activations"]
+    assert checkpointed < plain / 5
+
+
+def test_activations_are_stored_from_the_first_trained_block_on():
+    late = estimate_memory(dev_inputs(lora_targets=single_targets([37])))
+    early = estimate_memory(dev_inputs(lora_targets=(("transformer_blocks.0.attn.to_q", 4),)))
+    assert late.details["stored_single_blocks"] == 1 and late.details["stored_joint_blocks"] == 0
+    assert early.details["stored_single_blocks"] == 38 and early.details["stored_joint_blocks"] == 19
+    assert early.parts["activations"] > 10 * late.parts["activations"]
+
+
+def test_lora_state_counts_rank_times_both_widths_in_float32():
+    estimate = estimate_memory(dev_inputs(lora_targets=(("transformer_blocks.3.ff.linear1", 8),), optimizer="Adam"))
+    numbers = 8 * (3072 + 4 * 3072)  # mflux's spelling of ff.net.0.proj: 3072 -> 12288
+    assert estimate.parts["LoRA weights"] == estimate.parts["LoRA gradients"] == numbers * 4
+    assert estimate.parts["optimizer state"] == 2 * numbers * 4
+
+
+def test_unknown_lora_target_is_a_config_error():
+    with pytest.raises(ConfigError):
+        estimate_memory(dev_inputs(lora_targets=(("single_transformer_blocks.0.ff.net.2", 4),)))
+
+
+def test_tiny_model_estimate_is_small():
+    inputs = MemoryInputs(model=model_configs_for("tiny"), lora_targets=single_targets(range(38)), width=128,
+                          height=128, dtype_bytes=4, backend="cpu", t5_length=512)
+    estimate = estimate_memory(inputs)
+    assert estimate.parts["transformer weights"] < 20 * 2**20
+    assert 64 * 2**20 < estimate.peak < 1 * GIB
+
+
+def test_estimate_dict_is_json_and_agrees_with_the_peaks():
+    estimate = estimate_memory(dev_inputs())
+    data = json.loads(json.dumps(estimate.to_dict()))
+    assert data["peak"] == estimate.peak == max(data["encoding_peak"], data["training_peak"])
+    assert sum(data["parts"][name] for name in data["phases"]["training"]) == data["training_peak"]
+    rows = estimate.describe()
+    assert [row[0] for row in rows[:-2]] == list(estimate.parts)
+    assert rows[-1][0] == "training peak"
+
+
+# ---------------------------------------------------------------- fixes
+
+FIX_ORDER = ["8", "4", "g", "r", "b", "l", "a"]
+
+
+def test_fixes_lower_the_peak_and_come_in_the_guides_order():
+    inputs = dev_inputs(quantize=None, width=1024, height=1024, lora_targets=single_targets(range(38), rank=16))
+    base = estimate_memory(inputs).peak
+    fixes = suggest_fixes(inputs, 24 * GIB)
+    keys = [fix.key for fix in fixes]
+    assert keys[:6] == ["8", "4", "g", "r", "b", "l"]
+    assert keys == sorted(keys, key=FIX_ORDER.index)
+    for fix in fixes:
+        assert fix.estimate.peak < base
+        assert fix.fits == (fix.estimate.peak <= 24 * GIB)
+        assert fix.estimate.peak == estimate_memory(fix.inputs).peak
+    by_key = {fix.key: fix for fix in fixes}
+    assert by_key["4"].inputs.quantize == 4 and by_key["g"].inputs.gradient_checkpointing
+    assert {rank for _, rank in by_key["r"].inputs.lora_targets} == {8}
+    assert (by_key["l"].inputs.width, by_key["l"].inputs.height) == (768, 768)
+    kept = {path.split(".")[1] for path, _ in by_key["b"].inputs.lora_targets}
+    assert kept == {str(i) for i in range(19, 38)}
+
+
+def test_combined_fix_is_offered_only_when_no_single_fix_fits():
+    inputs = dev_inputs(quantize=None, width=1024, height=1024)
+    tight = suggest_fixes(inputs, 12 * GIB)
+    assert not any(fix.fits for fix in tight if fix.key != "a")
+    combined = tight[-1]
+    assert combined.key == "a" and combined.fits
+    assert combined.inputs.quantize == 4 and combined.inputs.gradient_checkpointing
+    roomy = suggest_fixes(inputs, 60 * GIB)
+    assert any(fix.fits for fix in roomy) and "a" not in [fix.key for fix in roomy]
+
+
+def test_no_fix_is_offered_for_what_is_already_done():
+    inputs = dev_inputs(quantize=4, gradient_checkpointing=True, width=256, height=256,
+                        lora_targets=single_targets([37], rank=1))
+    assert [fix.key for fix in suggest_fixes(inputs, 1 * GIB)] == []
+
+
+# ---------------------------------------------------------------- configs
+
+def write_config(folder, model="dev", **changes):
+    config = {
+        "model": model, "seed": 42, "steps": 20, "guidance": 3.0, "quantize": 4, "width": 512, "height": 512,
+        "training_loop": {"num_epochs": 100, "batch_size": 1},
+        "optimizer": {"name": "AdamW", "learning_rate": 1e-4},
+        "save": {"output_path": "out", "checkpoint_frequency": 20},
+        "instrumentation": {"plot_frequency": 1, "generate_image_frequency": 20,
+                            "validation_prompt": "photo of sks dog"},
+        "lora_layers": {"single_transformer_blocks": {"block_range": {"start": 0, "end": 38},
+                                                      "layer_types": list(SINGLE_LAYERS), "lora_rank": 4}},
+        "examples": {"path": "images/", "images": [{"image": "01.jpg", "prompt": "photo of sks dog"},
+                                                   {"image": "02.jpg", "prompt": "sks dog on grass"}]},
+    }  # fmt: skip
+    config.update(changes)
+    path = folder / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_inputs_from_config_reads_the_run(tmp_path):
+    from engine.config import load_config
+
+    cfg = load_config(write_config(tmp_path, width=768, height=512, gradient_checkpointing=True))
+    inputs = inputs_from_config(cfg, model_configs_for(cfg.model), backend="cuda")
+    assert (inputs.width, inputs.height, inputs.quantize, inputs.gradient_checkpointing) == (768, 512, 4, True)
+    assert len(inputs.lora_targets) == 38 * 5 and inputs.t5_length == 512
+    assert inputs.num_images == 2 and inputs.num_prompts == 2  # the validation prompt repeats a training one
+    # a plain transformer config dict works too
+    assert inputs_from_config(cfg, dict(FLUX1_DEV_TRANSFORMER)).lora_targets == inputs.lora_targets
+
+
+def test_schnell_uses_256_t5_tokens(tmp_path):
+    from engine.config import load_config
+
+    cfg = load_config(write_config(tmp_path, model="black-forest-labs/FLUX.1-schnell"))
+    assert inputs_from_config(cfg, model_configs_for(cfg.model)).t5_length == 256
+
+
+def test_local_model_folder_supplies_its_transformer_config(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(dict(FLUX1_DEV_TRANSFORMER, num_layers=5)))
+    assert model_configs_for(str(tmp_path)).transformer["num_layers"] == 5
+    with pytest.raises(ModelLoadError):
+        model_configs_for(str(tmp_path / "transformer"))
+
+
+def test_blocks_the_model_lacks_are_a_config_error(tmp_path):
+    from engine.config import load_config
+
+    cfg = load_config(write_config(tmp_path))
+    with pytest.raises(ConfigError):
+        inputs_from_config(cfg, dict(FLUX1_DEV_TRANSFORMER, num_single_layers=10))
+
+
+# ---------------------------------------------------------------- the command
+
+def test_estimate_command_prints_json(tmp_path, capsys):
+    from tui.cli import main
+
+    path = write_config(tmp_path)
+    assert main(["estimate", "--train-config", str(path), "--json", "--memory", "1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["peak"] == max(data["encoding_peak"], data["training_peak"]) > 0
+    assert data["fits"] is False and data["available"] == GIB
+    assert data["fixes"] and data["machine"]["total_memory"] > 0
+
+
+def test_estimate_command_prints_a_table(tmp_path, capsys):
+    from tui.cli import main
+
+    assert main(["estimate", "--train-config", str(write_config(tmp_path)), "--memory", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer weights" in out and "training peak" in out and "does not fit" in out
+
+
+def test_estimate_command_reports_config_problems_without_a_traceback(tmp_path, capsys):
+    from tui.cli import main
+
+    path = write_config(tmp_path, lora_layers={"single_transformer_blocks": {
+        "block_range": {"start": 0, "end": 40}, "layer_types": ["proj_out"], "lora_rank": 4}})
+    assert main(["estimate", "--train-config", str(path)]) == 2
+    assert "end = 40" in capsys.readouterr().err
