@@ -200,6 +200,14 @@ class CropBox:
         """(left, top, width, height), as the wizard state stores it."""
         return self.left, self.top, self.width, self.height
 
+    def __iter__(self):
+        return iter(self.as_tuple())
+
+    @classmethod
+    def of(cls, box: "CropBox | tuple[int, int, int, int]") -> "CropBox":
+        """A CropBox from itself or from a (left, top, width, height) tuple."""
+        return box if isinstance(box, cls) else cls(*(int(v) for v in box))
+
 
 def default_crop(image_size: tuple[int, int], target_width: int, target_height: int) -> CropBox:
     """The largest centred box with the training aspect."""
@@ -245,8 +253,9 @@ def fit_crop(box: CropBox, image_size: tuple[int, int], target_width: int, targe
                        target_width, target_height)
 
 
-def check_crop(box: CropBox, image_size: tuple[int, int], target_width: int, target_height: int) -> None:
+def check_crop(box: CropBox | tuple[int, int, int, int], image_size: tuple[int, int], target_width: int, target_height: int) -> None:
     """Raises ValueError unless the box lies inside the image with the target aspect (to one pixel)."""
+    box = CropBox.of(box)
     image_width, image_height = image_size
     if box.width < 1 or box.height < 1 or box.left < 0 or box.top < 0 \
             or box.right > image_width or box.bottom > image_height:
@@ -257,8 +266,9 @@ def check_crop(box: CropBox, image_size: tuple[int, int], target_width: int, tar
                          "use default_crop or fit_crop to make one")
 
 
-def crop_and_resize(image: Image.Image, box: CropBox, width: int, height: int) -> np.ndarray:
+def crop_and_resize(image: Image.Image, box: CropBox | tuple[int, int, int, int], width: int, height: int) -> np.ndarray:
     """The box's pixels at width x height, float32 (H, W, 3) in [-1, 1]; never stretches."""
+    box = CropBox.of(box)
     check_crop(box, image.size, width, height)
     image = to_rgb(image)
     # crop first: resize(box=...) would let the filter read pixels just outside the box

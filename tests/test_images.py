@@ -220,6 +220,15 @@ def test_crop_and_resize_equals_cropping_then_resizing():
     assert np.abs((out + 1) * 127.5 - expected).mean() < 2.0
 
 
+def test_crop_box_converts_to_and_from_the_wizards_tuples():
+    box = CropBox(1, 2, 30, 40)
+    assert tuple(box) == box.as_tuple() == (1, 2, 30, 40)
+    assert CropBox.of((1, 2, 30, 40)) == box and CropBox.of(box) is box
+    image = scene(4, (640, 480))
+    assert np.array_equal(crop_and_resize(image, (100, 50, 300, 300), 32, 32),
+                          crop_and_resize(image, CropBox(100, 50, 300, 300), 32, 32))
+
+
 def test_crop_with_the_wrong_aspect_is_refused():
     image = bands([RED, GREEN, BLUE])
     with pytest.raises(ValueError, match="aspect"):
