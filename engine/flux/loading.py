@@ -48,6 +48,7 @@ class FluxModel:
     quantize: int | None
     transformer_config: dict
     scheduler_config: dict = field(default_factory=dict)
+    tokenizer_max_length: int | None = None  # tokenizer_2's model_max_length
 
     @property
     def has_guidance(self) -> bool:
@@ -55,8 +56,9 @@ class FluxModel:
 
     @property
     def t5_max_length(self) -> int:
-        # FLUX.1-dev was trained with 512 T5 tokens, schnell with 256
-        return 512 if self.has_guidance else 256
+        # FLUX.1-dev was trained with 512 T5 tokens, schnell with 256; never pad past what the tokenizer allows
+        length = 512 if self.has_guidance else 256
+        return min(length, self.tokenizer_max_length) if self.tokenizer_max_length else length
 
     @property
     def num_joint_blocks(self) -> int:
@@ -119,11 +121,17 @@ def load_model(name_or_path: str | os.PathLike = "tiny", quantize: int | None = 
         for label, module in (("transformer", transformer), ("CLIP", clip), ("T5", t5)):
             if module is not None:
                 quantize_module(module, quantize, label)
+    tokenizer_config = folder / "tokenizer_2" / "tokenizer_config.json"
+    tokenizer_max_length = None
+    if tokenizer_config.is_file():
+        value = json.loads(tokenizer_config.read_text()).get("model_max_length")
+        tokenizer_max_length = int(value) if isinstance(value, (int, float)) and value < 1e9 else None
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_path.read_text()) if scheduler_path.is_file() else {}
     return FluxModel(name=str(name_or_path), path=folder, transformer=transformer, vae=vae, clip=clip, t5=t5,
                      clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer, dtype=dtype, quantize=quantize,
-                     transformer_config=transformer_config, scheduler_config=scheduler_config)
+                     transformer_config=transformer_config, scheduler_config=scheduler_config,
+                     tokenizer_max_length=tokenizer_max_length)
 
 
 def quantize_module(module: nn.Module, bits: int, label: str = "model", group_size: int = QUANTIZE_GROUP_SIZE) -> int:

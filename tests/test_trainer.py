@@ -1,0 +1,182 @@
+"""The training loop on the tiny model: it learns, resumes bit-exactly, obeys its controls."""
+from __future__ import annotations
+
+import json
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from engine.checkpoint import read_checkpoint
+from engine.config import load_config
+from engine.events import TrainingControls
+from engine.lora import lora_parameters
+from engine.trainer import Trainer
+from tests.helpers import make_training_folder
+
+
+def run(config_path, **kwargs):
+    events = []
+    trainer = Trainer(load_config(config_path), events.append, **kwargs)
+    return trainer, trainer.run(), events
+
+
+def test_loss_falls_and_the_lora_pulls_samples_toward_the_training_image(tmp_path):
+    from engine.dataset import build_training_set
+    from engine.generate import denoise_latents
+
+    config = make_training_folder(tmp_path, count=1, training_loop={"num_epochs": 60, "batch_size": 1},
+                                  optimizer={"name": "AdamW", "learning_rate": 3e-3})
+    trainer, result, events = run(config)
+    losses = [e["loss"] for e in events if e["type"] == "step"]
+    assert len(losses) == 60
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+    model = trainer.model
+    dataset, extra = build_training_set(model, [(trainer.config.image_paths[0], "photo of sks toy", None)], 64, 64)
+    target = dataset.examples[0].latents
+    prompt = dataset.prompts["photo of sks toy"]
+    hidden, pooled = prompt.hidden[None], prompt.pooled[None]
+
+    def distance():
+        latents = denoise_latents(model, hidden, pooled, 64, 64, steps=4, guidance=3.0, seed=7)
+        return float(mx.sqrt(mx.mean(mx.square(latents[0] - target))))
+
+    trained = distance()
+    # the same model with every B zeroed is exactly the base model
+    flat = lora_parameters(model.transformer)
+    from engine.lora import load_lora_parameters
+
+    load_lora_parameters(model.transformer, {k: (mx.zeros_like(v) if k.endswith("lora_B") else v) for k, v in flat.items()})
+    base = distance()
+    assert trained < 0.9 * base, (trained, base)
+
+
+def test_three_steps_then_resumed_equals_one_straight_run(tmp_path):
+    straight = make_training_folder(tmp_path / "a", count=3, training_loop={"num_epochs": 2, "batch_size": 1},
+                                    save={"checkpoint_frequency": 1})
+    _, five, _ = run(straight)
+    assert five.step == 6  # 3 images x 2 epochs, batch 1
+    # stop the second run after 3 steps, then resume it for the rest
+    split = make_training_folder(tmp_path / "b", count=3, training_loop={"num_epochs": 2, "batch_size": 1},
+                                 save={"checkpoint_frequency": 1})
+    controls = TrainingControls()
+
+    def stop_after_three(event):
+        if event["type"] == "step" and event["step"] == 3:
+            controls.stop()
+
+    first = Trainer(load_config(split), stop_after_three, controls).run()
+    assert first.stopped and first.step == 3
+    resumed = Trainer.from_checkpoint(first.checkpoint_path).run()
+    assert resumed.step == five.step and not resumed.stopped
+
+    a = read_checkpoint(five.checkpoint_path)
+    b = read_checkpoint(resumed.checkpoint_path)
+    assert a.adapter == b.adapter  # the safetensors bytes, bit for bit
+    assert a.optimizer.keys() == b.optimizer.keys()
+    for key in a.optimizer:
+        assert np.array_equal(np.array(a.optimizer[key]), np.array(b.optimizer[key])), key
+    assert [(e["step"], e["loss"]) for e in a.loss] == [(e["step"], e["loss"]) for e in b.loss]
+    assert a.iterator["rng_state"] == b.iterator["rng_state"]
+
+
+def test_step_zero_equals_the_base_model(tmp_path):
+    from engine.flux.loading import load_model
+    from engine.lora import apply_lora
+
+    model = load_model("tiny")
+    x = mx.random.normal((1, 16, 64), key=mx.random.key(1))
+    hidden = mx.random.normal((1, 512, 32), key=mx.random.key(2))
+    pooled = mx.random.normal((1, 32), key=mx.random.key(3))
+    from engine.flux.latents import latent_image_ids, text_ids
+
+    args = (x, hidden, pooled, mx.array([0.5]), latent_image_ids(8, 8), text_ids(512), mx.array([3.0]))
+    before = model.transformer(*args)
+    apply_lora(model.transformer, [("single_transformer_blocks.0.attn.to_q", 4), ("transformer_blocks.3.ff.net.2", 8)],
+               key=mx.random.key(0))
+    after = model.transformer(*args)
+    assert mx.array_equal(before, after)
+    trainable = dict(tree_flatten(model.transformer.trainable_parameters()))
+    assert set(trainable) == {"single_transformer_blocks.0.attn.to_q.lora_A", "single_transformer_blocks.0.attn.to_q.lora_B",
+                              "transformer_blocks.3.ff.net.2.lora_A", "transformer_blocks.3.ff.net.2.lora_B"}
+
+
+def test_controls_pause_checkpoint_and_preview_from_another_thread(tmp_path):
+    config = make_training_folder(tmp_path, count=2, training_loop={"num_epochs": 4, "batch_size": 1})
+    controls = TrainingControls()
+    events = []
+    paused_seen = threading.Event()
+
+    def listener(event):
+        events.append(event)
+        if event["type"] == "step" and event["step"] == 2:
+            controls.request_checkpoint()
+            controls.request_preview()
+            controls.pause()
+        if event["type"] == "paused":
+            paused_seen.set()
+
+    trainer = Trainer(load_config(config), listener, controls)
+    thread = threading.Thread(target=lambda: events.append({"type": "result", "value": trainer.run()}))
+    thread.start()
+    assert paused_seen.wait(120)
+    steps_at_pause = sum(e["type"] == "step" for e in events)
+    thread.join(0.5)
+    assert sum(e["type"] == "step" for e in events) == steps_at_pause  # really paused
+    controls.resume()
+    thread.join(120)
+    kinds = [e["type"] for e in events]
+    assert "resumed" in kinds and kinds.count("step") == 8
+    checkpoints = [e for e in events if e["type"] == "checkpoint"]
+    previews = [e for e in events if e["type"] == "preview"]
+    assert checkpoints[0]["step"] == 2 and previews[0]["step"] == 2
+    assert (tmp_path / "out" / "_validation" / "images" / "0000002_validation_image.png").is_file()
+    result = events[-1]["value"]
+    assert result.adapter_path.is_file() and not result.stopped
+
+
+def test_outputs_and_instrumentation_files(tmp_path):
+    config = make_training_folder(tmp_path, count=2, training_loop={"num_epochs": 2, "batch_size": 2},
+                                  save={"checkpoint_frequency": 1},
+                                  instrumentation={"plot_frequency": 1, "generate_image_frequency": 2,
+                                                   "validation_prompt": "photo of sks toy"})
+    _, result, events = run(config)
+    out = tmp_path / "out"
+    assert result.step == 2
+    assert sorted(p.name for p in (out / "_checkpoints").iterdir()) == ["0000001_checkpoint.zip", "0000002_checkpoint.zip"]
+    assert (out / "_validation" / "images" / "0000002_validation_image.png").is_file()
+    history = json.loads((out / "_validation" / "plots" / "0000002_loss.json").read_text())
+    assert [h["step"] for h in history] == [1, 2]
+    assert (out / "_validation" / "plots" / "0000002_loss.png").is_file()
+    assert (out / "adapter.safetensors").is_file()
+    import zipfile
+
+    names = set(zipfile.ZipFile(out / "_checkpoints" / "0000002_checkpoint.zip").namelist())
+    assert names == {"0000002_adapter.safetensors", "0000002_optimizer.safetensors", "0000002_iterator.json",
+                     "0000002_loss.json", "0000002_config.json", "checkpoint.json"}
+
+
+def test_a_second_fresh_run_never_overwrites_the_first(tmp_path):
+    config = make_training_folder(tmp_path, count=1, training_loop={"num_epochs": 1, "batch_size": 1})
+    _, first, _ = run(config)
+    _, second, _ = run(config)
+    assert first.output_dir != second.output_dir
+    assert first.adapter_path.is_file() and second.adapter_path.is_file()
+
+
+@pytest.mark.parametrize("template", ["pets", "people", "style", "object"])
+def test_every_template_trains_two_steps_on_tiny(tmp_path, template):
+    from engine.config import config_to_dict, load_template
+
+    base = json.loads(make_training_folder(tmp_path, count=2).read_text())
+    data = config_to_dict(load_template(template))
+    data.update(model="tiny", quantize=None, width=64, height=64, examples=base["examples"], save=base["save"],
+                training_loop={"num_epochs": 1, "batch_size": 1}, instrumentation=None)
+    data = {k: v for k, v in data.items() if v is not None}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    _, result, _ = run(path)
+    assert result.step == 2 and result.adapter_path.is_file()
