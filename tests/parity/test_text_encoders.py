@@ -167,3 +167,20 @@ def test_t5_weights_round_trip_through_transformers(tmp_path):
     ids = torch.from_numpy(token_ids(120, 1, 16, seed=3))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).last_hidden_state, reference(ids).last_hidden_state)
+
+
+def test_t5_in_bfloat16_stays_finite_and_close_with_huge_activations():
+    """Real T5-XXL's residual stream reaches values past float16's range; bfloat16 must cope."""
+    from mlx.utils import tree_map
+
+    reference, ours = t5_pair("gated-gelu", "both")
+    with torch.no_grad():
+        reference.shared.weight.mul_(1e5)
+    ours.shared.weight = ours.shared.weight * 1e5
+    ours.update(tree_map(lambda p: p.astype(mx.bfloat16), ours.parameters()))
+    ids = token_ids(120, 2, 64, seed=4)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).last_hidden_state
+    hidden = ours(mx.array(ids.astype(np.int32)))
+    assert hidden.dtype == mx.bfloat16 and bool(mx.isfinite(hidden).all())
+    assert relative_error(hidden.astype(mx.float32), expected) < 2e-2
