@@ -12,6 +12,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, RadioButton, RadioSet, Static
 
+from tui.widgets.choice_row import ChoiceRow
+
 log = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -74,7 +76,7 @@ check that it fits this machine's memory, then train and watch previews appear.
                          "previews as it learns.", id="welcome-intro")
             yield Static("This machine: detecting…", id="machine")
             yield Label("Base model", classes="section-title")
-            with RadioSet(id="model-choice"):
+            with ChoiceRow(id="model-choice"):
                 for name, _ in MODELS:
                     yield RadioButton(name, value=name == self._initial_choice(), name=name)
             yield Input(placeholder="owner/name or a folder", id="model-other")
@@ -95,7 +97,7 @@ check that it fits this machine's memory, then train and watch previews appear.
         if self._initial_choice() == "other":
             other.value = self.app.state.model
         self._show_model_hint(self._initial_choice())
-        self.query_one("#model-choice", RadioSet).focus()
+        self.query_one("#model-choice", ChoiceRow).focus()
         self.detect_machine()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="machine")
@@ -113,8 +115,6 @@ check that it fits this machine's memory, then train and watch previews appear.
     @on(RadioSet.Changed, "#model-choice")
     def _model_changed(self, event: RadioSet.Changed) -> None:
         self._show_model_hint(event.pressed.name or "dev")
-        if event.pressed.name == "other":
-            self.query_one("#model-other", Input).focus()
 
     def _show_model_hint(self, choice: str) -> None:
         self.query_one("#model-hint", Static).update(dict(MODELS)[choice])
@@ -123,7 +123,7 @@ check that it fits this machine's memory, then train and watch previews appear.
 
     def chosen_model(self) -> tuple[str | None, str]:
         """(model name, problem); the model is None when the choice cannot be used."""
-        pressed = self.query_one("#model-choice", RadioSet).pressed_button
+        pressed = self.query_one("#model-choice", ChoiceRow).pressed_button
         choice = pressed.name if pressed is not None else "dev"
         if choice != "other":
             return choice, ""
