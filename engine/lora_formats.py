@@ -187,7 +187,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
     if not os.path.isfile(path):
         raise LoraFormatError(f"LoRA file not found: {path}")
     try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as error:  # mlx raises plain ValueError/RuntimeError on bad files
         raise LoraFormatError(f"{path} is not a readable .safetensors file ({error}).",
                               hint="LoRA files must be .safetensors.") from error
@@ -515,7 +515,8 @@ def _block_specs(merged: dict) -> dict[str, str]:
 
 def _metadata(header: dict, user: dict | None, merged: dict, lora_format: str) -> dict[str, str]:
     ranks = sorted({down.shape[0] for down, _ in merged.values()})
-    combined = {**header, "lora_format": lora_format, "lora_rank": ",".join(map(str, ranks)), **(user or {})}
+    # the caller's keys may come from another file (an export): the format is always this one
+    combined = {**header, "lora_rank": ",".join(map(str, ranks)), **(user or {}), "lora_format": lora_format}
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in combined.items() if v is not None}
 
 

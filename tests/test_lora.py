@@ -234,7 +234,7 @@ def assert_same_adapters(loaded, model):
 def test_each_format_round_trips_exactly(tmp_path, save, expected_format):
     model = trained_model()
     path = str(tmp_path / "adapter.safetensors")
-    save(path, model, {"trigger_word": "sks dog", "base_model": "dev"})
+    save(path, model, {"trigger_word": "sks dog", "base_model": "dev", "lora_format": "from another file"})
     loaded = load_lora_file(path, tiny_flux())
     assert loaded.format == expected_format and loaded.unmatched_keys == []
     assert loaded.metadata["trigger_word"] == "sks dog" and loaded.metadata["lora_format"] == expected_format
@@ -372,6 +372,23 @@ def test_kohya_with_diffusers_names_and_mflux_spellings(tmp_path):
     loaded = load_lora_file(mflux, tiny_flux())
     assert loaded.format == "mflux"
     assert set(loaded.adapters) == {"transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.attn.to_out.0"}
+
+
+def test_comfyui_style_bfl_names_with_peft_suffixes(tmp_path):
+    rng = np.random.default_rng(4)
+    down, up = rng.normal(size=(2, DIM)), rng.normal(size=(3 * DIM, 2))
+    path = write(tmp_path / "c.safetensors", {
+        "diffusion_model.double_blocks.1.img_attn.qkv.lora_A.weight": down,
+        "diffusion_model.double_blocks.1.img_attn.qkv.lora_B.weight": up,
+        "diffusion_model.single_blocks.0.modulation.lin.lora_down.weight": down,
+        "diffusion_model.single_blocks.0.modulation.lin.lora_up.weight": up,
+    })
+    loaded = load_lora_file(path, tiny_flux())
+    assert loaded.naming == "bfl"
+    assert set(loaded.adapters) == {"transformer_blocks.1.attn.to_q", "transformer_blocks.1.attn.to_k",
+                                    "transformer_blocks.1.attn.to_v", "single_transformer_blocks.0.norm.linear"}
+    (A, B, _), = loaded.adapters["transformer_blocks.1.attn.to_k"]
+    assert np.array_equal(np.array(B), up[DIM:2 * DIM].astype(np.float32))
 
 
 def test_unknown_keys_are_reported_and_logged(tmp_path, caplog):
