@@ -17,7 +17,7 @@ import math
 from typing import NamedTuple
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from engine.errors import LoraFormatError, UserError
@@ -70,7 +70,7 @@ class LoRALinear(nn.Module):
         self.scale = float(scale)
 
     @classmethod
-    def from_adapters(cls, base: nn.Module, adapters: list[LoraDelta]) -> "LoRALinear":
+    def from_adapters(cls, base: nn.Module, adapters: list[LoraDelta]) -> LoRALinear:
         """One layer carrying the sum of several adapters (generation)."""
         layer = cls(base, rank=1, key=mx.random.key(0))
         if len(adapters) == 1:

@@ -19,11 +19,19 @@ import tempfile
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 
 from engine.errors import LoraFormatError, OutputError
-from engine.lora import LINEAR_TYPES, LoRALinear, LoraDelta, get_module, linear_dims, lora_deltas, set_module
+from engine.lora import (
+    LINEAR_TYPES,
+    LoraDelta,
+    LoRALinear,
+    get_module,
+    linear_dims,
+    lora_deltas,
+    set_module,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +257,7 @@ def _group_keys(tensors: dict[str, np.ndarray]):
         if named is None:
             unmatched.append(key)
             continue
-        stem, file_format, what = split
+        _, file_format, what = split
         group = groups.setdefault(named, {"keys": []})
         group[what] = value
         group["keys"].append(key)

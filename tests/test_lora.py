@@ -3,15 +3,30 @@ import logging
 import os
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx import nn
 from safetensors.numpy import save_file
 
 from engine.errors import LoraFormatError, UserError
-from engine.lora import (LoRALinear, LoraDelta, apply_lora, fuse_lora, get_module, load_lora_parameters,
-                         lora_deltas, lora_parameters, remove_lora)
-from engine.lora_formats import (attach_lora_files, load_lora_file, save_diffusers, save_kohya, save_mflux)
+from engine.lora import (
+    LoraDelta,
+    LoRALinear,
+    apply_lora,
+    fuse_lora,
+    get_module,
+    load_lora_parameters,
+    lora_deltas,
+    lora_parameters,
+    remove_lora,
+)
+from engine.lora_formats import (
+    attach_lora_files,
+    load_lora_file,
+    save_diffusers,
+    save_kohya,
+    save_mflux,
+)
 
 DIM, MLP = 8, 32  # FLUX's ratio: the MLP is 4x wider
 
@@ -56,7 +71,7 @@ def x_for(layer, seed=1):
 def randomize(model, seed=3):
     """Non-zero B everywhere (and a fresh A), so deltas are not trivially zero."""
     key = mx.random.key(seed)
-    for path, delta in lora_deltas(model).items():
+    for path in lora_deltas(model):
         key, a, b = mx.random.split(key, 3)
         layer = get_module(model, path)
         layer.set_weights(mx.random.normal(layer.lora_A.shape, key=a), mx.random.normal(layer.lora_B.shape, key=b))
@@ -334,7 +349,7 @@ def test_peft_variants_and_alpha_are_understood(tmp_path):
                                                           f"{stem}.alpha": np.array(8.0)})
         loaded = load_lora_file(path, tiny_flux())
         assert loaded.format == expected
-        (a, b, scale), = loaded.adapters["transformer_blocks.0.attn.to_k"]
+        (a, _, scale), = loaded.adapters["transformer_blocks.0.attn.to_k"]
         assert scale == 2.0 and np.array_equal(np.array(a), A.astype(np.float32))
 
 
@@ -387,7 +402,7 @@ def test_comfyui_style_bfl_names_with_peft_suffixes(tmp_path):
     assert loaded.naming == "bfl"
     assert set(loaded.adapters) == {"transformer_blocks.1.attn.to_q", "transformer_blocks.1.attn.to_k",
                                     "transformer_blocks.1.attn.to_v", "single_transformer_blocks.0.norm.linear"}
-    (A, B, _), = loaded.adapters["transformer_blocks.1.attn.to_k"]
+    (_, B, _), = loaded.adapters["transformer_blocks.1.attn.to_k"]
     assert np.array_equal(np.array(B), up[DIM:2 * DIM].astype(np.float32))
 
 
@@ -465,3 +480,46 @@ def test_a_file_attached_over_a_training_adapter_stacks_and_keeps_it_trainable(t
     assert f"{path}.base.lora_A" in trainable and f"{path}.lora_A" not in trainable
     assert len(lora_deltas(model)[path]) == 2
     assert isinstance(lora_deltas(model)[path][0], LoraDelta)
+
+
+def test_compiled_training_step_updates_only_adapters_like_eager():
+    from mlx.utils import tree_map
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [nn.Linear(DIM, MLP), nn.Linear(MLP, DIM)]
+
+        def __call__(self, x):
+            return self.layers[1](nn.gelu(self.layers[0](x)))
+
+    def train(compiled):
+        mx.random.seed(0)
+        model = Chain()
+        apply_lora(model, [("layers.0", 4), ("layers.1", 2)], key=mx.random.key(0))
+        x, target = mx.random.normal((5, DIM), key=mx.random.key(1)), mx.random.normal((5, DIM), key=mx.random.key(2))
+        loss_and_grad = nn.value_and_grad(model, lambda m: nn.losses.mse_loss(m(x), target))
+        grads_seen = []
+
+        def step():
+            loss, grads = loss_and_grad(model)
+            model.update(tree_map(lambda p, g: p - 0.5 * g, model.trainable_parameters(), grads))
+            return loss, grads
+
+        run = mx.compile(step, inputs=model.state, outputs=model.state) if compiled else step
+        losses = []
+        for _ in range(3):
+            loss, grads = run()
+            mx.eval(loss, model.state)
+            losses.append(loss.item())
+            grads_seen.append(dict(mlx_flatten(grads)))
+        return model, losses, grads_seen
+
+    eager_model, eager_losses, grads = train(compiled=False)
+    compiled_model, compiled_losses, _ = train(compiled=True)
+    assert set(grads[0]) == {"layers.0.lora_A", "layers.0.lora_B", "layers.1.lora_A", "layers.1.lora_B"}
+    assert not mx.any(grads[0]["layers.0.lora_A"]).item()  # B = 0: A learns from step 1 on
+    assert mx.any(grads[0]["layers.0.lora_B"]).item()
+    assert eager_losses[2] < eager_losses[0]
+    np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-5)
+    assert mx.array_equal(eager_model.layers[0].base.weight, compiled_model.layers[0].base.weight)

@@ -13,12 +13,19 @@ import torch
 from safetensors.numpy import save_file
 
 pytest.importorskip("peft", reason="diffusers needs peft to load LoRAs")
-from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
+from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from engine.flux.transformer import FluxTransformer  # noqa: E402
-from engine.lora import apply_lora, get_module, lora_deltas, remove_lora  # noqa: E402
-from engine.lora_formats import (GLOBAL_LAYERS, JOINT_BLOCK_LAYERS, SINGLE_BLOCK_LAYERS,  # noqa: E402
-                                 attach_lora_files, load_lora_file, save_diffusers, save_kohya)
+from engine.flux.transformer import FluxTransformer
+from engine.lora import apply_lora, get_module, lora_deltas, remove_lora
+from engine.lora_formats import (
+    GLOBAL_LAYERS,
+    JOINT_BLOCK_LAYERS,
+    SINGLE_BLOCK_LAYERS,
+    attach_lora_files,
+    load_lora_file,
+    save_diffusers,
+    save_kohya,
+)
 
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
@@ -209,7 +216,9 @@ def test_several_files_with_scales_match_diffusers_adapters_with_weights(tmp_pat
 def test_kohya_layers_outside_the_blocks_convert_like_diffusers(tmp_path):
     """diffusers' loader drops these (its converter names them without the
     "transformer." prefix), so compare with the converter itself."""
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux_lora_to_diffusers,
+    )
 
     _, ours = make_pair(TINY)
     dim = TINY["num_attention_heads"] * TINY["attention_head_dim"]
