@@ -62,13 +62,14 @@ class WizardApp(App[int]):
     ]
 
     def __init__(self, state: WizardState | None = None, start: str = "welcome", machine: Any = None,
-                 browse_root: Path | None = None):
+                 browse_root: Path | None = None, demo_folder: Path | None = None):
         super().__init__()
         self.state = state if state is not None else WizardState()
         self.start = start
         self._machine = machine
         # where the image browser opens; tests point it at a fixed folder
         self.browse_root = browse_root
+        self.demo_folder = demo_folder  # where the demo draws its photos (default ./dreambooth-demo, as the command)
 
     @property
     def machine(self) -> Any:
@@ -102,17 +103,11 @@ class WizardApp(App[int]):
 
     def start_demo(self) -> None:
         """The demo: drawn sample photos and the tiny model, then the same steps as a real run."""
-        from engine.paths import cache_dir
-        from tui.demo_images import DEMO_CLASS_NOUN, DEMO_TRIGGER, draw_demo_images
-        from tui.state import ImageChoice
+        from tui.commands.demo import DEFAULT_FOLDER, demo_state
 
-        folder = cache_dir() / "demo" / "images"
-        paths = draw_demo_images(folder)
-        prompt = f"photo of {DEMO_TRIGGER} {DEMO_CLASS_NOUN}"
-        self.state = WizardState(model="tiny", trigger=DEMO_TRIGGER, class_noun=DEMO_CLASS_NOUN, template="object",
-                                 images=[ImageChoice(path, prompt=prompt, trigger=DEMO_TRIGGER) for path in paths],
-                                 demo=True)
-        log.info("demo with %d drawn images in %s", len(paths), folder)
+        folder = (self.demo_folder or Path(DEFAULT_FOLDER)).resolve()
+        self.state = demo_state(folder)
+        log.info("demo in %s", folder)
         self.goto("images")
 
     def action_help(self) -> None:

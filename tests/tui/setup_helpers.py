@@ -42,3 +42,49 @@ def make_photo_folder(folder: Path) -> Path:
     broken.write_bytes(b"this is not a jpeg at all")
     broken.chmod(0)
     return folder
+
+
+async def wait_until(pilot, condition, timeout: float = 20.0, what: str = "condition") -> None:
+    """Let workers and messages run until `condition()` holds (fails the test after `timeout` seconds)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+    await pilot.pause()
+
+
+async def wait_for_screen(pilot, name: str, timeout: float = 10.0) -> None:
+    await wait_until(pilot, lambda: type(pilot.app.screen).__name__ == name, timeout, f"screen {name}")
+
+
+async def type_into(pilot, selector: str, text: str, submit: bool = False) -> None:
+    """Focus an Input, replace its text by typing, optionally press Enter."""
+    from textual.widgets import Input
+
+    widget = pilot.app.screen.query_one(selector)
+    field = widget if isinstance(widget, Input) else widget.query_one(Input)
+    field.focus()
+    await pilot.pause()
+    field.value = ""
+    await pilot.press(*text)
+    if submit:
+        await pilot.press("enter")
+    await pilot.pause()
+
+
+def checked_state(folder: Path, model: str = "dev"):
+    """A WizardState holding the good photos of `folder`, as the Images step leaves it."""
+    from engine.images import check_images, default_crop
+    from tui.state import ImageChoice, WizardState
+
+    state = WizardState(model=model)
+    for report in check_images(sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg"))):
+        if report.status == "rejected":
+            continue
+        state.images.append(ImageChoice(report.path, prompt="photo of sks dog", status=report.status,
+                                        reasons=list(report.reasons), size=report.size,
+                                        crop=default_crop(report.size, 512, 512).as_tuple()))
+    return state

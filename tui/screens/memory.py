@@ -56,6 +56,7 @@ apply it (the template values change too): **4**/**8** quantize, **g** gradient 
         self.estimate = None
         self.available = 0
         self.fixes = []
+        self.failure = ""
 
     def compose_body(self) -> ComposeResult:
         with Vertical(id="memory-main"):
@@ -98,6 +99,7 @@ apply it (the template values change too): **4**/**8** quantize, **g** gradient 
 
     def on_memory_estimated(self, message: MemoryEstimated) -> None:
         summary = self.query_one("#memory-summary", Static)
+        self.failure = message.problem
         if message.problem:
             summary.update(f"✗ The estimate failed: {message.problem}\nGo back (Esc) and check the template values.")
             return
@@ -158,6 +160,11 @@ apply it (the template values change too): **4**/**8** quantize, **g** gradient 
         self.notify(f"Applied: {fix.label}")
         self.query_one("#memory-summary", Static).update("Estimating…")
         self.estimate_run()
+
+    def problems(self) -> list[str]:
+        if self.failure:
+            return [f"The run cannot be estimated: {self.failure.splitlines()[0]} Go back (Esc) and fix it."]
+        return []
 
     def action_next(self) -> None:
         if self.estimate is not None and not self.estimate.fits(self.available):

@@ -6,7 +6,10 @@ from textual.widgets import RadioSet
 
 class ChoiceRow(RadioSet):
     def on_mount(self) -> None:
-        # RadioSet highlights its first button; start from the chosen one instead
+        # RadioSet highlights its first button once mounted; start from the chosen one instead
+        self.call_after_refresh(self._highlight_pressed)
+
+    def _highlight_pressed(self) -> None:
         if self.pressed_index >= 0:
             self._selected = self.pressed_index
 
