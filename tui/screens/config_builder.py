@@ -110,4 +110,13 @@ def config_for_file(cfg: TrainingConfig, state: WizardState, config_path: Path) 
     folder = images_folder(state) or config_path.parent
     data["examples"] = examples_section(state, folder, with_crops=True)
     data["examples"]["path"] = os.path.relpath(folder, config_path.parent)
+    data["save"]["output_path"] = home_relative(cfg.output_dir)
     return data
+
+
+def home_relative(path: Path) -> str:
+    """'~/x' under the home folder (mflux expands ~ too, and the file reads the same on another machine)."""
+    try:
+        return "~/" + Path(path).relative_to(Path.home()).as_posix()
+    except ValueError:
+        return str(path)

@@ -35,8 +35,18 @@ def folder_problem(folder: Path, what: str) -> str | None:
     return None
 
 
+def display_path(path: Path) -> str:
+    """`~/photos/x.json` for paths under the home folder: shorter, and the same on every machine."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
 def headless_command(config_path: Path) -> str:
-    return f"dreambooth-wizard train --train-config {shlex.quote(str(config_path))}"
+    shown = display_path(config_path)
+    quoted = shown if shown.startswith("~/") and shlex.quote(shown[2:]) == shown[2:] else shlex.quote(str(config_path))
+    return f"dreambooth-wizard train --train-config {quoted}"
 
 
 class ReviewScreen(StepScreen):
@@ -67,11 +77,11 @@ from it without the wizard, or share it. It is saved next to your photos.
         with Vertical(id="review-main"):
             with Horizontal(classes="review-line"):
                 yield Label("Config file", classes="review-label")
-                yield Input(str(config_path), id="config-path", compact=True)
+                yield Input(display_path(config_path), id="config-path", compact=True)
             yield Static("", id="config-path-error", classes="inline-error")
             with Horizontal(classes="review-line"):
                 yield Label("Output folder", classes="review-label")
-                yield Input(str(output_dir), id="output-dir", compact=True)
+                yield Input(display_path(output_dir), id="output-dir", compact=True)
             yield Static("", id="output-dir-error", classes="inline-error")
             yield Static("", id="review-command")
             with VerticalScroll(id="config-view"):
