@@ -124,7 +124,7 @@ class FluxAttention(nn.Module):
             x = norm(x)
         return x.transpose(0, 2, 1, 3)
 
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, context: mx.array | None = None):
+    def __call__(self, x: mx.array, rope: mx.array, context: mx.array | None = None):
         query = self._split_heads(x, self.to_q, self.norm_q)
         key = self._split_heads(x, self.to_k, self.norm_k)
         value = self._split_heads(x, self.to_v)
@@ -133,8 +133,8 @@ class FluxAttention(nn.Module):
             query = mx.concatenate([self._split_heads(context, self.add_q_proj, self.norm_added_q), query], axis=2)
             key = mx.concatenate([self._split_heads(context, self.add_k_proj, self.norm_added_k), key], axis=2)
             value = mx.concatenate([self._split_heads(context, self.add_v_proj), value], axis=2)
-        query = apply_rope(query, cos, sin)
-        key = apply_rope(key, cos, sin)
+        query = apply_rope(query, rope)
+        key = apply_rope(key, rope)
         out = mx.fast.scaled_dot_product_attention(query, key, value, scale=self.head_dim**-0.5)
         batch, _, length, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)

@@ -31,8 +31,8 @@ def rope_inverse_frequencies(axes_dims: list[int], theta: float = 10000.0) -> tu
     )
 
 
-def rope_cos_sin(ids: mx.array, inverse_frequencies: mx.array, axis_of_pair: mx.array) -> tuple[mx.array, mx.array]:
-    """cos and sin of every rotation angle, float32, shaped (B or 1, 1, L, head_dim/2).
+def rope_rotation(ids: mx.array, inverse_frequencies: mx.array, axis_of_pair: mx.array) -> mx.array:
+    """exp(i * angle) of every rotated pair, complex64, shaped (B or 1, 1, L, head_dim/2).
 
     `ids` is (L, 3) or (B, L, 3). The singleton head axis lets the result
     broadcast against queries and keys laid out as (B, heads, L, head_dim).
@@ -41,17 +41,25 @@ def rope_cos_sin(ids: mx.array, inverse_frequencies: mx.array, axis_of_pair: mx.
         ids = ids[None]
     positions = mx.take(ids.astype(mx.float32), axis_of_pair, axis=-1)
     angles = (positions * inverse_frequencies)[:, None]
-    return mx.cos(angles), mx.sin(angles)
+    return mx.cos(angles) + 1j * mx.sin(angles)
 
 
-@mx.compile
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last axis of (B, H, L, D).
+@mx.custom_function
+def _rotate_pairs(x: mx.array, rotation: mx.array) -> mx.array:
+    # Each adjacent float32 pair read as one complex number: a single complex
+    # multiply, about 3x faster on CUDA than gathering even and odd elements.
+    return mx.view(mx.view(x, mx.complex64) * rotation, mx.float32)
 
-    The rotation runs in float32 (like diffusers) and returns x's dtype;
-    compiled, so the elementwise work is one fused kernel on the GPU.
-    """
-    pairs = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = mx.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
-    return rotated.reshape(x.shape).astype(x.dtype)
+
+@_rotate_pairs.vjp
+def _rotate_pairs_vjp(primals, cotangent, output):
+    # mx.view has no autodiff; a rotation's transpose is the opposite rotation.
+    # The rotation comes from position ids, so it never needs a gradient.
+    _, rotation = primals
+    return _rotate_pairs(cotangent.astype(mx.float32), mx.conj(rotation)), mx.zeros_like(rotation)
+
+
+def apply_rope(x: mx.array, rotation: mx.array) -> mx.array:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last axis of (B, H, L, D)
+    by `rotation` (from `rope_rotation`), in float32 like diffusers; returns x's dtype."""
+    return _rotate_pairs(x.astype(mx.float32), rotation).astype(x.dtype)

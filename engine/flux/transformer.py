@@ -17,7 +17,7 @@ from engine.flux.layers import (
     gelu_tanh,
     modulate,
 )
-from engine.flux.rope import rope_cos_sin, rope_inverse_frequencies
+from engine.flux.rope import rope_inverse_frequencies, rope_rotation
 
 ROPE_THETA = 10000.0
 
@@ -34,12 +34,12 @@ class FluxTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_context = FeedForward(dim)
 
-    def __call__(self, hidden, context, temb, cos, sin):
+    def __call__(self, hidden, context, temb, rope):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
 
         attn_out, context_attn_out = self.attn(
-            modulate(hidden, shift_msa, scale_msa), cos, sin, context=modulate(context, c_shift_msa, c_scale_msa)
+            modulate(hidden, shift_msa, scale_msa), rope, context=modulate(context, c_shift_msa, c_scale_msa)
         )
         hidden = hidden + gate_msa * attn_out
         hidden = hidden + gate_mlp * self.ff(modulate(hidden, shift_mlp, scale_mlp))
@@ -60,11 +60,11 @@ class FluxSingleTransformerBlock(nn.Module):
         self.proj_out = nn.Linear(dim + mlp_ratio * dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=False)
 
-    def __call__(self, x, temb, cos, sin):
+    def __call__(self, x, temb, rope):
         shift, scale, gate = self.norm(temb)
         normed = modulate(x, shift, scale)
         mlp = gelu_tanh(self.proj_mlp(normed))
-        attn = self.attn(normed, cos, sin)
+        attn = self.attn(normed, rope)
         return x + gate * self.proj_out(mx.concatenate([attn, mlp], axis=-1))
 
 
@@ -127,15 +127,15 @@ class FluxTransformer(nn.Module):
         hidden = self.x_embedder(hidden_states.astype(dtype))
         context = self.context_embedder(encoder_hidden_states.astype(dtype))
         temb = self.time_text_embed(timestep, guidance, pooled_projections.astype(dtype))
-        cos, sin = rope_cos_sin(_join_ids(txt_ids, img_ids), self._rope_frequencies, self._rope_axis_of_pair)
+        rope = rope_rotation(_join_ids(txt_ids, img_ids), self._rope_frequencies, self._rope_axis_of_pair)
 
         for block in self.transformer_blocks:
-            hidden, context = self._run_block(block, hidden, context, temb, cos, sin)
+            hidden, context = self._run_block(block, hidden, context, temb, rope)
         text_length = context.shape[1]
         # joined once for all single blocks rather than per block as diffusers does
         joined = mx.concatenate([context, hidden], axis=1)
         for block in self.single_transformer_blocks:
-            joined = self._run_block(block, joined, temb, cos, sin)
+            joined = self._run_block(block, joined, temb, rope)
         hidden = joined[:, text_length:]
 
         scale, shift = self.norm_out(temb)
