@@ -32,26 +32,27 @@ CLIP_TOKENS = 77
 MLP_RATIO = 4
 TIMESTEP_EMBEDDING_DIM = 256
 
-# Every coefficient of the activation and workspace model. The first values are
-# counted by hand from engine/flux/layers.py and transformer.py and are to be
-# replaced by values fitted to measured peaks (one GPU run per setting).
+# Every coefficient of the activation and workspace model. The block, attention and transient
+# values were fitted to `mx.get_peak_memory()` of the trainer's compiled LoRA step on CPU (float32,
+# MLX 0.32.4, a 512-wide 2 joint + 4 single block FLUX at 256 and 512 px, 768 and 1536 tokens);
+# the rest are counted by hand. Refit them from bf16 GPU runs: bf16 also keeps GELU's float32 upcast.
 CALIBRATION: dict[str, float] = {
-    # (tokens x hidden) tensors in the compute dtype a block keeps for the backward pass, per sample.
-    # Joint block, per stream: LayerNorm in/out and modulated input (3), q k v before and after
-    # RMSNorm and rotary (7), attention output (1), gated residuals (2), the MLP's input (1), its 4x
-    # hidden before and after GELU, GELU upcast to float32 (4 + 4 + 8), about 30 in all.
-    "joint_block_saved_tensors": 30.0,
-    # single block: the same minus the second output projection, plus the 5x concat before proj_out
-    "single_block_saved_tensors": 30.0,
+    # (tokens x hidden) tensors in the compute dtype a block keeps for the backward pass, per sample
+    # (fitted: 25.5 joint, 27.9 single; counted from layers.py: about 30 per stream before fusion)
+    "joint_block_saved_tensors": 26.0,
+    "single_block_saved_tensors": 28.0,
     # Where attention's backward is not fused (MLX on Metal and CPU differentiate the unfused
-    # fallback), each stored block also keeps its softmax probabilities, (heads x L x L) per sample.
+    # fallback), each stored block also keeps its softmax probabilities, (heads x L x L) per sample
+    # (fitted: 0.96 single, 1.14 joint).
     "attention_probabilities_saved": 1.0,
-    # the backward of one block: incoming and outgoing gradients, temporaries (hidden-wide tensors)
-    "backward_transient_tensors": 6.0,
-    # the unfused attention backward: gradients of the probabilities and scores ((heads x L x L) tensors)
+    # the backward pass's temporaries beyond what blocks keep: about one block's worth (fitted 30.6
+    # hidden-wide tensors plus 1.9 probability-sized ones)
+    "backward_transient_tensors": 30.0,
     "attention_backward_transient": 2.0,
-    # with gradient checkpointing, what each block keeps: its input (both streams together)
+    # with gradient checkpointing each block keeps its input (both streams together) ...
     "checkpoint_saved_tensors": 1.0,
+    # ... and the compiled step recomputes about two blocks at once (measured flat from 2 to 6 blocks)
+    "checkpoint_recomputed_blocks": 2.0,
     # final norm, projection and the float32 MSE loss over image tokens (hidden-wide image tensors)
     "output_layer_saved_tensors": 3.0,
     # a preview generation: one inference block's temporaries (hidden-wide tensors, batch 1)
@@ -483,7 +484,7 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
         # only block inputs are kept; the backward recomputes one block at a time
         saved = (stored_joint + stored_single) * c["checkpoint_saved_tensors"] * hidden
         largest = max(joint_block if stored_joint else 0, single_block if stored_single else 0)
-        saved += largest
+        saved += min(stored_joint + stored_single, c["checkpoint_recomputed_blocks"]) * largest
     else:
         saved = stored_joint * joint_block + stored_single * single_block
     output = c["output_layer_saved_tensors"] * inputs.batch_size * image_tokens * dim * inputs.dtype_bytes
