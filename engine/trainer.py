@@ -11,13 +11,11 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from engine.checkpoint import CheckpointContents, flatten_optimizer_state, read_checkpoint, write_checkpoint
 from engine.config import TrainingConfig, config_to_dict, lora_targets, parse_config, validate
@@ -30,6 +28,7 @@ from engine.flux.sampler import sigma_grid
 from engine.instrumentation import write_loss_history, write_validation_image
 from engine.lora import apply_lora, load_lora_parameters, lora_parameters
 from engine.optimizers import build_optimizer
+from engine.training_step import make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ class Trainer:
             iterator, loss_history = self._restore(resume, transformer, optimizer, len(dataset))
 
         self.emit("phase", phase="compile", detail="compiling the training step")
-        step_fn = self._make_step(transformer, optimizer, model)
+        step_fn = make_train_step(transformer, optimizer, model.dtype, model.has_guidance)
         latent_h, latent_w = latent_size(cfg.height, cfg.width, model.vae.scale_factor)
         img_ids, txt_ids = latent_image_ids(latent_h, latent_w), text_ids(model.t5_max_length)
         sigmas = sigma_grid(cfg.steps, img_ids.shape[0], _scheduler(model)).astype(np.float32)
@@ -186,33 +185,6 @@ class Trainer:
                               output_dir=self.output_dir)
 
     # -- pieces ---------------------------------------------------------------------------------
-
-    def _make_step(self, transformer: nn.Module, optimizer, model):
-        has_guidance = model.has_guidance
-
-        def loss_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
-            s = sigma[:, None, None]
-            noisy = ((1 - s) * latents + s * noise).astype(model.dtype)
-            prediction = transformer(noisy, hidden, pooled, sigma.astype(model.dtype), img_ids, txt_ids,
-                                     guidance.astype(model.dtype) if has_guidance else None)
-            # rectified flow: the transformer predicts the velocity noise - x0
-            return mx.mean(mx.square(prediction.astype(mx.float32) - (noise - latents)))
-
-        loss_and_grad = nn.value_and_grad(transformer, loss_fn)
-        state = [transformer.state, optimizer.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def step(*arrays):
-            loss, grads = loss_and_grad(*arrays)
-            optimizer.update(transformer, grads)
-            return loss
-
-        def run_step(*arrays):
-            loss = step(*arrays)
-            mx.eval(loss, state)
-            return loss
-
-        return run_step
 
     def _instrument(self, step: int, state: "_RunState", model, validation) -> Path | None:
         cfg = self.config

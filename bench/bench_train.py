@@ -1,0 +1,155 @@
+"""GPU benchmark: DreamBooth LoRA training steps of full-size FLUX.1 through our
+trainer's own step (engine/training_step.py), random weights, no download.
+
+For each template (the guide's pets/people/style layouts, read from
+templates/*.json), quantize none/8/4 and gradient checkpointing off/on:
+median seconds per step after warm-up, peak memory (mx.get_peak_memory, the
+frozen weights included) and the memory estimator's prediction.
+
+Run from the repo root on the GPU machine:
+    python bench/bench_train.py [--templates pets people style] [--quantize none 8 4] [--checkpointing off on]
+Prints one JSON row per configuration; with $OUT set, writes $OUT/ours.json.
+SMALL=1 runs a CPU smoke test (1 joint + 2 single blocks, 64x64).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402,F401  (preloads the BLAS before mlx)
+import mlx.core as mx  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from engine.config import load_template, lora_targets  # noqa: E402
+from engine.flux.latents import latent_image_ids, text_ids  # noqa: E402
+from engine.flux.loading import quantize_module  # noqa: E402
+from engine.flux.transformer import FluxTransformer  # noqa: E402
+from engine.lora import apply_lora, remove_lora  # noqa: E402
+from engine.training_step import make_train_step  # noqa: E402
+
+SMALL = bool(os.environ.get("SMALL"))
+# FLUX.1-dev's published transformer/config.json (schnell: guidance_embeds false)
+DEV_CONFIG = {"patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+              "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+              "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+if SMALL:
+    DEV_CONFIG.update(num_layers=1, num_single_layers=2)
+
+
+def build_transformer(quantize: int | None, variant: str = "dev") -> FluxTransformer:
+    config = dict(DEV_CONFIG, guidance_embeds=variant == "dev")
+    mx.random.seed(0)
+    transformer = FluxTransformer(config)
+    dtype = mx.float32 if SMALL else mx.bfloat16
+    transformer.set_dtype(dtype)
+    mx.eval(transformer.parameters())
+    if quantize:
+        quantize_module(transformer, quantize, "transformer")
+    transformer.freeze()
+    return transformer
+
+
+def clamp_targets(targets):
+    if not SMALL:
+        return targets
+    limits = {"transformer_blocks": DEV_CONFIG["num_layers"], "single_transformer_blocks": DEV_CONFIG["num_single_layers"]}
+    return [(p, r) for p, r in targets if int(p.split(".")[1]) < limits[p.split(".")[0]]]
+
+
+def estimate_gib(template_config, quantize, checkpointing, resolution) -> float | None:
+    try:
+        from engine.memory import estimate_memory, inputs_from_config
+    except ImportError:
+        return None
+    cfg = template_config
+    cfg.quantize, cfg.gradient_checkpointing, cfg.width, cfg.height = quantize, checkpointing, resolution, resolution
+    cfg.training_loop.batch_size = 1
+    estimate = estimate_memory(inputs_from_config(cfg, DEV_CONFIG))
+    return round(estimate.training_peak / 2**30, 2)
+
+
+def measure(transformer, template: str, checkpointing: bool, resolution: int, steps: int, warmup: int = 3) -> dict:
+    dtype = mx.float32 if SMALL else mx.bfloat16
+    transformer.gradient_checkpointing = checkpointing
+    optimizer = optim.AdamW(learning_rate=1e-4)
+    optimizer.init(transformer.trainable_parameters())
+    step = make_train_step(transformer, optimizer, dtype, has_guidance=transformer.guidance_embeds)
+    latent = resolution // 16
+    tokens, text = latent * latent, (8 if SMALL else 512)
+    key = mx.random.key(1)
+    k = mx.random.split(key, 5)
+    latents = mx.random.normal((1, tokens, 64), key=k[0])
+    hidden = mx.random.normal((1, text, 4096), key=k[1]).astype(dtype)
+    pooled = mx.random.normal((1, 768), key=k[2]).astype(dtype)
+    img_ids, txt_ids = latent_image_ids(latent * 2, latent * 2), text_ids(text)
+    guidance = mx.array([3.0])
+    mx.eval(latents, hidden, pooled, img_ids, txt_ids)
+
+    def one_step(index):
+        noise = mx.random.normal(latents.shape, key=mx.random.key(100 + index))
+        sigma = mx.array([0.1 + 0.8 * ((index * 0.37) % 1.0)])
+        return step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    for index in range(warmup):
+        one_step(index)
+    times = []
+    for index in range(steps):
+        start = time.perf_counter()
+        one_step(warmup + index)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    n_lora = sum(v.size for _, v in tree_flatten(transformer.trainable_parameters()))
+    return {"s_per_step_median": round(times[len(times) // 2], 4), "s_per_step_min": round(times[0], 4),
+            "peak_gib": round(mx.get_peak_memory() / 2**30, 2), "lora_params": int(n_lora)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--templates", nargs="+", default=["pets", "people", "style"])
+    parser.add_argument("--quantize", nargs="+", default=["none", "8", "4"])
+    parser.add_argument("--checkpointing", nargs="+", default=["off", "on"])
+    parser.add_argument("--resolution", type=int, default=64 if SMALL else 512)
+    parser.add_argument("--steps", type=int, default=2 if SMALL else 10)
+    args = parser.parse_args()
+    rows = []
+    device = str(mx.default_device())
+    for quant_text in args.quantize:
+        quantize = None if quant_text == "none" else int(quant_text)
+        start = time.perf_counter()
+        transformer = build_transformer(quantize)
+        build_s = time.perf_counter() - start
+        weights_gib = mx.get_active_memory() / 2**30
+        for template in args.templates:
+            config = load_template(template)
+            targets = clamp_targets(lora_targets(config))
+            apply_lora(transformer, targets, key=mx.random.key(0))
+            for checkpointing in (c == "on" for c in args.checkpointing):
+                row = {"template": template, "quantize": quantize, "checkpointing": checkpointing,
+                       "resolution": args.resolution, "device": device, "mlx": mx.__version__,
+                       "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1)}
+                try:
+                    row.update(measure(transformer, template, checkpointing, args.resolution, args.steps))
+                    row["estimate_gib"] = estimate_gib(load_template(template), quantize, checkpointing, args.resolution)
+                except Exception as error:  # keep measuring the others
+                    row["error"] = repr(error)[:300]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            remove_lora(transformer)
+            transformer.freeze()
+        del transformer
+        mx.clear_cache()
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "ours.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""One compiled DreamBooth LoRA optimizer step, shared by the trainer and bench/.
+
+Gradients flow only to the LoRA parameters (the base is frozen), the loss is
+computed in float32 whatever the compute dtype, and the whole step (forward,
+backward, optimizer update) is one `mx.compile`d function over the model's
+and optimizer's state.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, has_guidance: bool):
+    """Returns step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids) -> loss (evaluated)."""
+
+    def loss_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
+        s = sigma[:, None, None]
+        noisy = ((1 - s) * latents + s * noise).astype(compute_dtype)
+        prediction = transformer(noisy, hidden, pooled, sigma.astype(compute_dtype), img_ids, txt_ids,
+                                 guidance.astype(compute_dtype) if has_guidance else None)
+        # rectified flow: the transformer predicts the velocity noise - x0
+        return mx.mean(mx.square(prediction.astype(mx.float32) - (noise - latents)))
+
+    loss_and_grad = nn.value_and_grad(transformer, loss_fn)
+    state = [transformer.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def compiled_step(*arrays):
+        loss, grads = loss_and_grad(*arrays)
+        optimizer.update(transformer, grads)
+        return loss
+
+    def step(*arrays):
+        loss = compiled_step(*arrays)
+        mx.eval(loss, state)
+        return loss
+
+    return step
