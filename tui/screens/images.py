@@ -13,7 +13,7 @@ from textual.message import Message
 from textual.widgets import DataTable, DirectoryTree, Input, Static
 
 from engine.images import IMAGE_SUFFIXES, count_advice, default_crop, find_images, fit_crop
-from tui.screens.step import StepScreen, training_size
+from tui.screens.step import StepScreen, display_path, training_size
 from tui.state import ImageChoice
 from tui.widgets.image_tree import ImageTree
 from tui.widgets.thumbnail import Thumbnail
@@ -138,6 +138,7 @@ in the list and press **c** to move or resize its box. **x** removes the highlig
         return True
 
     def _photos_at(self, path: Path) -> tuple[str, list[Path]]:
+        shown = display_path(path)
         try:
             if path.is_dir():
                 found = [p.resolve() for p in find_images(path)]
@@ -145,16 +146,16 @@ in the list and press **c** to move or resize its box. **x** removes the highlig
                     return "", found
                 entries = [p for p in path.iterdir() if not p.name.startswith(".")]
                 if not entries:
-                    return f"{path} is empty: choose the folder that holds your photos.", []
-                return (f"No photos in {path}: its {len(entries)} item(s) are not JPEG, PNG, WebP, TIFF or BMP "
+                    return f"{shown} is empty: choose the folder that holds your photos.", []
+                return (f"No photos in {shown}: its {len(entries)} item(s) are not JPEG, PNG, WebP, TIFF or BMP "
                         "files.", [])
             if path.is_file():
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     return f"{path.name} is not a photo: use JPEG, PNG, WebP, TIFF or BMP files.", []
                 return "", [path.resolve()]
         except OSError as error:
-            return f"{path} cannot be read ({error.strerror or error}): check its permissions.", []
-        return f"{path} does not exist: check the spelling, or pick it in the browser below.", []
+            return f"{shown} cannot be read ({error.strerror or error}): check its permissions.", []
+        return f"{shown} does not exist: check the spelling, or pick it in the browser below.", []
 
     def action_remove(self) -> None:
         image = self.highlighted_image()

@@ -17,7 +17,7 @@ from textual.widgets import Input, Label, Static
 from engine.errors import ConfigError
 from tui.screens.config_builder import (CONFIG_FILE_NAME, build_config, config_for_file, default_output_dir,
                                         images_folder)
-from tui.screens.step import StepScreen
+from tui.screens.step import StepScreen, display_path
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,8 @@ def folder_problem(folder: Path, what: str) -> str | None:
         probe.unlink()
     except OSError as error:
         reason = error.strerror or str(error)
-        return f"The {what} {folder} cannot be written ({reason}): choose another folder."
+        return f"The {what} {display_path(folder)} cannot be written ({reason}): choose another folder."
     return None
-
-
-def display_path(path: Path) -> str:
-    """`~/photos/x.json` for paths under the home folder: shorter, and the same on every machine."""
-    try:
-        return "~/" + str(path.relative_to(Path.home()))
-    except ValueError:
-        return str(path)
 
 
 def headless_command(config_path: Path) -> str:

@@ -5,6 +5,7 @@ writes what it learned into `app.state` in `commit()` before the next screen.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from textual.app import ComposeResult
@@ -71,3 +72,11 @@ def training_size(state) -> tuple[int, int]:
     """(width, height) the photos are trained at: the config's once a template is chosen, else 512x512."""
     config = state.config or {}
     return int(config.get("width") or 512), int(config.get("height") or 512)
+
+
+def display_path(path: Path) -> str:
+    """`~/photos/x.json` for paths under the home folder: shorter, and the same on every machine."""
+    try:
+        return "~/" + str(Path(path).relative_to(Path.home()))
+    except ValueError:
+        return str(path)
