@@ -159,4 +159,4 @@ def test_tiny_model_is_in_the_hugging_face_layout():
         assert (folder / sub / "config.json").is_file()
     assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "tokenizer_2" / "tokenizer.json").is_file()
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    assert size < 10 * 2**20
+    assert size < 30 * 2**20  # small enough to build on any laptop in a second

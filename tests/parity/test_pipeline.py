@@ -37,7 +37,7 @@ def test_sampler_reaches_the_same_latents_as_diffusers(tmp_path, variant, steps,
     width, height = size
     folder = ensure_tiny_model() if variant == "dev" else schnell_like(tmp_path / "schnell")
     model = load_model(folder)
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
     latent_h, latent_w = height // model.vae.scale_factor, width // model.vae.scale_factor
     noise = initial_noise(11, latent_h, latent_w, 16)
 
@@ -55,10 +55,10 @@ def test_prompt_encoding_matches_diffusers(tmp_path):
 
     folder = ensure_tiny_model()
     model = load_model(folder)
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
     for prompt in ["", PROMPT, "über café 東京 " * 40]:
         hidden, pooled = model.encode_prompts([prompt])
-        their_hidden, their_pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=512)
+        their_hidden, their_pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=model.t5_max_length)
         assert relative_error(hidden, their_hidden) < 1e-4
         assert relative_error(pooled, their_pooled) < 1e-4
 
@@ -70,11 +70,11 @@ def test_decoded_image_matches_diffusers_vae(tmp_path):
 
     folder = ensure_tiny_model()
     model = load_model(folder)
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
     packed = initial_noise(5, 8, 6, 16)
     ours = decode_latents(model, packed, width=48, height=64)[0]
-    latents = pipe._unpack_latents(torch.from_numpy(np.array(packed)), 64, 48, pipe.vae_scale_factor)
+    latents = pipe._unpack_latents(torch.from_numpy(np.array(packed)), 64, 48, pipe.vae_scale_factor).detach()
     latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
     image = pipe.vae.decode(latents).sample
-    theirs = ((image / 2 + 0.5).clamp(0, 1) * 255).round()[0].permute(1, 2, 0).numpy()
+    theirs = ((image / 2 + 0.5).clamp(0, 1) * 255).round()[0].permute(1, 2, 0).detach().numpy()
     assert np.abs(ours.astype(np.float32) - theirs).max() <= 1.0
