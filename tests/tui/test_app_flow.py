@@ -101,7 +101,7 @@ async def test_the_whole_setup_by_keys_saves_a_config_that_trains_what_was_chose
     prompts = {entry["image"]: entry["prompt"] for entry in saved["examples"]["images"]}
     assert prompts["dog1.png"] == "photo of zqx toy on a table" and prompts["dog2.png"] == "photo of zqx toy"
     crops = {entry["image"]: entry.get("crop") for entry in saved["examples"]["images"]}
-    assert crops["dog6.jpg"] == [204, 0, 512, 512]
+    assert crops["dog6.jpg"] == [204, 0, 512, 512] and crops["dog1.png"] is None  # only the moved crop
     assert saved["training_loop"]["num_epochs"] == 3
     assert saved["lora_layers"]["single_transformer_blocks"]["lora_rank"] == 6
     cfg = load_config(state.config_path)

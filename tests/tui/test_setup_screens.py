@@ -341,8 +341,8 @@ async def test_review_saves_the_config_next_to_the_images(photos):
     assert app.state.config_path == expected
     data = json.loads(expected.read_text())
     assert data["examples"]["path"] == "."
-    assert data["examples"]["images"][0] == {"image": "dog1.png", "prompt": "photo of sks dog",
-                                             "crop": [32, 0, 576, 576]}
+    # the centre crop is the default: only moved crops are written
+    assert data["examples"]["images"][0] == {"image": "dog1.png", "prompt": "photo of sks dog"}
     cfg = load_config(expected)
     assert [path.name for path in cfg.image_paths] == [f"dog{i}.png" for i in range(1, 6)] + ["dog6.jpg"]
     assert cfg.output_dir == photos.parent / "photos-lora"

@@ -27,6 +27,8 @@ def run_wizard(start: str = "welcome", state=None) -> int:
     import engine  # noqa: F401  (preloads the system BLAS before anything imports mlx)
 
     log_path = setup_file_logging()
+    # textual-image asks the terminal about its graphics on import, which only works before Textual starts
+    import tui.widgets.thumbnail  # noqa: F401
     from tui.app import WizardApp
 
     log.info("wizard opens at %s; log in %s", start, log_path)

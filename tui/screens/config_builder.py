@@ -79,10 +79,15 @@ def scale_block_range(block_range, limit: int, flux_limit: int):
 
 
 def examples_section(state: WizardState, folder: Path, with_crops: bool = False) -> dict:
+    """mflux's examples; a crop is written only where the user moved it (the centre crop is the default)."""
+    from engine.images import default_crop
+
+    width, height = int(state.config.get("width") or 512), int(state.config.get("height") or 512)
     images = []
     for image in state.usable_images:
         entry = {"image": os.path.relpath(image.path, folder), "prompt": image.prompt}
-        if with_crops and image.crop:
+        centred = default_crop(image.size, width, height).as_tuple() if image.size else None
+        if with_crops and image.crop and tuple(image.crop) != centred:
             entry["crop"] = list(image.crop)  # left, top, width, height in the photo's pixels
         images.append(entry)
     return {"path": str(folder), "images": images}
