@@ -63,16 +63,16 @@ def clamp_targets(targets):
     return [(p, r) for p, r in targets if int(p.split(".")[1]) < limits[p.split(".")[0]]]
 
 
-def estimate_gib(template_config, quantize, checkpointing, resolution) -> float | None:
-    try:
-        from engine.memory import estimate_memory, inputs_from_config
-    except ImportError:
-        return None
+def estimate_gib(template_config, quantize, checkpointing, resolution):
+    """The estimator's training-phase peak (GiB) and its parts, for the same config."""
+    from engine.memory import estimate_memory, inputs_from_config
+
     cfg = template_config
     cfg.quantize, cfg.gradient_checkpointing, cfg.width, cfg.height = quantize, checkpointing, resolution, resolution
     cfg.training_loop.batch_size = 1
-    estimate = estimate_memory(inputs_from_config(cfg, DEV_CONFIG))
-    return round(estimate.training_peak / 2**30, 2)
+    backend = "cpu" if SMALL else "cuda"
+    estimate = estimate_memory(inputs_from_config(cfg, DEV_CONFIG, backend=backend, dtype_bytes=4 if SMALL else 2))
+    return round(estimate.training_peak / 2**30, 2), {k: round(v / 2**30, 3) for k, v in estimate.parts.items()}
 
 
 def measure(transformer, template: str, checkpointing: bool, resolution: int, steps: int, warmup: int = 3) -> dict:
@@ -138,7 +138,8 @@ def main() -> None:
                        "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1)}
                 try:
                     row.update(measure(transformer, template, checkpointing, args.resolution, args.steps))
-                    row["estimate_gib"] = estimate_gib(load_template(template), quantize, checkpointing, args.resolution)
+                    row["estimate_gib"], row["estimate_parts_gib"] = estimate_gib(
+                        load_template(template), quantize, checkpointing, args.resolution)
                 except Exception as error:  # keep measuring the others
                     row["error"] = repr(error)[:300]
                 print(json.dumps(row), flush=True)

@@ -138,7 +138,6 @@ class Trainer:
         self.emit("phase", phase="train", detail=f"{iterator.total_steps} steps")
         last_checkpoint = None
         window_start, window_steps = time.perf_counter(), 0
-        mx.reset_peak_memory()
         while not iterator.finished:
             if self.controls.paused:
                 self.emit("paused", step=iterator.num_iterations)
@@ -179,7 +178,8 @@ class Trainer:
         if not stopped:
             adapter_path = self._save_final_adapter()
         self.emit("finished", step=step, adapter_path=str(adapter_path) if adapter_path else None,
-                  checkpoint_path=str(checkpoint) if checkpoint else None, stopped=stopped)
+                  checkpoint_path=str(checkpoint) if checkpoint else None, stopped=stopped,
+                  peak_memory_gib=mx.get_peak_memory() / 2**30)
         return TrainingResult(step=step, total_steps=iterator.total_steps, adapter_path=adapter_path,
                               checkpoint_path=checkpoint, stopped=stopped, loss_history=loss_history,
                               output_dir=self.output_dir)
