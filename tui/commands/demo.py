@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 DEFAULT_FOLDER = "dreambooth-demo"
@@ -46,7 +47,7 @@ def prepare_demo(folder: Path) -> Path:
 
 
 def demo_config(images: list[Path], folder: Path) -> dict:
-    """An mflux training config for the demo photos (paths relative to `folder`)."""
+    """An mflux training config for the demo photos, all in one folder (paths relative to `folder`)."""
     from tui.demo_images import DEMO_CLASS_NOUN, DEMO_TRIGGER
 
     subject = f"{DEMO_TRIGGER} {DEMO_CLASS_NOUN}"
@@ -67,9 +68,8 @@ def demo_config(images: list[Path], folder: Path) -> dict:
                                                           "attn.to_v"],
                                           "lora_rank": 4},
         },
-        "examples": {"path": "images",
-                     "images": [{"image": Path(image).relative_to(Path(folder) / "images").as_posix(),
-                                 "prompt": f"photo of {subject}"} for image in images]},
+        "examples": {"path": os.path.relpath(Path(images[0]).parent, folder),
+                     "images": [{"image": Path(image).name, "prompt": f"photo of {subject}"} for image in images]},
     }
 
 
