@@ -151,3 +151,36 @@ async def test_going_back_keeps_every_choice_and_a_removed_photo_leaves_the_conf
     assert [entry["image"] for entry in saved["examples"]["images"]] == ["dog2.png", "dog3.png", "dog4.png",
                                                                          "dog5.png", "dog6.jpg"]
     assert saved["training_loop"]["num_epochs"] == 77
+
+
+def test_resume_subcommand_opens_the_wizard_on_the_resume_screen_with_logs_in_a_file(tmp_path, monkeypatch):
+    import argparse
+    import logging
+
+    from engine.paths import log_dir
+    from tui.commands import resume
+
+    opened = {}
+
+    def fake_run(app):
+        opened.update(start=app.start, output_dir=app.state.output_dir)
+        return 0
+
+    monkeypatch.setattr(WizardApp, "run", fake_run)
+    parser = argparse.ArgumentParser()
+    resume.add_parser(parser)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert resume.run(parser.parse_args([str(tmp_path / "my-run")])) == 0
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+    assert opened == {"start": "resume", "output_dir": tmp_path / "my-run"}
+    assert "wizard opens at resume" in (log_dir() / "wizard.log").read_text()

@@ -57,7 +57,7 @@ folders on the left (arrows, **Enter** opens a folder or adds a photo) and press
 highlighted folder or photo. **Tab** moves between the browser, the list and the box.
 
 **Cropping**: each photo is cut to the training shape (a centred box at first). Highlight a photo
-in the list and press **c** to move or resize its box. **x** removes the highlighted photo.
+in the list and press **c** (or **Enter**) to move or resize its box. **x** removes the highlighted photo.
 **Ctrl+N** goes on to labelling, **Esc** back.
 """
     BINDINGS = [
@@ -229,6 +229,10 @@ in the list and press **c** to move or resize its box. **x** removes the highlig
     @on(DataTable.RowHighlighted, "#image-table")
     def _row_highlighted(self) -> None:
         self.show_highlighted()
+
+    @on(DataTable.RowSelected, "#image-table")
+    def _row_selected(self) -> None:
+        self.action_crop()  # Enter on a photo opens its crop, as c does
 
     def show_highlighted(self) -> None:
         image = self.highlighted_image()

@@ -110,7 +110,8 @@ from it without the wizard, or share it. It is saved next to your photos.
         config_path, output_dir = self.paths()
         data, problem = self.config_data()
         command = self.query_one("#review-command", Static)
-        command.update(f"Headless, the same run:\n  [b]{headless_command(config_path)}[/b]")
+        command.update(f"[b]Enter[/b] saves the config and goes on to training. The same run headless:\n"
+                       f"  [b]{headless_command(config_path)}[/b]")
         view = self.query_one("#config-json", Static)
         if data is None:
             view.update(f"✗ {problem}")
