@@ -57,6 +57,7 @@ class HubStub:
     accepted_tokens: set[str] = field(default_factory=set)
     cut_after_bytes: int | None = None
     requests: list[tuple[str, str]] = field(default_factory=list)
+    range_requests: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header)
 
     def __post_init__(self) -> None:
         self._server: ThreadingHTTPServer | None = None
@@ -226,6 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
         start = 0
         range_header = self.headers.get("Range", "")
         if range_header.startswith("bytes=") and not head:
+            self.stub.range_requests.append((name, range_header))
             start = int(range_header[len("bytes="):].split("-")[0] or 0)
         body = data[start:]
         self.send_response(206 if start else 200)

@@ -75,6 +75,17 @@ def describe_download(done: int, total: int | None, speed: float | None, left: f
     return " · ".join(parts)
 
 
+def checked_access(repo_id: str) -> str:
+    """engine.flux.hub.check_access; a network failure it does not classify counts as offline."""
+    from engine.flux.hub import check_access
+
+    try:
+        return check_access(repo_id)
+    except Exception as error:  # e.g. a connection error type of a newer huggingface_hub
+        log.warning("access check for %s failed: %s", repo_id, error)
+        return "offline"
+
+
 class AccessScreen(Screen):
     TITLE = "Model access"
     CSS_PATH = "access.tcss"
@@ -143,9 +154,7 @@ program. FLUX.1-schnell is not gated, and the tiny model needs no download at al
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="access")
     def check_access(self) -> None:
-        from engine.flux.hub import check_access
-
-        self.post_message(AccessChecked(self.repo_id, check_access(self.repo_id)))
+        self.post_message(AccessChecked(self.repo_id, checked_access(self.repo_id)))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="access")
     def log_in(self, token: str) -> None:
@@ -158,9 +167,7 @@ program. FLUX.1-schnell is not gated, and the tiny model needs no download at al
             self.post_message(LoginFailed(str(error).strip().splitlines()[0] if str(error).strip() else
                                           type(error).__name__))
             return
-        from engine.flux.hub import check_access
-
-        self.post_message(AccessChecked(self.repo_id, check_access(self.repo_id)))
+        self.post_message(AccessChecked(self.repo_id, checked_access(self.repo_id)))
 
     def on_access_checked(self, message: AccessChecked) -> None:
         self.status = message.status
