@@ -101,7 +101,10 @@ class ScriptedTrainer:
             self.relay(event)
         if self.error is not None:
             raise self.error
-        while self.wait and not self.controls.stop_requested:
+        from textual.worker import get_current_worker
+
+        worker = get_current_worker()
+        while self.wait and not self.controls.stop_requested and not worker.is_cancelled:
             time.sleep(0.02)
         step = max((e["step"] for e in self.events if e["type"] == "step"), default=0)
         self.relay({"type": "finished", "step": step, "stopped": self.wait, "adapter_path": None,

@@ -150,6 +150,12 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
             self._set_status("Stopping: finishing the step and writing a checkpoint…")
             self._log("stop requested: a checkpoint is written at the current step")
 
+    def on_unmount(self) -> None:
+        # leaving the app (or this screen) must not leave a thread training on its own: the thread
+        # finishes its step, writes a checkpoint and ends
+        if self.training_running:
+            self.controls.stop()
+
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker is not self.worker:
             return
@@ -191,7 +197,7 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
     def on_training_progress(self, message: messages.TrainingProgress) -> None:
         event = message.event
         done, total = event.get("done", 0), event.get("total")
-        self.query_one("#train-progress", ProgressBar).update(total=total, progress=done)
+        self._show_progress(total, done)
         phase = PHASE_TITLES.get(event.get("phase", ""), event.get("phase", ""))
         if event.get("phase") == "download" and total:
             self._set_status(f"{phase}: {done / 1e9:.2f} of {total / 1e9:.2f} GB")
@@ -200,8 +206,7 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
 
     def on_training_step(self, message: messages.TrainingStep) -> None:
         event = message.event
-        self.query_one("#train-progress", ProgressBar).update(total=event.get("total_steps"),
-                                                              progress=event.get("step", 0))
+        self._show_progress(event.get("total_steps"), event.get("step", 0))
         self._show_numbers(event)
         self.query_one("#train-loss", LossPlot).show_losses(message.losses)
 
@@ -318,6 +323,13 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
         except (TypeError, ValueError):
             return str(path)
 
+    def _show_progress(self, total: int | None, done: int) -> None:
+        # hidden while nothing is counted: an unknown total would animate for nothing
+        bar = self.query_one("#train-progress", ProgressBar)
+        bar.display = bool(total)
+        if total:
+            bar.update(total=total, progress=done)
+
     def _set_status(self, text: str) -> None:
         self.query_one("#train-status", Label).update(text)
 
@@ -343,7 +355,8 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
 
 
 def _log_file() -> str | None:
+    """The wizard's log file (tui.commands.wizard sets it up), if logging goes there."""
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename.endswith("wizard.log"):
             return handler.baseFilename
     return None

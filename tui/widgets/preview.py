@@ -48,8 +48,7 @@ class PreviewViewer(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Image(None, id="preview-image")
-        yield Label("No preview yet: the first one comes at the preview frequency, or press v.",
-                    id="preview-caption")
+        yield Label("No preview yet (v draws one)", id="preview-caption")
 
     def add(self, preview: Preview) -> None:
         """Show a new preview; a user looking at an older one keeps looking at it."""
