@@ -315,3 +315,8 @@ async def test_resume_continues_the_chosen_checkpoint_on_the_train_screen(traine
         steps = [e["step"] for e in events if e["type"] == "step"]
         assert steps == [2]  # continued after step 1, not from scratch
         assert not first(events, "finished")["stopped"]
+        # the curve and the previews of the first part of the run are there too
+        await wait_until(pilot, lambda: len(app.screen.relay.losses) == 2, what="both losses")
+        assert [step for step, _ in app.screen.relay.losses] == [1, 2]
+        assert "resuming from 0000001_checkpoint.zip" in log_text(app)
+        assert 1 in [p.step for p in app.screen.query_one("#train-preview").previews]

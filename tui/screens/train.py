@@ -7,7 +7,9 @@ asking the loop to finish its step and write a checkpoint.
 """
 from __future__ import annotations
 
+import json
 import logging
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +24,7 @@ from textual.worker import Worker, WorkerState
 from engine.events import TrainingControls
 from tui import messages
 from tui.widgets.loss_plot import LossPlot
-from tui.widgets.preview import Preview, PreviewViewer
+from tui.widgets.preview import Preview, PreviewViewer, find_previews
 from tui.widgets.step_header import StepHeader
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ PHASE_TITLES = {
     "download": "Downloading the model",
     "quantize": "Quantizing the base model",
     "encode": "Encoding images and prompts",
+    "images": "Encoding images",
+    "prompts": "Encoding prompts",
     "compile": "Compiling the training step",
     "train": "Training",
 }
@@ -134,7 +138,20 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
         return self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
 
     def start_training(self) -> None:
-        self.relay = messages.EventRelay(self)
+        checkpoint = self.app.state.resume_checkpoint
+        earlier: list[tuple[int, float]] = []
+        if checkpoint is not None:
+            # a resumed run shows its whole curve and its earlier previews, not only what comes next
+            checkpoint = Path(checkpoint)
+            earlier = earlier_losses(checkpoint)
+            self._log(f"resuming from {checkpoint.name}")
+            self.query_one("#train-loss", LossPlot).show_losses(earlier)
+            step = earlier[-1][0] if earlier else None
+            viewer = self.query_one("#train-preview", PreviewViewer)
+            for preview in find_previews(checkpoint.parent.parent):
+                if step is None or preview.step <= step:
+                    viewer.add(preview)
+        self.relay = messages.EventRelay(self, losses=earlier)
         self.worker = self.run_training()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="training")
@@ -352,6 +369,18 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
             f"peak mem  {value('peak_memory_gib', '{:.2f} GiB')}",
         ]
         self.query_one("#train-numbers", Static).update("\n".join(lines))
+
+
+def earlier_losses(checkpoint: Path) -> list[tuple[int, float]]:
+    """(step, loss) so far, from a checkpoint's loss member; empty when unreadable (the trainer says why)."""
+    try:
+        with zipfile.ZipFile(checkpoint) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("_loss.json")), None)
+            entries = json.loads(archive.read(name)) if name else []
+        return [(int(entry["step"]), float(entry["loss"])) for entry in entries]
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError) as error:
+        log.warning("no loss history from %s: %s", checkpoint, error)
+        return []
 
 
 def _log_file() -> str | None:
