@@ -170,19 +170,24 @@ def status_text(app) -> str:
 
 
 @pytest.mark.anyio
-async def test_access_screen_downloads_an_open_model_then_trains(hub, monkeypatch):
+async def test_access_screen_downloads_an_open_model_then_trains(hub, tiny_folder, monkeypatch):
+    from tui.screens import access
+
+    shown = []
+
+    def recording_describe(*args):
+        shown.append(describe(*args))
+        return shown[-1]
+
+    describe = access.describe_download
+    monkeypatch.setattr(access, "describe_download", recording_describe)
     app = access_app("schnell", monkeypatch)
-    progress_seen = []
     async with app.run_test(size=SIZE) as pilot:
         await wait_for_screen(pilot, "AccessScreen")
-
-        def poll():
-            if type(app.screen).__name__ == "AccessScreen":
-                progress_seen.append(str(app.screen.query_one("#access-bytes", Static).render()))
-            return type(app.screen).__name__ == "TrainScreen"
-
-        await wait_until(pilot, poll, 60, "the Train screen after the download")
-    assert any(" of " in text and "MB" in text for text in progress_seen), progress_seen
+        await wait_for_screen(pilot, "TrainScreen", timeout=60)
+    total = access.format_bytes(sum(p.stat().st_size for p in tiny_folder.rglob("*") if p.is_file()))
+    assert shown and all(" of " in text for text in shown), shown
+    assert shown[-1].startswith(f"{total} of {total}"), shown
 
 
 @pytest.mark.anyio
