@@ -146,12 +146,3 @@ class DownloadFinished(Message):
     def __init__(self, path: Path) -> None:
         self.path = path
         super().__init__()
-
-
-class ExportFinished(Message):
-    """A checkpoint's LoRA was exported (Done screen)."""
-
-    def __init__(self, fmt: str, path: Path) -> None:
-        self.fmt = fmt
-        self.path = path
-        super().__init__()

@@ -26,7 +26,6 @@ from tui.widgets.step_header import StepHeader
 log = logging.getLogger(__name__)
 
 EXPORT_KEYS = {"m": "mflux", "d": "diffusers", "k": "kohya"}
-FINAL_ADAPTER = "adapter.safetensors"  # engine.trainer.ADAPTER_NAME, without importing mlx here
 
 
 def export_path(output_dir: Path, step: int, fmt: str) -> Path:
@@ -151,7 +150,9 @@ your subject and still follows the prompt.
             path = export_path(self.output_dir, info.step, fmt)
             if path.is_file():
                 return path
-        final = Path(self.output_dir) / FINAL_ADAPTER
+        from engine.trainer import ADAPTER_NAME
+
+        final = Path(self.output_dir) / ADAPTER_NAME
         if info is self.checkpoints[-1] and final.is_file():
             return final
         return None

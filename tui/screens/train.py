@@ -99,10 +99,9 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
         Binding("enter", "results", "Results"),
     ]
 
-    def __init__(self, trainer_factory: TrainerFactory | None = None, autostart: bool = True) -> None:
+    def __init__(self, trainer_factory: TrainerFactory | None = None) -> None:
         super().__init__()
         self.trainer_factory = trainer_factory or build_trainer
-        self.autostart = autostart
         self.controls = TrainingControls()
         self.worker: Worker | None = None
         self.finished_event: dict | None = None
@@ -127,8 +126,7 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
 
     def on_mount(self) -> None:
         self._show_numbers({})
-        if self.autostart:
-            self.start_training()
+        self.start_training()
 
     # -- the worker -------------------------------------------------------------------------------
 
@@ -282,6 +280,8 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("toggle_pause", "checkpoint", "preview", "stop"):
+            if self.finished_event is not None:
+                return False  # the run is over: these keys leave the footer
             return True if self.training_running else None
         if action == "results":
             return self.finished_event is not None
