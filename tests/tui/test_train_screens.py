@@ -320,3 +320,21 @@ async def test_resume_continues_the_chosen_checkpoint_on_the_train_screen(traine
         assert [step for step, _ in app.screen.relay.losses] == [1, 2]
         assert "resuming from 0000001_checkpoint.zip" in log_text(app)
         assert 1 in [p.step for p in app.screen.query_one("#train-preview").previews]
+
+
+@pytest.mark.parametrize("start, key, expected", [("train", "question_mark", "Judge by the previews"),
+                                                  ("done", "question_mark", "overfitted"),
+                                                  ("resume", "f1", "output folder")])  # ? would go into its input
+async def test_question_mark_opens_the_screen_help(start, key, expected, tmp_path, monkeypatch):
+    from textual.widgets import Markdown
+
+    monkeypatch.chdir(tmp_path)
+    state = WizardState(model="tiny", output_dir=tmp_path)
+    app = train_app(state, scripted_factory([], wait=False), monkeypatch, start=start)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: type(app.screen).__name__.lower().startswith(start), what=start)
+        await pilot.press(key)
+        await wait_for_screen(pilot, "HelpModal")
+        assert expected in app.screen.query_one(Markdown).source
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: type(app.screen).__name__.lower().startswith(start), what="back")
