@@ -101,10 +101,7 @@ class ScriptedTrainer:
             self.relay(event)
         if self.error is not None:
             raise self.error
-        from textual.worker import get_current_worker
-
-        worker = get_current_worker()
-        while self.wait and not self.controls.stop_requested and not worker.is_cancelled:
+        while self.wait and not self.controls.stop_requested:  # the screen stops it when it goes away
             time.sleep(0.02)
         step = max((e["step"] for e in self.events if e["type"] == "step"), default=0)
         self.relay({"type": "finished", "step": step, "stopped": self.wait, "adapter_path": None,

@@ -78,9 +78,14 @@ def demo_state(folder: Path):
     from tui.demo_images import DEMO_CLASS_NOUN, DEMO_TRIGGER
     from tui.state import ImageChoice, WizardState
 
+    from engine.flux.tiny import ensure_tiny_model
+
     folder = Path(folder)
     config_path = prepare_demo(folder)
     config = json.loads(config_path.read_text(encoding="utf-8"))
+    # built here, on the calling (main) thread, about a second once: the screens' workers then only read
+    # it (MLX work in short-lived threads can abort the process at exit, see tui/mlx_thread.py)
+    ensure_tiny_model()
     images_dir = folder / config["examples"]["path"]
     return WizardState(
         model="tiny", trigger=DEMO_TRIGGER, class_noun=DEMO_CLASS_NOUN, template="object", demo=True,

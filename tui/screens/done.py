@@ -186,8 +186,10 @@ your subject and still follows the prompt.
     @work(thread=True, exclusive=True, exit_on_error=False, group="export")
     def export(self, checkpoint: Path, step: int, fmt: str) -> tuple[int, str, Path]:
         from engine.export import export_checkpoint
+        from tui.mlx_thread import run_on_mlx_thread
 
-        return step, fmt, export_checkpoint(checkpoint, fmt, export_path(self.output_dir, step, fmt))
+        target = export_path(self.output_dir, step, fmt)
+        return step, fmt, run_on_mlx_thread(lambda: export_checkpoint(checkpoint, fmt, target))
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker.group != "export":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -39,6 +40,8 @@ PHASE_TITLES = {
     "compile": "Compiling the training step",
     "train": "Training",
 }
+
+STOP_WAIT_S = 600  # a FLUX.1 step plus a checkpoint on a slow machine
 
 # (state, relay, controls) -> an object with run(); tests pass one that plays fixed events
 TrainerFactory = Callable[[object, messages.EventRelay, TrainingControls], object]
@@ -108,6 +111,7 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
         self.error_shown = False
         self.stopping = False
         self.output_logged: Path | None = None
+        self.thread_done = threading.Event()
 
     # -- layout -----------------------------------------------------------------------------------
 
@@ -154,8 +158,13 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="training")
     def run_training(self):
-        trainer = self.trainer_factory(self.app.state, self.relay, self.controls)
-        return trainer.run()
+        from tui.mlx_thread import run_on_mlx_thread
+
+        state, relay, controls = self.app.state, self.relay, self.controls
+        try:
+            return run_on_mlx_thread(lambda: self.trainer_factory(state, relay, controls).run())
+        finally:
+            self.thread_done.set()
 
     def stop_training(self) -> None:
         """Finish the current step, write a checkpoint, end the run (also used by the app's Ctrl+C)."""
@@ -167,9 +176,13 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
 
     def on_unmount(self) -> None:
         # leaving the app (or this screen) must not leave a thread training on its own: the thread
-        # finishes its step, writes a checkpoint and ends
-        if self.training_running:
+        # finishes its step and writes a checkpoint; the process waits for it, or the checkpoint
+        # would be lost (and MLX aborts when the interpreter exits under a running computation)
+        if self.worker is not None and not self.thread_done.is_set():
+            log.info("waiting for the training thread to stop")
             self.controls.stop()
+            if not self.thread_done.wait(timeout=STOP_WAIT_S):
+                log.error("the training thread did not stop within %s s", STOP_WAIT_S)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker is not self.worker:
