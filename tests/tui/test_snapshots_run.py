@@ -37,6 +37,10 @@ def fake_run():
     return make_fake_run(Path("run"), images)
 
 
+def log_text(app) -> str:
+    return "\n".join(line.text for line in app.screen.query_one("#train-log").lines)
+
+
 def train_app(monkeypatch, events, error=None) -> WizardApp:
     from tui.screens import train
 
@@ -52,6 +56,7 @@ def test_train_screen_mid_run(snap_compare, monkeypatch):
         await wait_until(pilot, lambda: "20 / 32" in str(app.screen.query_one("#train-numbers").render()),
                          what="step 20")
         await wait_until(pilot, lambda: app.screen.query_one("#train-preview").current is not None, what="preview")
+        await wait_until(pilot, lambda: "warning" in log_text(app), what="the last event")  # all events shown
         await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
