@@ -132,6 +132,9 @@ class LoraLayers:
 class ExampleImage:
     image: str = _field("01.jpg", "Image file, relative to examples.path.")
     prompt: str = _field("photo of sks dog", "Caption with the trigger word, e.g. 'photo of sks dog'.")
+    crop: tuple[int, int, int, int] | None = _field(
+        None, "Ours: [left, top, width, height] of the region to train on, in the photo's pixels; "
+              "default a centre crop to the training aspect.")
 
 
 @dataclass
@@ -403,11 +406,22 @@ def _read_images(reader: _Reader, examples: dict, target: Examples) -> None:
     for i, raw in enumerate(raw_images):
         where = f"examples.images[{i}]"
         entry = ExampleImage()
-        item = reader.obj(raw, where, {"image", "prompt"})
+        item = reader.obj(raw, where, {"image", "prompt", "crop"})
         if item is not None:
             reader.read(item, "image", where, "str", entry)
             reader.read(item, "prompt", where, "str", entry)
+            if item.get("crop") is not None:
+                entry.crop = _read_crop(reader, item["crop"], f"{where}.crop")
         target.images.append(entry)
+
+
+def _read_crop(reader: _Reader, raw: Any, path: str) -> tuple[int, int, int, int] | None:
+    """[left, top, width, height] with positive size; the image's own bounds are checked when it is opened."""
+    if (isinstance(raw, list) and len(raw) == 4 and all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
+            and raw[0] >= 0 and raw[1] >= 0 and raw[2] > 0 and raw[3] > 0):
+        return tuple(raw)
+    reader.problem(path, f"{path} = {_show(raw)}: use [left, top, width, height] in pixels, e.g. [0, 0, 512, 512]")
+    return None
 
 
 def parse_config(data: Any, base_dir: str | Path | None = None, *, source: str | None = None,
@@ -797,7 +811,8 @@ def config_to_dict(cfg: TrainingConfig, *, absolute_paths: bool = False) -> dict
             }
     data["examples"] = {
         "path": str(cfg.examples_dir) if absolute_paths else cfg.examples.path,
-        "images": [{"image": e.image, "prompt": e.prompt} for e in cfg.examples.images],
+        "images": [{"image": e.image, "prompt": e.prompt, **({"crop": list(e.crop)} if e.crop else {})}
+                   for e in cfg.examples.images],
     }
     if cfg.gradient_checkpointing:  # ours; mflux ignores unknown top-level keys, so files stay compatible
         data["gradient_checkpointing"] = True

@@ -19,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from engine.flux.latents import pack_latents
-from engine.images import CropBox, content_hash, crop_and_resize, default_crop, open_image
+from engine.errors import ImageError
+from engine.images import CropBox, check_crop, content_hash, crop_and_resize, default_crop, open_image
 from engine.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,11 @@ def build_training_set(model, examples: list[tuple[Path, str, CropBox | None]], 
     for done, (path, prompt, crop) in enumerate(examples):
         image = open_image(path)
         box = crop or default_crop(image.size, width, height)
+        try:
+            check_crop(box, image.size, width, height)
+        except ValueError as error:
+            raise ImageError(f"{path}: {error}",
+                             "fix that image's crop in the config (or remove it for a centre crop)") from error
         key = _digest(identity, "image", content_hash(path), tuple(box), width, height)
         entry = _cached(cache / f"image-{key}.safetensors",
                         lambda i=image, b=box: _encode_image(model, i, b, width, height))

@@ -185,3 +185,26 @@ def test_every_template_trains_two_steps_on_tiny(tmp_path, template):
     path.write_text(json.dumps(data))
     _, result, _ = run(path)
     assert result.step == 2 and result.adapter_path.is_file()
+
+
+def test_a_crop_in_the_config_is_what_gets_trained(tmp_path):
+    from engine.dataset import build_training_set
+    from engine.flux.loading import load_model
+
+    config = make_training_folder(tmp_path, count=1, size=96)
+    data = json.loads(config.read_text())
+    data["examples"]["images"][0]["crop"] = [0, 0, 48, 48]
+    config.write_text(json.dumps(data))
+    cfg = load_config(config)
+    assert cfg.examples.images[0].crop == (0, 0, 48, 48)
+    model = load_model("tiny")
+    path = cfg.image_paths[0]
+    cropped, _ = build_training_set(model, [(path, "p", cfg.examples.images[0].crop)], 64, 64)
+    centred, _ = build_training_set(model, [(path, "p", None)], 64, 64)
+    assert not mx.array_equal(cropped.examples[0].latents, centred.examples[0].latents)
+    data["examples"]["images"][0]["crop"] = [60, 60, 48, 48]  # outside the 96x96 photo
+    config.write_text(json.dumps(data))
+    from engine.errors import ImageError
+
+    with pytest.raises(ImageError, match="crop"):
+        Trainer(load_config(config)).run()
