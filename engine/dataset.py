@@ -74,12 +74,15 @@ def model_identity(model) -> str:
 
 def build_training_set(model, examples: list[tuple[Path, str, CropBox | None]], width: int, height: int,
                        extra_prompts: list[str] = (), progress: Callable[[str, int, int], None] | None = None,
-                       cache: Path | None = None) -> tuple[TrainingSet, dict[str, EncodedPrompt]]:
+                       cache: Path | None = None, warn: Callable[[str], None] | None = None,
+                       ) -> tuple[TrainingSet, dict[str, EncodedPrompt]]:
     """Encode (image, prompt, crop) examples at width x height; also `extra_prompts` (validation).
 
-    Returns the training set and the encodings of the extra prompts.
+    Returns the training set and the encodings of the extra prompts. `warn`
+    hears about photos that train poorly (the trainer turns them into events).
     """
     progress = progress or (lambda phase, done, total: None)
+    warn = warn or log.warning
     cache = cache or (cache_dir() / "encodings")
     cache.mkdir(parents=True, exist_ok=True)
     identity = model_identity(model)
@@ -100,6 +103,9 @@ def build_training_set(model, examples: list[tuple[Path, str, CropBox | None]], 
         except ValueError as error:
             raise ImageError(f"{path}: {error}",
                              "fix that image's crop in the config (or remove it for a centre crop)") from error
+        region = CropBox.of(box)
+        if region.width < width or region.height < height:
+            warn(_upscale_warning(path, image.size, region, width, height))
         key = _digest(identity, "image", content_hash(path), tuple(box), width, height)
         entry = _cached(cache / f"image-{key}.safetensors",
                         lambda i=image, b=box: _encode_image(model, i, b, width, height))
@@ -107,6 +113,13 @@ def build_training_set(model, examples: list[tuple[Path, str, CropBox | None]], 
         progress("encode images", done + 1, len(examples))
     extra = {prompt: prompts[prompt] for prompt in extra_prompts}
     return TrainingSet(encoded, prompts), extra
+
+
+def _upscale_warning(path: Path, size: tuple[int, int], box: CropBox, width: int, height: int) -> str:
+    # enlarged pixels teach the LoRA blur; still trained, since the user chose the photo
+    region = "photo" if box.as_tuple() == (0, 0, *size) else "crop"
+    return (f"{Path(path).name}: the {region} is only {box.width}x{box.height} pixels and is enlarged to "
+            f"{width}x{height}, so the LoRA learns a blurry subject; use a photo at least {width}x{height} pixels")
 
 
 def _encode_prompt(model, prompt: str) -> dict[str, mx.array]:
