@@ -110,7 +110,8 @@ class Trainer:
                     for path, image in zip(cfg.image_paths, cfg.examples.images)]
         dataset, extra = build_training_set(
             model, examples, cfg.width, cfg.height, extra_prompts=[validation_prompt] if validation_prompt else [],
-            progress=lambda phase, done, total: self.emit("progress", phase=phase, done=done, total=total))
+            progress=lambda phase, done, total: self.emit("progress", phase=phase, done=done, total=total),
+            warn=lambda message: self.emit("warning", message=message))
         model.release_text_encoders()
         model.release_vae_encoder()
         validation = extra.get(validation_prompt) if validation_prompt else None
