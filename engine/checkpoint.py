@@ -10,12 +10,15 @@ import json
 import logging
 import os
 import tempfile
+import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from engine.errors import CheckpointError, OutputError
@@ -23,6 +26,13 @@ from engine.errors import CheckpointError, OutputError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FOLDER = "_checkpoints"
+PARTIAL_SUFFIX = ".partial"
+# mkstemp makes 0600 files; a checkpoint gets the permissions any other file would (read once: umask is process-wide)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+# a temporary file older than this process and not touched for a minute belongs to a run that died mid-write
+_PROCESS_START = time.time()
+STALE_PARTIAL_S = 60.0
 MEMBER_KINDS = ("adapter", "optimizer", "iterator", "loss", "config")
 MANIFEST_FILES_KEYS = {"lora_adapter": "adapter", "optimizer": "optimizer", "iterator": "iterator",
                        "loss": "loss", "config": "config"}
@@ -51,8 +61,6 @@ class CheckpointContents:
 def safetensors_bytes(arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> bytes:
     from safetensors.numpy import save
 
-    import numpy as np
-
     return save({k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v) for k, v in arrays.items()},
                 metadata=metadata)
 
@@ -69,7 +77,7 @@ def write_checkpoint(output_dir: Path, contents: CheckpointContents, started: da
     }
     members = {
         member_name(step, "adapter"): contents.adapter,
-        member_name(step, "optimizer"): safetensors_bytes(contents.optimizer),
+        member_name(step, "optimizer"): safetensors_bytes(optimizer_state_for_mflux(contents.optimizer)),
         member_name(step, "iterator"): json.dumps(contents.iterator, indent=2).encode(),
         member_name(step, "loss"): json.dumps(contents.loss, indent=2).encode(),
         member_name(step, "config"): json.dumps(contents.config, indent=2).encode(),
@@ -82,11 +90,12 @@ def write_checkpoint(output_dir: Path, contents: CheckpointContents, started: da
 def write_zip_atomically(target: Path, members: dict[str, bytes]) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent)
     except OSError as error:
         raise OutputError(f"cannot write checkpoints to {target.parent} ({error.strerror})",
                           "choose an output folder you can write to (save.output_path)") from error
     try:
+        os.fchmod(handle, 0o666 & ~_UMASK)
         with os.fdopen(handle, "wb") as raw:
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as archive:
                 for name, data in members.items():
@@ -95,6 +104,7 @@ def write_zip_atomically(target: Path, members: dict[str, bytes]) -> None:
             os.fsync(raw.fileno())
         os.replace(temporary, target)
         _fsync_folder(target.parent)
+        remove_stale_partials(target.parent)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         raise OutputError(f"could not write checkpoint {target.name} ({error.strerror})",
@@ -102,6 +112,23 @@ def write_zip_atomically(target: Path, members: dict[str, bytes]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete temporary checkpoint files left by runs killed mid-write; returns what was removed.
+
+    Never touches one that another live run may still be writing (recently modified).
+    """
+    removed = []
+    cutoff = min(_PROCESS_START, time.time() - STALE_PARTIAL_S)
+    for path in Path(folder).glob(f".*_checkpoint.zip.*{PARTIAL_SUFFIX}"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -134,7 +161,13 @@ def read_checkpoint(path: Path) -> CheckpointContents:
             manifest = json.loads(archive.read("checkpoint.json")) if "checkpoint.json" in names else {}
             files = _member_names(manifest, names, path)
             data = {kind: archive.read(files[kind]) for kind in MEMBER_KINDS}
-    except zipfile.BadZipFile as error:
+    except CheckpointError:
+        raise
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path} ({error.strerror})",
+                              "check the file's permissions, or copy it somewhere you can read it") from error
+    # a damaged zip fails in many ways: bad headers, bad CRC, broken deflate data, encrypted or unknown members
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
         raise CheckpointError(f"{path.name} is not a readable zip ({error})",
                               "the file is damaged; use an earlier checkpoint from the same folder") from error
     except (KeyError, ValueError) as error:
@@ -149,18 +182,35 @@ def read_checkpoint(path: Path) -> CheckpointContents:
     except Exception as error:
         raise CheckpointError(f"{path.name} has a damaged member ({error})",
                               "use an earlier checkpoint from the same folder") from error
-    step = int(iterator.get("num_iterations", 0))
+    _check_shapes(path, iterator, loss, config)
+    step = int(iterator["num_iterations"])
     return CheckpointContents(step=step, adapter=data["adapter"],
-                              optimizer={k: mx.array(v) for k, v in optimizer_np.items()},
+                              optimizer={k: mx.array(v) for k, v in optimizer_state_from_mflux(optimizer_np).items()},
                               iterator=iterator, loss=loss, config=config, manifest=manifest)
 
 
-def _member_names(manifest: dict, names: list[str], path: Path) -> dict[str, str]:
+def _check_shapes(path: Path, iterator, loss, config) -> None:
+    """The JSON members hold what a resume reads (an object, a list, an object), or the zip is not a checkpoint."""
+    problems = []
+    if not isinstance(iterator, dict) or isinstance(iterator.get("num_iterations"), bool) \
+            or not isinstance(iterator.get("num_iterations"), int):
+        problems.append("its iterator has no step count (num_iterations)")
+    if not isinstance(loss, list) or not all(isinstance(entry, dict) for entry in loss):
+        problems.append("its loss history is not a list of {step, loss, time}")
+    if not isinstance(config, dict) or not isinstance(config.get("examples", {}), dict):
+        problems.append("its config is not a training config object")
+    if problems:
+        raise CheckpointError(f"{path.name} is damaged: {'; '.join(problems)}",
+                              "use an earlier checkpoint from the same folder")
+
+
+def _member_names(manifest, names: list[str], path: Path) -> dict[str, str]:
     files = {}
-    listed = manifest.get("files", {})
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    listed = listed if isinstance(listed, dict) else {}
     for key, kind in MANIFEST_FILES_KEYS.items():
         name = listed.get(key)
-        if name is None:
+        if not isinstance(name, str):
             candidates = [n for n in names if n.endswith(f"_{kind}.{'safetensors' if kind in ('adapter', 'optimizer') else 'json'}")]
             name = candidates[0] if candidates else None
         if name is None or name not in names:
@@ -172,6 +222,65 @@ def _member_names(manifest: dict, names: list[str], path: Path) -> dict[str, str
 
 def flatten_optimizer_state(state) -> dict[str, mx.array]:
     return {key: value for key, value in tree_flatten(state) if isinstance(value, mx.array)}
+
+
+# mflux updates the whole Flux1 model, so its optimizer state sits under "transformer.", with its own layer
+# names and its LoRA matrices stored transposed (A (in, r), B (r, out)); ours are A (r, in), B (out, r)
+MFLUX_OPTIMIZER_PREFIX = "transformer."
+
+
+def optimizer_state_for_mflux(flat: dict) -> dict:
+    """Our flat optimizer state in mflux's keys and orientation, so mflux resumes with its moments."""
+    from engine.lora_formats import MFLUX_NAMES
+
+    converted = {}
+    for key, value in flat.items():
+        module_path, lora, rest = _split_lora_key(key)
+        if module_path is None or key.startswith(MFLUX_OPTIMIZER_PREFIX):
+            converted[key] = value  # step, learning_rate, ... (or already mflux's)
+            continue
+        for ours, theirs in MFLUX_NAMES.items():
+            if module_path.endswith("." + ours):
+                module_path = module_path[: -len(ours)] + theirs
+        converted[f"{MFLUX_OPTIMIZER_PREFIX}{module_path}.{lora}{rest}"] = _transposed(value)
+    return converted
+
+
+def optimizer_state_from_mflux(flat: dict) -> dict:
+    """The inverse: keys under "transformer." are mflux's layout; anything else is already ours."""
+    from engine.lora_formats import MFLUX_NAMES
+
+    converted = {}
+    for key, value in flat.items():
+        module_path, lora, rest = _split_lora_key(key)
+        if module_path is None or not module_path.startswith(MFLUX_OPTIMIZER_PREFIX):
+            converted[key] = value
+            continue
+        module_path = module_path[len(MFLUX_OPTIMIZER_PREFIX):]
+        for ours, theirs in MFLUX_NAMES.items():
+            if module_path.endswith("." + theirs):
+                module_path = module_path[: -len(theirs)] + ours
+        converted[f"{module_path}.{lora}{rest}"] = _transposed(value)
+    return converted
+
+
+def _transposed(value):
+    """A 2-D matrix transposed into a fresh row-major copy (numpy or MLX); other arrays as they are.
+
+    A strided view would take other kernels in the compiled step, and resume must be bit-exact.
+    """
+    if value.ndim != 2:
+        return value
+    return np.ascontiguousarray(value.T) if isinstance(value, np.ndarray) else mx.contiguous(value.T)
+
+
+def _split_lora_key(key: str) -> tuple[str | None, str, str]:
+    """"a.b.lora_A.m" -> ("a.b", "lora_A", ".m"); (None, "", "") for a key not on a LoRA matrix."""
+    for lora in (".lora_A", ".lora_B"):
+        head, found, tail = key.partition(lora)
+        if found and (not tail or tail.startswith(".")):
+            return head, lora[1:], tail
+    return None, "", ""
 
 
 @dataclass
@@ -203,15 +312,19 @@ def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
                     iterator = json.loads(archive.read(files["iterator"]))
                     loss = json.loads(archive.read(files["loss"]))
                     config = json.loads(archive.read(files["config"]))
-            except (zipfile.BadZipFile, KeyError, ValueError, CheckpointError, OSError) as error:
+                _check_shapes(path, iterator, loss, config)
+                images = config.get("examples", {}).get("images", [])
+                base = Path(str(config.get("examples", {}).get("path", ".")))
+                present = bool(images) and all(isinstance(entry, dict) and (base / str(entry.get("image", ""))).is_file()
+                                               for entry in images)
+                info = CheckpointInfo(
+                    path=path, step=int(iterator["num_iterations"]),
+                    created=datetime.fromtimestamp(path.stat().st_mtime),
+                    last_loss=float(loss[-1]["loss"]) if loss else None, config=config,
+                    images_present=present, model=str(config.get("model", "?")))
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, KeyError, ValueError,
+                    TypeError, AttributeError, CheckpointError, OSError) as error:
                 log.warning("skipping unreadable checkpoint %s (%s)", path, error)
                 continue
-            images = config.get("examples", {}).get("images", [])
-            base = Path(config.get("examples", {}).get("path", "."))
-            present = bool(images) and all((base / entry.get("image", "")).is_file() for entry in images)
-            found[path.resolve()] = CheckpointInfo(
-                path=path, step=int(iterator.get("num_iterations", 0)),
-                created=datetime.fromtimestamp(path.stat().st_mtime),
-                last_loss=float(loss[-1]["loss"]) if loss else None, config=config,
-                images_present=present, model=str(config.get("model", "?")))
+            found[path.resolve()] = info
     return sorted(found.values(), key=lambda info: (info.step, info.created))
