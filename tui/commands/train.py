@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 from pathlib import Path
 
@@ -72,7 +73,8 @@ class ProgressDisplay:
     def __init__(self):
         from rich.console import Console
 
-        self.console = Console(stderr=False)
+        # soft wrap: a long path stays one line the terminal wraps, so it can be copied whole
+        self.console = Console(stderr=False, soft_wrap=True)
         self.progress = None
         self.task = None
 
@@ -90,10 +92,12 @@ class ProgressDisplay:
         return False
 
     def __call__(self, event: dict) -> None:
+        from rich.markup import escape  # paths and messages may hold [brackets] that rich would take for markup
+
         kind = event["type"]
         say = self.progress.console.print
         if kind == "phase":
-            say(f"[dim]{event['phase']}: {event.get('detail', '')}[/dim]")
+            say(f"[dim]{escape(event['phase'])}: {escape(str(event.get('detail', '')))}[/dim]")
             if event["phase"] == "train" and self.task is None:
                 self.task = self.progress.add_task("training", total=None, loss="-", speed="")
         elif kind == "step":
@@ -103,19 +107,19 @@ class ProgressDisplay:
                                  description=f"epoch {event['epoch']}/{event['num_epochs']}",
                                  loss=f"{event['loss']:.4f}", speed=f"{event['it_per_s']:.2f} it/s")
         elif kind == "checkpoint":
-            say(f"checkpoint at step {event['step']}: {event['path']}")
+            say(f"checkpoint at step {event['step']}: {escape(event['path'])}")
         elif kind == "preview":
-            say(f"preview at step {event['step']}: {event['path']}")
+            say(f"preview at step {event['step']}: {escape(event['path'])}")
         elif kind == "warning":
-            say(f"[yellow]warning:[/yellow] {event['message']}")
+            say(f"[yellow]warning:[/yellow] {escape(event['message'])}")
         elif kind == "paused":
             say("paused")
         elif kind == "finished":
             if event.get("stopped"):
                 say(f"stopped at step {event['step']}; resume with: dreambooth-wizard train "
-                    f"--train-checkpoint {event['checkpoint_path']}")
+                    f"--train-checkpoint {escape(shlex.quote(str(event['checkpoint_path'])))}")
             else:
-                say(f"done: LoRA {event['adapter_path']}")
+                say(f"done: LoRA {escape(str(event['adapter_path']))}")
         elif kind == "error":
             pass  # the CLI prints the error once, from the exception
 
