@@ -98,6 +98,7 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
         return step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
 
     mx.clear_cache()
+    active_before = mx.get_active_memory()
     mx.reset_peak_memory()
     for index in range(warmup):
         one_step(index)
@@ -109,7 +110,8 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
     times.sort()
     n_lora = sum(v.size for _, v in tree_flatten(transformer.trainable_parameters()))
     return {"s_per_step_median": round(times[len(times) // 2], 4), "s_per_step_min": round(times[0], 4),
-            "peak_gib": round(mx.get_peak_memory() / 2**30, 2), "lora_params": int(n_lora)}
+            "peak_gib": round(mx.get_peak_memory() / 2**30, 2), "active_before_gib": round(active_before / 2**30, 2),
+            "lora_params": int(n_lora)}
 
 
 def main() -> None:
@@ -144,12 +146,12 @@ def main() -> None:
                     row["error"] = repr(error)[:300]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+                if os.environ.get("OUT"):  # after every row: a timeout keeps what was measured
+                    Path(os.environ["OUT"], "ours.json").write_text(json.dumps(rows, indent=1))
             remove_lora(transformer)
             transformer.freeze()
         del transformer
         mx.clear_cache()
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "ours.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

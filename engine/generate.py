@@ -103,19 +103,22 @@ def generate_image(model, request: GenerationRequest, release_text_encoders: boo
     alone is ~9 GB in bf16); `on_phase(name)` is called as each phase ends.
     """
     on_phase = on_phase or (lambda name: None)
-    if request.lora_paths:
+    scales = list(request.lora_scales) or [1.0] * len(request.lora_paths)
+    if len(scales) != len(request.lora_paths):
         from engine.errors import UserError
-        from engine.lora_formats import attach_lora_files
 
-        scales = list(request.lora_scales) or [1.0] * len(request.lora_paths)
-        if len(scales) != len(request.lora_paths):
-            raise UserError(f"{len(request.lora_paths)} LoRA file(s) but {len(scales)} scale(s)",
-                            "give one --lora-scales value per --lora-paths file, or none for 1.0 each")
-        attach_lora_files(model.transformer, list(zip(request.lora_paths, scales)))
+        raise UserError(f"{len(request.lora_paths)} LoRA file(s) but {len(scales)} scale(s)",
+                        "give one --lora-scales value per --lora-paths file, or none for 1.0 each")
     prompt_embeds, pooled = model.encode_prompts([request.prompt])
     if release_text_encoders:
         model.release_text_encoders()
     on_phase("encode")
+    model.load_transformer()
+    if request.lora_paths:
+        from engine.lora_formats import attach_lora_files
+
+        attach_lora_files(model.transformer, list(zip(request.lora_paths, scales)))
+    on_phase("load transformer")
     latents = denoise_latents(model, prompt_embeds, pooled, request.width, request.height, request.steps,
                               request.guidance, seed=request.seed)
     on_phase("denoise")

@@ -97,12 +97,11 @@ class Trainer:
 
         self.emit("phase", phase="load", detail=f"loading {cfg.model}")
         progress = lambda done, total: self.emit("progress", phase="download", done=done, total=total)  # noqa: E731
-        model = self.model = load_model(cfg.model, quantize=cfg.quantize, progress=progress)
-        # the block limits come from the loaded model (tiny has fewer blocks than FLUX.1)
+        # encoders first, transformer after they are freed: T5-XXL and the transformer never share memory
+        model = self.model = load_model(cfg.model, quantize=cfg.quantize, transformer=False, progress=progress)
+        # the block limits come from the model's config (a custom model may have fewer blocks than FLUX.1)
         for warning in validate(cfg, model.num_joint_blocks, model.num_single_blocks):
             self.emit("warning", message=warning)
-        if cfg.quantize:
-            self.emit("phase", phase="quantize", detail=f"base quantized to {cfg.quantize} bits")
 
         self.emit("phase", phase="encode", detail="encoding images and prompts")
         validation_prompt = cfg.instrumentation.validation_prompt if cfg.instrumentation else None
@@ -116,7 +115,9 @@ class Trainer:
         model.release_vae_encoder()
         validation = extra.get(validation_prompt) if validation_prompt else None
 
-        transformer = model.transformer
+        detail = f"quantizing to {cfg.quantize} bits as it loads" if cfg.quantize else "bf16" if model.dtype == mx.bfloat16 else "float32"
+        self.emit("phase", phase="load_transformer", detail=detail)
+        transformer = model.load_transformer()
         transformer.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         targets = lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks)
         apply_lora(transformer, targets, key=mx.random.key(cfg.seed))

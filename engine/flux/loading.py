@@ -38,7 +38,7 @@ class FluxModel:
 
     name: str
     path: Path
-    transformer: nn.Module
+    transformer: nn.Module | None
     vae: nn.Module
     clip: nn.Module | None
     t5: nn.Module | None
@@ -79,6 +79,15 @@ class FluxModel:
         mx.eval(hidden, pooled)
         return hidden.astype(self.dtype), pooled.astype(self.dtype)
 
+    def load_transformer(self) -> nn.Module:
+        """Read (and quantize, tensor by tensor) the transformer, if not loaded yet."""
+        from engine.flux.transformer import FluxTransformer, convert_hf_weights
+
+        if self.transformer is None:
+            self.transformer, _ = load_component(self.path / "transformer", FluxTransformer, convert_hf_weights,
+                                                 self.dtype, self.quantize)
+        return self.transformer
+
     def release_text_encoders(self) -> None:
         self.clip = self.t5 = None
         mx.clear_cache()
@@ -89,38 +98,37 @@ class FluxModel:
 
 
 def load_model(name_or_path: str | os.PathLike = "tiny", quantize: int | None = None, dtype: mx.Dtype | None = None,
-               text_encoders: bool = True, progress: ProgressCallback | None = None,
+               text_encoders: bool = True, transformer: bool = True, progress: ProgressCallback | None = None,
                token: str | None = None) -> FluxModel:
-    """Load FLUX.1: `dev`, `schnell`, `tiny`, a Hugging Face repo id or a local folder."""
+    """Load FLUX.1: `dev`, `schnell`, `tiny`, a Hugging Face repo id or a local folder.
+
+    `transformer=False` leaves the transformer on disk until `model.load_transformer()`:
+    the trainer encodes its images and prompts first and frees the encoders, so
+    T5-XXL and the transformer are never in memory together.
+    """
     from engine.flux.clip import CLIPTextModel
     from engine.flux.clip import convert_hf_weights as convert_clip
     from engine.flux.t5 import T5Encoder
     from engine.flux.t5 import convert_hf_weights as convert_t5
     from engine.flux.tokenizers import ClipTokenizer, T5Tokenizer
-    from engine.flux.transformer import FluxTransformer
-    from engine.flux.transformer import convert_hf_weights as convert_transformer
     from engine.flux.vae import AutoencoderKL
     from engine.flux.vae import convert_hf_weights as convert_vae
+    from engine.flux.weights import read_config
 
     if quantize is not None and quantize not in QUANTIZE_BITS:
         raise ModelLoadError(f"quantize = {quantize} is not supported", "use 3, 4, 5, 6 or 8 bits, or none")
     folder = resolve_model_path(name_or_path, progress=progress, token=token)
     dtype = dtype or default_dtype()
-    transformer, transformer_config = load_component(folder / "transformer", FluxTransformer, convert_transformer, dtype)
     vae, _ = load_component(folder / "vae", AutoencoderKL, convert_vae, dtype)
     clip = t5 = clip_tokenizer = t5_tokenizer = None
     if text_encoders:
         for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
             if not (folder / sub).is_dir():
                 raise ModelLoadError(f"{folder} has no {sub}/ folder", "the model folder is incomplete: download it again")
-        clip, _ = load_component(folder / "text_encoder", CLIPTextModel, convert_clip, dtype)
-        t5, _ = load_component(folder / "text_encoder_2", T5Encoder, convert_t5, dtype)
+        clip, _ = load_component(folder / "text_encoder", CLIPTextModel, convert_clip, dtype, quantize)
+        t5, _ = load_component(folder / "text_encoder_2", T5Encoder, convert_t5, dtype, quantize)
         clip_tokenizer = ClipTokenizer.from_folder(folder / "tokenizer")
         t5_tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2")
-    if quantize:
-        for label, module in (("transformer", transformer), ("CLIP", clip), ("T5", t5)):
-            if module is not None:
-                quantize_module(module, quantize, label)
     tokenizer_config = folder / "tokenizer_2" / "tokenizer_config.json"
     tokenizer_max_length = None
     if tokenizer_config.is_file():
@@ -128,18 +136,27 @@ def load_model(name_or_path: str | os.PathLike = "tiny", quantize: int | None = 
         tokenizer_max_length = int(value) if isinstance(value, (int, float)) and value < 1e9 else None
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_path.read_text()) if scheduler_path.is_file() else {}
-    return FluxModel(name=str(name_or_path), path=folder, transformer=transformer, vae=vae, clip=clip, t5=t5,
-                     clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer, dtype=dtype, quantize=quantize,
-                     transformer_config=transformer_config, scheduler_config=scheduler_config,
-                     tokenizer_max_length=tokenizer_max_length)
+    model = FluxModel(name=str(name_or_path), path=folder, transformer=None, vae=vae, clip=clip, t5=t5,
+                      clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer, dtype=dtype, quantize=quantize,
+                      transformer_config=read_config(folder / "transformer"), scheduler_config=scheduler_config,
+                      tokenizer_max_length=tokenizer_max_length)
+    if transformer:
+        model.load_transformer()
+    return model
 
 
-def quantize_module(module: nn.Module, bits: int, label: str = "model", group_size: int = QUANTIZE_GROUP_SIZE) -> int:
+def quantize_module(module: nn.Module, bits: int, label: str = "model", group_size: int = QUANTIZE_GROUP_SIZE,
+                    evaluate: bool = True) -> dict[str, int]:
     """Quantize every linear whose input width fits a group size (64, else 32).
 
-    Returns how many linears stayed unquantized; they are counted in a log line.
+    Returns {layer path: group size} of the quantized linears; the others stay
+    in the compute dtype and are counted in a log line. Off Metal the layers
+    dequantize just in time for a plain matmul (engine/flux/quantized.py).
+    With `evaluate=False` only the structure changes (the loader then fills it).
     """
-    skipped = []
+    from engine.flux.quantized import prefer_dequantizing, use_dequantizing_linears
+
+    skipped, quantized = [], {}
 
     def fits(path: str, layer: nn.Module):
         if not isinstance(layer, nn.Linear):
@@ -147,13 +164,17 @@ def quantize_module(module: nn.Module, bits: int, label: str = "model", group_si
         width = layer.weight.shape[-1]
         for size in (group_size, 32):
             if width % size == 0:
+                quantized[path] = size
                 return {"group_size": size, "bits": bits, "mode": "affine"}
         skipped.append(path)
         return False
 
     nn.quantize(module, group_size=group_size, bits=bits, class_predicate=fits)
-    mx.eval(module.parameters())
+    if prefer_dequantizing():
+        use_dequantizing_linears(module)
+    if evaluate:
+        mx.eval(module.parameters())
     if skipped:
         log.info("%s: %d linear layer(s) stay unquantized (width not a multiple of 32), e.g. %s",
                  label, len(skipped), skipped[0])
-    return len(skipped)
+    return quantized

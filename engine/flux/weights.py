@@ -66,8 +66,12 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
 
 
 def load_component(folder: Path, build: Callable[[dict], nn.Module],
-                   convert: Callable[[dict], dict], dtype: mx.Dtype) -> tuple[nn.Module, dict]:
-    """Build the module from config.json and fill it with the folder's weights, cast to `dtype`."""
+                   convert: Callable[[dict], dict], dtype: mx.Dtype, quantize: int | None = None) -> tuple[nn.Module, dict]:
+    """Build the module from config.json and fill it with the folder's weights, cast to `dtype`.
+
+    With `quantize`, linears are quantized tensor by tensor as they load (mx.load
+    is lazy), so the full-precision weights never all sit in memory at once.
+    """
     config = read_config(folder)
     try:
         module = build(config)
@@ -75,11 +79,12 @@ def load_component(folder: Path, build: Callable[[dict], nn.Module],
         raise ModelLoadError(f"{folder / 'config.json'} does not describe a supported model ({error})",
                              "is this a FLUX.1 model in the diffusers layout?") from error
     weights = convert(read_weights(folder))
-    assign_weights(module, weights, folder, dtype)
+    assign_weights(module, weights, folder, dtype, quantize)
     return module, config
 
 
-def assign_weights(module: nn.Module, weights: dict[str, mx.array], source: Path | str, dtype: mx.Dtype) -> None:
+def assign_weights(module: nn.Module, weights: dict[str, mx.array], source: Path | str, dtype: mx.Dtype,
+                   quantize: int | None = None, chunk_bytes: int = 2**30) -> None:
     expected = dict(tree_flatten(module.parameters()))
     missing = sorted(set(expected) - set(weights))
     if missing:
@@ -95,7 +100,30 @@ def assign_weights(module: nn.Module, weights: dict[str, mx.array], source: Path
     unused = sorted(set(weights) - set(expected))
     if unused:
         log.warning("%s: %d tensor(s) ignored, e.g. %s", source, len(unused), ", ".join(unused[:3]))
-    items = [(k, weights[k].astype(dtype) if mx.issubdtype(weights[k].dtype, mx.floating) else weights[k])
-             for k in expected]
-    module.load_weights(items, strict=True)
-    mx.eval(module.parameters())
+    quantized = {}
+    if quantize:
+        from engine.flux.loading import quantize_module
+
+        quantized = quantize_module(module, quantize, Path(str(source)).name, evaluate=False)
+    chunk, size = [], 0
+    for key in expected:
+        value = weights[key]
+        value = value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
+        layer, _, name = key.rpartition(".")
+        if name == "weight" and layer in quantized:
+            packed, scales, biases = mx.quantize(value, quantized[layer], quantize)
+            chunk += [(key, packed), (f"{layer}.scales", scales), (f"{layer}.biases", biases)]
+        else:
+            chunk.append((key, value))
+        size += value.nbytes
+        if size >= chunk_bytes:
+            _load_chunk(module, chunk)
+            chunk, size = [], 0
+    _load_chunk(module, chunk)
+
+
+def _load_chunk(module: nn.Module, chunk: list[tuple[str, mx.array]]) -> None:
+    """Assign and evaluate a group of tensors: each file tensor is read, cast (and quantized) then freed."""
+    if chunk:
+        module.load_weights(chunk, strict=False)
+        mx.eval([value for _, value in chunk])

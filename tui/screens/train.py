@@ -31,9 +31,9 @@ from tui.widgets.step_header import StepHeader
 log = logging.getLogger(__name__)
 
 PHASE_TITLES = {
-    "load": "Loading the model",
+    "load": "Loading the text encoders and VAE",
     "download": "Downloading the model",
-    "quantize": "Quantizing the base model",
+    "load_transformer": "Loading the transformer",
     "encode": "Encoding images and prompts",
     "images": "Encoding images",
     "prompts": "Encoding prompts",

@@ -1,0 +1,82 @@
+"""Quantized linears that dequantize just in time for a plain matmul.
+
+On CUDA (and CPU) MLX's quantized matmul is several times slower than a
+bf16 matmul at FLUX's training shapes (bench/NOTES.md: one 3072x21504 linear,
+forward+backward, 2.17 ms quantized vs 0.55 ms dequantize-then-matmul), while
+the dequantization itself is cheap. The backward dequantizes again rather than
+keeping the dense weight, so memory stays at the quantized size. Apple's Metal
+kernels for quantized matmul are fast, so there the stock layer stays.
+"""
+from __future__ import annotations
+
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@cache
+def dequantized_matmul(group_size: int, bits: int, mode: str):
+    """x @ dequantize(w).T with a backward that recomputes the dense weight."""
+
+    def dense(wq, scales, biases):
+        return mx.dequantize(wq, scales, biases, group_size, bits, mode=mode)
+
+    def dense_after(trigger, wq, scales, biases):
+        # without this ordering MLX may schedule every layer's dequantize up front
+        # (they depend only on weights), holding all dense weights at once
+        wq, scales, biases = mx.depends([wq, scales, biases], [trigger])
+        return dense(wq, scales, biases).astype(trigger.dtype)
+
+    @mx.custom_function
+    def matmul(x, wq, scales, biases):
+        return x @ dense_after(x, wq, scales, biases).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, wq, scales, biases = primals
+        grad_x = cotangent @ dense_after(cotangent, wq, scales, biases)
+        # the frozen base gets no gradient; zeros are never evaluated
+        return grad_x, mx.zeros_like(wq), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return matmul
+
+
+class DequantizingLinear(nn.QuantizedLinear):
+    """An nn.QuantizedLinear (same parameters, same files) computed by dequantize + matmul."""
+
+    @classmethod
+    def from_quantized(cls, layer: nn.QuantizedLinear) -> "DequantizingLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update({k: v for k, v in layer.__dict__.items()})
+        dict.update(new, layer)
+        return new
+
+    def __call__(self, x: mx.array) -> mx.array:
+        biases = self.get("biases")
+        if biases is None or getattr(self, "mode", "affine") != "affine":
+            return super().__call__(x)
+        y = dequantized_matmul(self.group_size, self.bits, self.mode)(x, self["weight"], self["scales"], biases)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+def prefer_dequantizing() -> bool:
+    """Everywhere but Metal, where MLX's quantized matmul kernels are the fast path."""
+    try:
+        return not mx.metal.is_available()
+    except AttributeError:
+        return True
+
+
+def use_dequantizing_linears(model: nn.Module) -> int:
+    """Swap every nn.QuantizedLinear in `model` for a DequantizingLinear; returns how many."""
+    from engine.lora import set_module
+
+    swaps = [(path, layer) for path, layer in model.named_modules()
+             if isinstance(layer, nn.QuantizedLinear) and not isinstance(layer, DequantizingLinear)]
+    for path, layer in swaps:
+        set_module(model, path, DequantizingLinear.from_quantized(layer))
+    return len(swaps)
