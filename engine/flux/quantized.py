@@ -53,9 +53,14 @@ class DequantizingLinear(nn.QuantizedLinear):
         dict.update(new, layer)
         return new
 
+    # below this many input rows (the modulation linears see one row per sample)
+    # the stock quantized matmul is fast and needs no dense copy of the weight
+    MIN_ROWS = 256
+
     def __call__(self, x: mx.array) -> mx.array:
         biases = self.get("biases")
-        if biases is None or getattr(self, "mode", "affine") != "affine":
+        rows = x.size // x.shape[-1]
+        if biases is None or getattr(self, "mode", "affine") != "affine" or rows < self.MIN_ROWS:
             return super().__call__(x)
         y = dequantized_matmul(self.group_size, self.bits, self.mode)(x, self["weight"], self["scales"], biases)
         if "bias" in self:

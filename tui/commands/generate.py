@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if blas.loaded_blas:
         log.info("CPU matmuls use the system BLAS %s", blas.loaded_blas)
     phases = PhaseMeter(args.verbose)
-    model = load_model(args.model, quantize=args.quantize)
+    model = load_model(args.model, quantize=args.quantize, transformer=False)
     phases.end("load")
     request = GenerationRequest(prompt=args.prompt, seed=args.seed, steps=args.steps or (20 if model.has_guidance else 4),
                                 guidance=args.guidance, width=args.width, height=args.height,
