@@ -35,10 +35,13 @@ from engine.lora import apply_lora, remove_lora  # noqa: E402
 from engine.training_step import make_train_step  # noqa: E402
 
 SMALL = bool(os.environ.get("SMALL"))
+DEFAULT_MEMORY_LIMIT = mx.set_memory_limit(0)  # MLX's default, read by setting and restoring it
+mx.set_memory_limit(DEFAULT_MEMORY_LIMIT)
 # FLUX.1-dev's published transformer/config.json (schnell: guidance_embeds false)
 DEV_CONFIG = {"patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
               "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
               "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+FULL_DEV_CONFIG = dict(DEV_CONFIG)  # the estimate is always of the full model
 if SMALL:
     DEV_CONFIG.update(num_layers=1, num_single_layers=2)
 
@@ -65,18 +68,21 @@ def clamp_targets(targets):
 
 def estimate_gib(template_config, quantize, checkpointing, resolution):
     """The estimator's training-phase peak (GiB) and its parts, for the same config."""
-    from engine.memory import estimate_memory, inputs_from_config
+    from engine.memory import estimate_memory, graph_memory_limit, inputs_from_config
 
     cfg = template_config
     cfg.quantize, cfg.gradient_checkpointing, cfg.width, cfg.height = quantize, checkpointing, resolution, resolution
     cfg.training_loop.batch_size = 1
     backend = "cpu" if SMALL else "cuda"
-    estimate = estimate_memory(inputs_from_config(cfg, DEV_CONFIG, backend=backend, dtype_bytes=4 if SMALL else 2))
-    return round(estimate.training_peak / 2**30, 2), {k: round(v / 2**30, 3) for k, v in estimate.parts.items()}
+    estimate = estimate_memory(inputs_from_config(cfg, FULL_DEV_CONFIG, backend=backend, dtype_bytes=4 if SMALL else 2))
+    return (round(estimate.training_peak / 2**30, 2), {k: round(v / 2**30, 3) for k, v in estimate.parts.items()},
+            graph_memory_limit(estimate))
 
 
-def measure(transformer, template: str, checkpointing: bool, resolution: int, steps: int, warmup: int = 3) -> dict:
+def measure(transformer, template: str, checkpointing: bool, resolution: int, steps: int, warmup: int = 3,
+            memory_limit: int | None = None) -> dict:
     dtype = mx.float32 if SMALL else mx.bfloat16
+    mx.set_memory_limit(memory_limit or DEFAULT_MEMORY_LIMIT)
     transformer.gradient_checkpointing = checkpointing
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(transformer.trainable_parameters())
@@ -121,6 +127,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"])
     parser.add_argument("--resolution", type=int, default=64 if SMALL else 512)
     parser.add_argument("--steps", type=int, default=2 if SMALL else 10)
+    parser.add_argument("--memory-limit", choices=["estimate", "default"], default="estimate",
+                        help="estimate: the trainer's soft graph limit (engine/memory.py); default: MLX's own")
     args = parser.parse_args()
     rows = []
     device = str(mx.default_device())
@@ -139,9 +147,13 @@ def main() -> None:
                        "resolution": args.resolution, "device": device, "mlx": mx.__version__,
                        "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1)}
                 try:
-                    row.update(measure(transformer, template, checkpointing, args.resolution, args.steps))
-                    row["estimate_gib"], row["estimate_parts_gib"] = estimate_gib(
-                        load_template(template), quantize, checkpointing, args.resolution)
+                    estimate, parts, limit = estimate_gib(load_template(template), quantize, checkpointing,
+                                                          args.resolution)
+                    limit = limit if args.memory_limit == "estimate" else None
+                    row["memory_limit_gib"] = round(limit / 2**30, 2) if limit else None
+                    row.update(measure(transformer, template, checkpointing, args.resolution, args.steps,
+                                       memory_limit=limit))
+                    row["estimate_gib"], row["estimate_parts_gib"] = estimate, parts
                 except Exception as error:  # keep measuring the others
                     row["error"] = repr(error)[:300]
                 print(json.dumps(row), flush=True)

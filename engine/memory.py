@@ -645,3 +645,26 @@ def _smaller_size(width: int, height: int) -> tuple[int, int]:
         return max(MINIMUM_SIDE, min(side, int(side * 0.75) // 64 * 64))
 
     return shrink(width), shrink(height)
+
+
+def graph_memory_limit(estimate: MemoryEstimate, margin: float = 1.15, slack_bytes: int = GIB) -> int:
+    """A soft memory limit for the training step: the estimated training peak plus a margin.
+
+    MLX's limit is soft: past it the allocator frees its cache and stops the
+    graph from running far ahead of the GPU. On CUDA the default (95% of the
+    card) lets a step queue temporaries of many blocks at once; bench/NOTES.md
+    shows the peak this saves.
+    """
+    return int(estimate.training_peak * margin) + slack_bytes
+
+
+def apply_graph_memory_limit(cfg, model_config: dict, backend: str) -> int | None:
+    """On CUDA, set MLX's memory limit from the estimate for `cfg`; returns the limit (None elsewhere)."""
+    if backend != "cuda":
+        return None
+    import mlx.core as mx
+
+    estimate = estimate_memory(inputs_from_config(cfg, model_config, backend=backend))
+    limit = graph_memory_limit(estimate)
+    mx.set_memory_limit(limit)
+    return limit

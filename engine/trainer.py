@@ -118,6 +118,7 @@ class Trainer:
         detail = f"quantizing to {cfg.quantize} bits as it loads" if cfg.quantize else "bf16" if model.dtype == mx.bfloat16 else "float32"
         self.emit("phase", phase="load_transformer", detail=detail)
         transformer = model.load_transformer()
+        self._limit_graph_memory(model)
         transformer.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         targets = lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks)
         apply_lora(transformer, targets, key=mx.random.key(cfg.seed))
@@ -187,6 +188,14 @@ class Trainer:
                               output_dir=self.output_dir)
 
     # -- pieces ---------------------------------------------------------------------------------
+
+    def _limit_graph_memory(self, model) -> None:
+        from engine.flux.quantized import prefer_dequantizing
+        from engine.memory import ModelConfigs, apply_graph_memory_limit
+
+        if prefer_dequantizing() and mx.default_device() == mx.gpu:  # CUDA: Metal keeps its own default
+            limit = apply_graph_memory_limit(self.config, ModelConfigs(transformer=model.transformer_config), "cuda")
+            log.info("graph memory limit %.1f GiB", limit / 2**30)
 
     def _instrument(self, step: int, state: "_RunState", model, validation) -> Path | None:
         cfg = self.config
