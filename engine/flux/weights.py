@@ -107,7 +107,7 @@ def assign_weights(module: nn.Module, weights: dict[str, mx.array], source: Path
         quantized = quantize_module(module, quantize, Path(str(source)).name, evaluate=False)
     chunk, size = [], 0
     for key in expected:
-        value = weights[key]
+        value = weights.pop(key)  # drop our reference: the file tensor is freed once its chunk is evaluated
         value = value.astype(dtype) if mx.issubdtype(value.dtype, mx.floating) else value
         layer, _, name = key.rpartition(".")
         if name == "weight" and layer in quantized:
