@@ -208,3 +208,26 @@ def test_a_crop_in_the_config_is_what_gets_trained(tmp_path):
 
     with pytest.raises(ImageError, match="crop"):
         Trainer(load_config(config)).run()
+
+
+def test_compiled_step_with_lora_on_both_modulations_of_several_joint_blocks():
+    # regression: with silu(temb) computed inside every modulation, MLX 0.32's compile
+    # of value_and_grad failed (IndexError) for this layout; the transformer now shares it
+    import mlx.optimizers as optim
+
+    from engine.flux.latents import latent_image_ids, text_ids
+    from engine.flux.loading import load_model
+    from engine.lora import apply_lora
+    from engine.training_step import make_train_step
+
+    transformer = load_model("tiny", text_encoders=False).transformer
+    apply_lora(transformer, [(f"transformer_blocks.{b}.{layer}", 4) for b in (0, 1)
+                             for layer in ("norm1.linear", "norm1_context.linear")], key=mx.random.key(0))
+    optimizer = optim.AdamW(learning_rate=1e-3)
+    optimizer.init(transformer.trainable_parameters())
+    step = make_train_step(transformer, optimizer, mx.float32, has_guidance=True)
+    keys = mx.random.split(mx.random.key(3), 4)
+    latents, noise = mx.random.normal((1, 16, 64), key=keys[0]), mx.random.normal((1, 16, 64), key=keys[1])
+    losses = [float(step(latents, noise, mx.random.normal((1, 32, 32), key=keys[2]), mx.random.normal((1, 32), key=keys[3]),
+                         mx.array([0.5]), mx.array([3.0]), latent_image_ids(8, 8), text_ids(32))) for _ in range(3)]
+    assert all(np.isfinite(losses)) and losses[-1] != losses[0]

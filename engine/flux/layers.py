@@ -84,8 +84,9 @@ class AdaptiveModulation(nn.Module):
         self.count = count
         self.linear = nn.Linear(dim, count * dim)
 
-    def __call__(self, temb: mx.array) -> list[mx.array]:
-        return mx.split(self.linear(nn.silu(temb))[:, None], self.count, axis=-1)
+    def __call__(self, activated_temb: mx.array) -> list[mx.array]:
+        """`activated_temb` is silu(temb), computed once per call by the transformer for every block."""
+        return mx.split(self.linear(activated_temb)[:, None], self.count, axis=-1)
 
 
 class FluxAttention(nn.Module):

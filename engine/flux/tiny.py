@@ -21,7 +21,7 @@ from engine.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v2"  # bump whenever the tiny configs or weights change: caches are keyed by it
 # T5 tokens of the tiny model (FLUX.1-dev: 512). On a CPU, MLX's exp makes the
 # attention softmax over 512+ tokens dominate a step; 32 keeps tests quick.
 TINY_T5_LENGTH = 32

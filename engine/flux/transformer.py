@@ -126,7 +126,8 @@ class FluxTransformer(nn.Module):
         dtype = self.dtype
         hidden = self.x_embedder(hidden_states.astype(dtype))
         context = self.context_embedder(encoder_hidden_states.astype(dtype))
-        temb = self.time_text_embed(timestep, guidance, pooled_projections.astype(dtype))
+        # every block's modulation starts with silu(temb): computed once here, not 57 times
+        temb = nn.silu(self.time_text_embed(timestep, guidance, pooled_projections.astype(dtype)))
         rope = rope_rotation(_join_ids(txt_ids, img_ids), self._rope_frequencies, self._rope_axis_of_pair)
 
         for block in self.transformer_blocks:

@@ -27,6 +27,11 @@ def run_wizard(start: str = "welcome", state=None) -> int:
     import engine  # noqa: F401  (preloads the system BLAS before anything imports mlx)
 
     log_path = setup_file_logging()
+    # build the tiny model here, on the main thread: screens look at it from worker threads, and MLX 0.32
+    # can abort at exit after short-lived threads ran MLX work (ml-explore/mlx#3126)
+    from engine.flux.tiny import ensure_tiny_model
+
+    ensure_tiny_model()
     # textual-image asks the terminal about its graphics on import, which only works before Textual starts
     import tui.widgets.thumbnail  # noqa: F401
     from tui.app import WizardApp
