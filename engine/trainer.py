@@ -87,6 +87,8 @@ class Trainer:
 
         cfg = self.config
         resume = read_checkpoint(self.resume_from) if self.resume_from else None
+        # missing photos are named now, before minutes of loading (block limits are checked once the model is known)
+        validate(cfg, None, None, check_files=True)
         self.output_dir = self._prepare_output_dir(resume is not None)
         started = datetime.now()
         if resume and resume.iterator.get("start_date_time"):
