@@ -1,0 +1,92 @@
+"""Build bench/results.json from the raw rows of a GPU run (bench/raw/<run>/).
+
+    python bench/make_results.py [--run run2] [--card "NVIDIA H200"] [--date 2026-11-27]
+
+Ours, diffusers+peft and mflux rows are joined on (template, quantize,
+checkpointing). Peer rows come from the same run wherever that run measured
+them; `*_source` names the run of each number, so cross-run numbers are
+visible as such.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RAW = Path(__file__).resolve().parent / "raw"
+PEER_TEMPLATE = {"pets_r4": "pets", "people_r8": "people", "style_r16": "style"}
+
+
+def load_rows(folder: Path, prefix: str) -> list[dict]:
+    rows = []
+    for path in sorted(folder.glob(f"{prefix}*.json*")):
+        text = path.read_text()
+        if path.suffix == ".jsonl":
+            rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            data = json.loads(text)
+            rows += data if isinstance(data, list) else [data]
+    return [row for row in rows if "error" not in row]
+
+
+def key(row: dict) -> tuple:
+    template = PEER_TEMPLATE.get(row["template"], row["template"])
+    return template, row.get("quantize"), bool(row.get("checkpointing"))
+
+
+def index(rows: list[dict], source: str) -> dict:
+    return {key(row): dict(row, source=source) for row in rows}
+
+
+def current_estimate(template: str, quantize, checkpointing: bool) -> float:
+    """The estimator's prediction now, for the bench's configuration (transformer + LoRA step, CUDA)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.bench_train import estimate_gib
+    from engine.config import load_template
+
+    return estimate_gib(load_template(template), quantize, checkpointing, 512)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", default="run2")
+    parser.add_argument("--fallback-run", default=".", help="raw folder for peers the main run did not measure")
+    parser.add_argument("--card", default="NVIDIA H200")
+    parser.add_argument("--date", default="2026-11-27")
+    args = parser.parse_args()
+    run, fallback = RAW / args.run, RAW / args.fallback_run
+    ours = index(load_rows(run, "ours"), args.run)
+    diffusers = {**index(load_rows(fallback, "peer_diffusers"), "run1"), **index(load_rows(run, "peer_diffusers"), args.run)}
+    mflux = {**index(load_rows(fallback, "peer_mflux"), "run1"), **index(load_rows(run, "peer_mflux"), args.run)}
+    rows = []
+    for config in sorted(ours, key=lambda k: (str(k[1]), k[0], k[2])):
+        template, quantize, checkpointing = config
+        mine = ours[config]
+        peer = diffusers.get(config) if quantize is None else None
+        other = mflux.get((template, quantize, False)) if not checkpointing else None
+        rows.append({
+            "card": args.card, "date": args.date, "template": template, "quantize": quantize,
+            "checkpointing": checkpointing,
+            "ours_s_per_step": mine["s_per_step_median"],
+            "peer_s_per_step": round(peer["s_per_step_median"], 4) if peer else None,
+            "mflux_s_per_step": other["s_per_step_median"] if other else None,
+            "ours_peak_gib": mine["peak_gib"],
+            "peer_peak_gib": peer["peak_gib"] if peer else None,
+            "mflux_peak_gib": other["peak_gib"] if other else None,
+            "estimate_gib": current_estimate(template, quantize, checkpointing),
+            "estimate_gib_at_run": mine.get("estimate_gib"),
+            "peer_source": peer["source"] if peer else None,
+            "mflux_source": other["source"] if other else None,
+        })
+    ttfs = json.loads((run / "ttfs.json").read_text())
+    result = {"rows": rows, "time_to_first_step_s": ttfs["time_to_first_step_s"],
+              "time_to_first_step": ttfs}
+    out = Path(__file__).resolve().parent / "results.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out} ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+    main()
