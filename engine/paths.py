@@ -1,4 +1,4 @@
-"""Where the engine keeps its own files: the tiny model, encoding caches.
+"""Where the engine keeps its own files: the tiny model, encoding caches, logs.
 
 `DREAMBOOTH_WIZARD_HOME` overrides the platform folders (tests use it so they
 never touch the user's home).
@@ -9,30 +9,22 @@ import os
 from pathlib import Path
 
 
-def _home() -> Path | None:
-    value = os.environ.get("DREAMBOOTH_WIZARD_HOME")
-    return Path(value).expanduser() if value else None
+def _folder(kind: str) -> Path:
+    home = os.environ.get("DREAMBOOTH_WIZARD_HOME")
+    if home:
+        path = Path(home).expanduser() / kind
+    else:
+        import platformdirs
+
+        find = {"cache": platformdirs.user_cache_dir, "logs": platformdirs.user_log_dir}[kind]
+        path = Path(find("dreambooth-wizard"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def cache_dir() -> Path:
-    home = _home()
-    if home:
-        path = home / "cache"
-    else:
-        import platformdirs
-
-        path = Path(platformdirs.user_cache_dir("dreambooth-wizard"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _folder("cache")
 
 
 def log_dir() -> Path:
-    home = _home()
-    if home:
-        path = home / "logs"
-    else:
-        import platformdirs
-
-        path = Path(platformdirs.user_log_dir("dreambooth-wizard"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _folder("logs")
