@@ -295,7 +295,7 @@ def decompression_bomb(path: Path) -> None:
 
 
 BAD_IMAGES = {
-    "missing image": (lambda path: path.unlink(), ["00.png not found", "check the file name"]),
+    "missing image": (lambda path: path.unlink(), ["examples.images[0].image", "no file at", "00.png", "check examples.path"]),
     "truncated image": (truncated, ["00.png is damaged or incomplete", "save it again"]),
     "corrupt image": (corrupted, ["00.png is damaged or incomplete", "save it again"]),
     "not an image": (not_an_image, ["00.png is not an image this program can read", "use JPEG, PNG"]),

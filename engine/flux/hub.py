@@ -141,21 +141,16 @@ def _first_line(error: BaseException) -> str:
 def _progress_tqdm(progress: ProgressCallback):
     """A tqdm class that reports bytes to `progress` (huggingface_hub's hook for progress).
 
-    huggingface_hub opens a byte bar per file (and may open an aggregate one);
-    the callback gets the sum over the per-file bars, so it only grows.
+    snapshot_download drives several bars through it (files fetched, bytes
+    downloaded, xet reconstruction); only the aggregate byte bar is reported.
     """
     from tqdm.auto import tqdm
-
-    bars: dict[int, tuple[int, int]] = {}
 
     class ReportingTqdm(tqdm):
         def update(self, n=1):
             result = super().update(n)
-            if getattr(self, "unit", None) == "B" and not str(getattr(self, "desc", "")).startswith("Fetching"):
-                bars[id(self)] = (int(self.n), int(self.total or 0))
-                done = sum(d for d, _ in bars.values())
-                total = sum(t for _, t in bars.values())
-                progress(done, total or None)
+            if str(getattr(self, "desc", "")).startswith("Downloading"):
+                progress(int(self.n), int(self.total) if self.total else None)
             return result
 
     return ReportingTqdm
