@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_wizard()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from engine import blas
     from engine.errors import UserError
+
+    if blas.loaded_blas:
+        logging.getLogger("engine").info("CPU matmuls use the system BLAS %s", blas.loaded_blas)
 
     try:
         return int(_command_module(args.command).run(args) or 0)

@@ -25,12 +25,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine import blas
     from engine.flux.loading import load_model
     from engine.generate import GenerationRequest, generate_image, save_png
 
-    if blas.loaded_blas:
-        log.info("CPU matmuls use the system BLAS %s", blas.loaded_blas)
     phases = PhaseMeter(args.verbose)
     model = load_model(args.model, quantize=args.quantize, transformer=False)
     phases.end("load")
