@@ -1,6 +1,5 @@
 """Opening, orienting, converting, cropping and checking photos. Every image is drawn here."""
 import hashlib
-import io
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ so the same code paths as the real ~34 GB download run in a second.
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import pytest
 from textual.widgets import Input, Static

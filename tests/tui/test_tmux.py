@@ -7,7 +7,6 @@ checkpoint) and quits.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Label, RadioButton, RadioSet, Static
 
-from engine.config import (SINGLE_LAYER_TYPES, TEMPLATE_DESCRIPTIONS, BlockRange, LoraBlockSpec, TrainingConfig,
+from engine.config import (TEMPLATE_DESCRIPTIONS, BlockRange, LoraBlockSpec, TrainingConfig,
                            config_to_dict, help_text, list_templates, parse_config)
 from engine.errors import ConfigError
 from tui.screens.config_builder import build_config, images_folder, model_block_counts, template_config
