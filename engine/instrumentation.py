@@ -69,7 +69,7 @@ def draw_loss_plot(steps: list[int], losses: list[float], size: tuple[int, int] 
         return x, y
 
     draw.line([point(s, v) for s, v in zip(steps, values)], fill=(150, 170, 220), width=1)
-    window = max(1, len(values) // 20)
+    window = max(1, min(20, len(values) // 4))
     smooth = np.convolve(values, np.ones(window) / window, mode="valid")
     draw.line([point(s, v) for s, v in zip(steps[window - 1:], smooth)], fill=(20, 60, 160), width=2)
     for fraction in (0.0, 0.5, 1.0):
