@@ -28,3 +28,15 @@ def cache_dir() -> Path:
 
 def log_dir() -> Path:
     return _folder("logs")
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why `folder` cannot be written to (it is created if missing, then probed), or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".dreambooth-wizard-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return error.strerror or str(error)
+    return None

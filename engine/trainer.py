@@ -28,6 +28,7 @@ from engine.flux.sampler import sigma_grid
 from engine.instrumentation import write_loss_history, write_validation_image
 from engine.lora import apply_lora, load_lora_parameters, lora_parameters
 from engine.optimizers import build_optimizer
+from engine.paths import unwritable_reason
 from engine.training_step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -261,14 +262,10 @@ class Trainer:
         if not resuming and output.exists() and any(output.iterdir()):
             # never overwrite an earlier run (mflux appends a timestamp the same way)
             output = output.with_name(f"{output.name}_{datetime.now():%Y%m%d_%H%M%S}")
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-            probe = output / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise OutputError(f"cannot write to the output folder {output} ({error.strerror})",
-                              "set save.output_path to a folder you can write to") from error
+        reason = unwritable_reason(output)
+        if reason:
+            raise OutputError(f"cannot write to the output folder {output} ({reason})",
+                              "set save.output_path to a folder you can write to")
         return output
 
 

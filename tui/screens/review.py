@@ -17,6 +17,7 @@ from textual.widgets import Input, Label, Static
 from engine.errors import ConfigError
 from tui.screens.config_builder import (CONFIG_FILE_NAME, build_config, config_for_file, default_output_dir,
                                         images_folder)
+from engine.paths import unwritable_reason
 from tui.screens.step import StepScreen, display_path
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,8 @@ log = logging.getLogger(__name__)
 
 def folder_problem(folder: Path, what: str) -> str | None:
     """Why `folder` cannot be written (created if missing, then a probe file), or None."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".dreambooth-wizard-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        reason = error.strerror or str(error)
+    reason = unwritable_reason(folder)
+    if reason:
         return f"The {what} {display_path(folder)} cannot be written ({reason}): choose another folder."
     return None
 
