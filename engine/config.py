@@ -57,6 +57,8 @@ MODEL_ALIASES = {
     "schnell": "black-forest-labs/FLUX.1-schnell",
     "krea-dev": "black-forest-labs/FLUX.1-Krea-dev",
     "dev-krea": "black-forest-labs/FLUX.1-Krea-dev",
+    "flux.1-dev": "black-forest-labs/FLUX.1-dev",
+    "flux.1-schnell": "black-forest-labs/FLUX.1-schnell",
 }
 TINY_MODEL = "tiny"
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "templates"

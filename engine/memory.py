@@ -445,12 +445,9 @@ def _workspace(phase_bytes: int, backend: str) -> int:
     return int(phase_bytes * CALIBRATION["workspace_fraction"] + CALIBRATION["workspace_minimum_bytes"])
 
 
-# mflux's spellings of joint-block layers (FORMATS.md s.1)
-_MFLUX_ALIASES = {"attn.to_out": "attn.to_out.0", "ff.linear1": "ff.net.0.proj", "ff.linear2": "ff.net.2",
-                  "ff_context.linear1": "ff_context.net.0.proj", "ff_context.linear2": "ff_context.net.2"}
-
-
 def _target_shape(linears: dict[str, tuple[int, int]], path: str) -> tuple[int, int]:
+    from engine.config import MFLUX_JOINT_ALIASES as _MFLUX_ALIASES
+
     path = path.removeprefix("transformer.")
     if path not in linears:
         match = re.match(r"^(transformer_blocks\.\d+\.)(.+)$", path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import mlx.optimizers as optim
 
+from engine.config import canonical_optimizer
 from engine.errors import ConfigError
 
 # canonical name -> constructor taking the learning rate
@@ -21,13 +22,8 @@ if hasattr(optim, "Muon"):
     OPTIMIZERS["Muon"] = lambda lr: optim.Muon(learning_rate=lr)
 
 
-def canonical_optimizer_name(name: str) -> str | None:
-    lookup = {key.lower(): key for key in OPTIMIZERS}
-    return lookup.get(str(name).lower())
-
-
 def build_optimizer(name: str, learning_rate: float):
-    canonical = canonical_optimizer_name(name)
-    if canonical is None:
+    canonical = canonical_optimizer(str(name))
+    if canonical not in OPTIMIZERS:  # unknown, or not in this MLX (Muon is recent)
         raise ConfigError([f"optimizer.name = {name!r}: unknown optimizer, use one of {', '.join(OPTIMIZERS)}"])
     return OPTIMIZERS[canonical](float(learning_rate))

@@ -13,16 +13,11 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from engine.config import MODEL_ALIASES as ALIASES
 from engine.errors import ModelAccessError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
-ALIASES = {
-    "dev": "black-forest-labs/FLUX.1-dev",
-    "schnell": "black-forest-labs/FLUX.1-schnell",
-    "flux.1-dev": "black-forest-labs/FLUX.1-dev",
-    "flux.1-schnell": "black-forest-labs/FLUX.1-schnell",
-}
 COMPONENT_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 ALLOW_PATTERNS = ["model_index.json"] + [f"{folder}/*" for folder in COMPONENT_FOLDERS]
 # weights in other formats beside the safetensors would double the download

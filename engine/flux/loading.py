@@ -16,13 +16,13 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.config import QUANTIZE_BITS
 from engine.errors import ModelLoadError
 from engine.flux.hub import ProgressCallback, resolve_model_path
 from engine.flux.weights import load_component
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_BITS = (3, 4, 5, 6, 8)
 QUANTIZE_GROUP_SIZE = 64
 CLIP_MAX_LENGTH = 77
 
