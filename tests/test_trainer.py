@@ -137,8 +137,11 @@ def test_controls_pause_checkpoint_and_preview_from_another_thread(tmp_path):
     assert "resumed" in kinds and kinds.count("step") == 8
     checkpoints = [e for e in events if e["type"] == "checkpoint"]
     previews = [e for e in events if e["type"] == "preview"]
-    assert checkpoints[0]["step"] == 2 and previews[0]["step"] == 2
-    assert (tmp_path / "out" / "_validation" / "images" / "0000002_validation_image.png").is_file()
+    # step 3 was already queued when step 2 was reported (one step in flight), so the
+    # requests are served by step 3, the first whose weights are current, and the pause follows it
+    assert checkpoints[0]["step"] == 3 and previews[0]["step"] == 3
+    assert [e["step"] for e in events if e["type"] == "paused"] == [3] and steps_at_pause == 3
+    assert (tmp_path / "out" / "_validation" / "images" / "0000003_validation_image.png").is_file()
     result = events[-1]["value"]
     assert result.adapter_path.is_file() and not result.stopped
 

@@ -11,6 +11,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.flux import speed
 from engine.flux.rope import apply_rope
 
 TIMESTEP_EMBEDDING_DIM = 256
@@ -35,11 +36,43 @@ def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
     return mx.fast.layer_norm(x, None, None, NORM_EPS) * (1 + scale) + shift
 
 
+GELU_TANH_C = math.sqrt(2 / math.pi)
+
+
 @mx.compile
+def _gelu_tanh_float32(x: mx.array) -> mx.array:
+    return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
+
+
+@mx.compile
+def _gelu_tanh_backward(x: mx.array, cotangent: mx.array) -> mx.array:
+    # d/dx 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3)
+    x = x.astype(mx.float32)
+    t = mx.tanh(GELU_TANH_C * (x + 0.044715 * x * x * x))
+    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_TANH_C * (1 + 3 * 0.044715 * x * x)
+    return (cotangent.astype(mx.float32) * slope).astype(cotangent.dtype)
+
+
+@mx.custom_function
+def _gelu_tanh_saving_input(x: mx.array) -> mx.array:
+    return _gelu_tanh_float32(x)
+
+
+@_gelu_tanh_saving_input.vjp
+def _gelu_tanh_vjp(x, cotangent, output):
+    # a one-input custom_function hands its vjp the primal itself, not a tuple
+    return _gelu_tanh_backward(x, cotangent)
+
+
 def gelu_tanh(x: mx.array) -> mx.array:
     """GELU with the tanh approximation (torch's approximate="tanh"), evaluated
-    in float32 so bf16 activations lose nothing beyond their final rounding."""
-    return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
+    in float32 so bf16 activations lose nothing beyond their final rounding.
+
+    Its backward recomputes the curve from the input, so training keeps only
+    the input in its own dtype (not a float32 copy of a 12288-wide activation)."""
+    if speed.GELU_SAVES_INPUT:
+        return _gelu_tanh_saving_input(x)
+    return _gelu_tanh_float32(x)
 
 
 class MLPEmbedder(nn.Module):

@@ -14,13 +14,72 @@ from functools import cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.flux import speed
+
+
+# One thread per packed 32-bit word: it reads the word and its group's scale and bias once
+# and writes all 32/BITS values with one vector store. MLX 0.32's own CUDA dequantize moved
+# ~1 TB/s at FLUX's shapes (bench/NOTES.md), a quarter of an H200's bandwidth.
+_DEQUANTIZE_SOURCE = """
+    const uint64_t word = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr int WORDS_PER_ROW = COLUMNS / PER_WORD;
+    if (word >= (uint64_t)ROWS * WORDS_PER_ROW) {
+        return;
+    }
+    const uint64_t row = word / WORDS_PER_ROW;
+    const uint64_t group = row * (COLUMNS / GROUP) + (word % WORDS_PER_ROW) * PER_WORD / GROUP;
+    const float scale = static_cast<float>(scales[group]);
+    const float bias = static_cast<float>(biases[group]);
+    const uint32_t packed = wq[word];
+    struct alignas(2 * PER_WORD) Values { T v[PER_WORD]; } values;
+    #pragma unroll
+    for (int j = 0; j < PER_WORD; ++j) {
+        values.v[j] = static_cast<T>(scale * static_cast<float>((packed >> (BITS * j)) & ((1u << BITS) - 1)) + bias);
+    }
+    reinterpret_cast<Values*>(out)[word] = values;
+"""
+
+
+@cache
+def _dequantize_kernel():
+    return mx.fast.cuda_kernel(name="affine_dequantize_words", input_names=["wq", "scales", "biases"],
+                               output_names=["out"], source=_DEQUANTIZE_SOURCE)
+
+
+def cuda_dequantize_supported(wq: mx.array, scales: mx.array, group_size: int, bits: int, mode: str) -> bool:
+    return (mode == "affine" and bits in (4, 8) and wq.ndim == 2 and wq.dtype == mx.uint32
+            and scales.dtype in (mx.bfloat16, mx.float16) and group_size % (32 // bits) == 0
+            and _on_cuda())
+
+
+@cache
+def _on_cuda() -> bool:
+    try:
+        return mx.cuda.is_available() and mx.default_device() == mx.gpu
+    except AttributeError:
+        return False
+
+
+def dequantize(wq: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int, mode: str) -> mx.array:
+    """mx.dequantize, through the word-per-thread kernel above where it applies (CUDA, affine, 4/8 bits)."""
+    if not (speed.CUDA_DEQUANTIZE and cuda_dequantize_supported(wq, scales, group_size, bits, mode)):
+        return mx.dequantize(wq, scales, biases, group_size, bits, mode=mode)
+    rows, columns = wq.shape[0], wq.shape[1] * 32 // bits
+    words = wq.size
+    return _dequantize_kernel()(
+        inputs=[wq, scales, biases],
+        template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size), ("ROWS", rows), ("COLUMNS", columns)],
+        grid=((words + 255) // 256 * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(rows, columns)], output_dtypes=[scales.dtype])[0]
+
 
 @cache
 def dequantized_matmul(group_size: int, bits: int, mode: str):
     """x @ dequantize(w).T with a backward that recomputes the dense weight."""
 
     def dense(wq, scales, biases):
-        return mx.dequantize(wq, scales, biases, group_size, bits, mode=mode)
+        return dequantize(wq, scales, biases, group_size, bits, mode)
 
     def dense_after(trigger, wq, scales, biases):
         # without this ordering MLX may schedule every layer's dequantize up front

@@ -1,0 +1,28 @@
+"""Switches for the training step's speed work (issue 5), read at trace time.
+
+Each names one optimisation that changes how the step is computed, never what
+it computes (tests hold both settings to the same numbers). They are module
+attributes so bench/profile_step.py can measure each one's effect in a single
+process on the GPU; bench/NOTES.md has what each bought. Changing one after a
+step was compiled has no effect on that step: build a new one.
+"""
+from __future__ import annotations
+
+# GELU's backward from its bf16 input, recomputing the float32 curve, instead
+# of autodiff through the float32 round trip (which keeps a float32 copy of the
+# 12288-wide MLP activation per block)
+GELU_SAVES_INPUT = True
+# LoRA's low-rank product added inside its second matmul (mx.addmm) rather than
+# by a separate pass over the layer's output
+LORA_ADDMM = True
+# RoPE as one elementwise kernel on the activation's own dtype (x * cos + swap(x) * sin,
+# the swap a reversed view) instead of a float32 copy, a complex multiply and a copy back
+ROPE_FUSED = True
+# Dequantize a quantized base with our own CUDA kernel (engine/flux/quantized.py) rather
+# than mx.dequantize; elsewhere this has no effect
+CUDA_DEQUANTIZE = True
+# LoRA's rank-sized products through engine/lora_kernels.py's CUDA kernels instead of
+# cuBLAS (which runs such skinny shapes at a few percent of the card's bandwidth)
+LORA_KERNELS = True
+
+DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
