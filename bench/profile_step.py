@@ -247,6 +247,9 @@ VARIANTS = {
     "pets-q4": ("pets", 4, False, {}, True, True),
     "people-q4-ckpt": ("people", 4, True, {}, True, True),
     "people-bf16": ("people", None, False, {}, True, False),
+    "style-bf16": ("style", None, False, {}, True, False),
+    "people-q4": ("people", 4, False, {}, True, False),
+    "style-q4": ("style", 4, False, {}, True, False),
 }
 
 
