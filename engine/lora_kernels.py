@@ -85,12 +85,7 @@ _ADD_LOW_RANK_SOURCE = """
     const long long row = index / (N / 8);
     const int column = (int)(index % (N / 8)) * 8;
     float acc[8];
-    if (HAS_C) {
-        load<T, 8>(c + row * N + column, acc);
-    } else {
-        #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-    }
+    INIT_ACC
     #pragma unroll
     for (int j = 0; j < R; ++j) {
         const float zj = static_cast<float>(z[row * R + j]);
@@ -187,9 +182,11 @@ def add_low_rank(c: mx.array | None, z: mx.array, bt: mx.array) -> mx.array:
     inputs, names = [z, bt.astype(z.dtype)], ("z", "bt")
     if c is not None:
         inputs, names = [c, *inputs], ("c", *names)
-    out = _kernel(f"lora_add_low_rank_{len(names)}", names, _ADD_LOW_RANK_SOURCE)(
+    init = ("load<T, 8>(c + row * N + column, acc);" if c is not None
+            else "for (int e = 0; e < 8; ++e) acc[e] = 0.0f;")
+    out = _kernel(f"lora_add_low_rank_{len(names)}", names, _ADD_LOW_RANK_SOURCE.replace("INIT_ACC", init))(
         inputs=inputs,
-        template=[("T", z.dtype), ("R", rank), ("N", width), ("M", rows), ("HAS_C", c is not None)],
+        template=[("T", z.dtype), ("R", rank), ("N", width), ("M", rows)],
         grid=_grid(rows * width // 8), threadgroup=(256, 1, 1), output_shapes=[(rows, width)],
         output_dtypes=[z.dtype])[0]
     return out.reshape(*z.shape[:-1], width)
