@@ -170,6 +170,35 @@ def matmul_probe(repeats: int = 20, dim: int = 3072, tokens: int = 1536) -> list
     return rows
 
 
+def rope_probe(repeats: int = 50) -> dict:
+    """engine/flux/rope.py's CUDA kernel against its float32 route: values, gradients, time."""
+    from engine.flux.rope import apply_rope, rope_inverse_frequencies, rope_rotation
+    from engine.flux.latents import latent_image_ids, text_ids
+    from engine.flux.transformer import _join_ids
+
+    frequencies, axis_of_pair = rope_inverse_frequencies([16, 56, 56])
+    rotation = rope_rotation(_join_ids(text_ids(512), latent_image_ids(64, 64)), frequencies, axis_of_pair)
+    x = mx.random.normal((1, 1536, 24, 128)).astype(mx.bfloat16)
+    cotangent = mx.random.normal(x.shape).astype(mx.bfloat16)
+    grad = mx.grad(lambda v: (apply_rope(v, rotation) * cotangent).astype(mx.float32).sum())
+    row, results = {}, {}
+    for kernel in (True, False):
+        speed.ROPE_KERNEL = kernel
+        results[kernel] = [apply_rope(x, rotation), grad(x)]
+        forward = mx.compile(lambda v: apply_rope(v, rotation))
+        mx.eval(forward(x))
+        start = time.perf_counter()
+        outs = [forward(x) for _ in range(repeats)]
+        mx.eval(outs)
+        row[f"forward_us_{'kernel' if kernel else 'float32'}"] = round((time.perf_counter() - start) / repeats * 1e6, 1)
+    speed.ROPE_KERNEL = True
+    for name, ours, reference in zip(("value", "grad"), results[True], results[False]):
+        ours, reference = ours.astype(mx.float32), reference.astype(mx.float32)
+        row[f"rel_{name}"] = float(mx.abs(ours - reference).max() / mx.abs(reference).max())
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def dequantize_probe(repeats: int = 50) -> list[dict]:
     """Our CUDA dequantize kernel against mx.dequantize: largest difference and time per call."""
     from engine.flux.quantized import dequantize
@@ -218,8 +247,9 @@ def lora_kernel_probe(repeats: int = 50) -> list[dict]:
         results = {}
         for kernels in (True, False):
             speed.LORA_KERNELS = kernels
-            results[kernels] = [lk.skinny_matmul(x, lora_A), lk.add_low_rank(y, z, lora_B.T),
-                                lk.add_low_rank(None, z, lora_B.T), lk.reduce_outer(z, x), *grad(y, x, lora_A, lora_B)]
+            results[kernels] = [lk.skinny_matmul(x, lora_A), lk.skinny_matmul(cotangent, lora_B, transposed=True),
+                                lk.add_low_rank(y, z, lora_B), lk.add_low_rank(None, z, lora_A, transposed=True),
+                                lk.reduce_outer(z, x), *grad(y, x, lora_A, lora_B)]
             mx.eval(results[kernels])
             step = mx.compile(grad)
             mx.eval(step(y, x, lora_A, lora_B))
@@ -229,7 +259,8 @@ def lora_kernel_probe(repeats: int = 50) -> list[dict]:
             results[f"us_{kernels}"] = round((time.perf_counter() - start) / repeats * 1e6, 1)
             del outs
         speed.LORA_KERNELS = True
-        names = ["skinny", "add_low_rank", "add_low_rank_no_c", "reduce_outer", "grad_y", "grad_x", "grad_A", "grad_B"]
+        names = ["skinny", "skinny_transposed", "add_low_rank", "add_low_rank_transposed_no_c", "reduce_outer",
+                 "grad_y", "grad_x", "grad_A", "grad_B"]
         row = {"in": in_dim, "out": out_dim, "rank": rank,
                "layer_fwd_bwd_us_kernels": results["us_True"], "layer_fwd_bwd_us_matmuls": results["us_False"]}
         for name, ours, reference in zip(names, results[True], results[False]):
@@ -263,7 +294,7 @@ def main() -> None:
     parser.add_argument("--matmuls", action="store_true", help="first, the fused-projection matmul probe")
     args = parser.parse_args()
     if args.matmuls:
-        matmuls = lora_kernel_probe() + dequantize_probe() + matmul_probe()
+        matmuls = [rope_probe()] + lora_kernel_probe() + dequantize_probe() + matmul_probe()
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "matmuls.json").write_text(json.dumps(matmuls, indent=1))
     extra = {}

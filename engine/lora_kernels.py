@@ -4,10 +4,11 @@ A rank-4 LoRA multiplies (tokens x 3072) activations by (3072 x 4) matrices. cuB
 runs such skinny products at a few percent of the card's bandwidth: on an H200 the
 six small GEMMs of one LoRA layer's forward and backward took ~230 us where reading
 and writing the activations once takes ~15 us, about 40% of a pets step (bench/NOTES.md).
-Each product here is bandwidth-bound by construction:
+Each product here is bandwidth-bound by construction (the first two also take their
+small matrix transposed, so no call copies one):
 
-  skinny_matmul(x, a)       x @ a.T      (M, K) x (R, K)  -> (M, R)   one warp per rows
-  add_low_rank(c, z, bt)    c + z @ bt   (M, R) x (R, N)  -> (M, N)   8 outputs per thread
+  skinny_matmul(x, a)       x @ a.T      (M, K) x (R, K)  -> (M, R)   a block per row
+  add_low_rank(c, z, b)     c + z @ b.T  (M, R) x (N, R)  -> (M, N)   8 outputs per thread
   reduce_outer(z, x)        z.T @ x      (M, R) x (M, K)  -> (R, K)   float32, per-chunk partials
 
 Partials are summed by MLX, not by atomics, so a step's result does not depend on
@@ -25,58 +26,70 @@ import mlx.core as mx
 from engine.flux import speed
 
 _HEADER = """
+// COUNT consecutive values as floats; one 16-byte load when the address allows it
 template <typename T, int COUNT>
 __device__ __forceinline__ void load(const T* source, float* values) {
-    #pragma unroll
-    for (int e = 0; e < COUNT; ++e) {
-        values[e] = static_cast<float>(source[e]);
+    if (COUNT * sizeof(T) == 16 && (reinterpret_cast<unsigned long long>(source) & 15) == 0) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(source);
+        const T* packed = reinterpret_cast<const T*>(&raw);
+        #pragma unroll
+        for (int e = 0; e < COUNT; ++e) values[e] = static_cast<float>(packed[e]);
+        return;
     }
+    #pragma unroll
+    for (int e = 0; e < COUNT; ++e) values[e] = static_cast<float>(source[e]);
+}
+
+// eight floats stored as T, one 16-byte store when the address allows it
+template <typename T>
+__device__ __forceinline__ void store8(T* target, const float* values) {
+    if (sizeof(T) == 2 && (reinterpret_cast<unsigned long long>(target) & 15) == 0) {
+        uint4 raw;
+        T* packed = reinterpret_cast<T*>(&raw);
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) packed[e] = static_cast<T>(values[e]);
+        *reinterpret_cast<uint4*>(target) = raw;
+        return;
+    }
+    #pragma unroll
+    for (int e = 0; e < 8; ++e) target[e] = static_cast<T>(values[e]);
 }
 """
 
-# one warp per ROWS rows of x: lanes stride over K eight values at a time, then a warp reduction
+# one block of 128 threads per row of x: threads stride over K eight values at a time,
+# then a warp and a block reduction of the R sums. LOAD_A reads a (R, K) or (K, R).
 _SKINNY_SOURCE = """
-    const int lane = threadIdx.x & 31;
-    const long long first_row = (((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * ROWS;
-    if (first_row >= M) {
-        return;
-    }
-    float acc[ROWS][R];
+    const int tid = threadIdx.x;
+    const long long row = blockIdx.x;
+    float acc[R];
     #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        #pragma unroll
-        for (int j = 0; j < R; ++j) acc[r][j] = 0.0f;
-    }
-    for (int k = lane * 8; k < K; k += 256) {
-        float av[R][8];
-        #pragma unroll
-        for (int j = 0; j < R; ++j) load<T, 8>(a + (long long)j * K + k, av[j]);
-        #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            if (first_row + r < M) {
-                float xv[8];
-                load<T, 8>(x + (first_row + r) * K + k, xv);
-                #pragma unroll
-                for (int j = 0; j < R; ++j) {
-                    #pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[r][j] += xv[e] * av[j][e];
-                }
-            }
-        }
-    }
-    #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
+    for (int j = 0; j < R; ++j) acc[j] = 0.0f;
+    for (int k = tid * 8; k < K; k += 1024) {
+        float xv[8];
+        load<T, 8>(x + row * K + k, xv);
         #pragma unroll
         for (int j = 0; j < R; ++j) {
-            float v = acc[r][j];
+            float av[8];
+            LOAD_A
             #pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-            if (lane == 0 && first_row + r < M) out[(first_row + r) * R + j] = static_cast<T>(v);
+            for (int e = 0; e < 8; ++e) acc[j] += xv[e] * av[e];
         }
+    }
+    __shared__ float partial[4][R];
+    #pragma unroll
+    for (int j = 0; j < R; ++j) {
+        float v = acc[j];
+        #pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+        if ((tid & 31) == 0) partial[tid >> 5][j] = v;
+    }
+    __syncthreads();
+    if (tid < R) {
+        out[row * R + tid] = static_cast<T>(partial[0][tid] + partial[1][tid] + partial[2][tid] + partial[3][tid]);
     }
 """
 
-# eight consecutive outputs of one row per thread: out = c + z @ bt
+# eight consecutive outputs of one row per thread: out = c + z @ b.T, LOAD_B reading b (N, R) or (R, N)
 _ADD_LOW_RANK_SOURCE = """
     const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= (long long)M * (N / 8)) {
@@ -90,45 +103,47 @@ _ADD_LOW_RANK_SOURCE = """
     for (int j = 0; j < R; ++j) {
         const float zj = static_cast<float>(z[row * R + j]);
         float bv[8];
-        load<T, 8>(bt + (long long)j * N + column, bv);
+        LOAD_B
         #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] += zj * bv[e];
     }
-    #pragma unroll
-    for (int e = 0; e < 8; ++e) out[row * N + column + e] = static_cast<T>(acc[e]);
+    store8<T>(out + row * N + column, acc);
 """
 
-# COLS consecutive columns of one chunk of CHUNK rows per thread: partial[chunk] = z[chunk].T @ x[chunk]
+# two consecutive columns of one chunk of CHUNK rows per thread: partial[chunk] = z[chunk].T @ x[chunk]
 _REDUCE_OUTER_SOURCE = """
     const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long chunk = index / (K / COLS);
+    const long long chunk = index / (K / 2);
     if (chunk * CHUNK >= M) {
         return;
     }
-    const int column = (int)(index % (K / COLS)) * COLS;
-    float acc[R][COLS];
+    const int column = (int)(index % (K / 2)) * 2;
+    float acc[R][2];
     #pragma unroll
     for (int j = 0; j < R; ++j) {
-        #pragma unroll
-        for (int e = 0; e < COLS; ++e) acc[j][e] = 0.0f;
+        acc[j][0] = 0.0f;
+        acc[j][1] = 0.0f;
     }
     const long long end = min((long long)M, (chunk + 1) * CHUNK);
     for (long long m = chunk * CHUNK; m < end; ++m) {
-        float xv[COLS];
-        load<T, COLS>(x + m * K + column, xv);
+        const float x0 = static_cast<float>(x[m * K + column]);
+        const float x1 = static_cast<float>(x[m * K + column + 1]);
         #pragma unroll
         for (int j = 0; j < R; ++j) {
             const float zj = static_cast<float>(z[m * R + j]);
-            #pragma unroll
-            for (int e = 0; e < COLS; ++e) acc[j][e] += zj * xv[e];
+            acc[j][0] += zj * x0;
+            acc[j][1] += zj * x1;
         }
     }
     #pragma unroll
     for (int j = 0; j < R; ++j) {
-        #pragma unroll
-        for (int e = 0; e < COLS; ++e) out[(chunk * R + j) * K + column + e] = acc[j][e];
+        out[(chunk * R + j) * K + column] = acc[j][0];
+        out[(chunk * R + j) * K + column + 1] = acc[j][1];
     }
 """
+
+# reduce_outer's rows are split into at most this many chunks, summed afterwards by MLX
+REDUCE_CHUNKS = 16
 
 MAX_RANK = 64
 
@@ -156,35 +171,45 @@ def _grid(threads: int) -> tuple[int, int, int]:
     return ((threads + 255) // 256 * 256, 1, 1)
 
 
-def skinny_matmul(x: mx.array, a: mx.array) -> mx.array:
-    """x @ a.T for a with few rows (the rank): (..., K) x (R, K) -> (..., R), in x's dtype."""
-    rank, width = a.shape
+# how each kernel reads its small matrix, by its layout
+_LOAD_A = {False: "load<T, 8>(a + (long long)j * K + k, av);",  # a is (R, K)
+           True: "for (int e = 0; e < 8; ++e) av[e] = static_cast<float>(a[(long long)(k + e) * R + j]);"}
+_LOAD_B = {False: "for (int e = 0; e < 8; ++e) bv[e] = static_cast<float>(b[(long long)(column + e) * R + j]);",
+           True: "load<T, 8>(b + (long long)j * N + column, bv);"}  # b is (R, N)
+
+
+def skinny_matmul(x: mx.array, a: mx.array, transposed: bool = False) -> mx.array:
+    """x @ a.T for a (R, K) with few rows (the rank), or x @ a for a (K, R) when `transposed`:
+    (..., K) -> (..., R), in x's dtype."""
+    width, rank = a.shape if transposed else a.shape[::-1]
+    a = a.astype(x.dtype)
     if rank > MAX_RANK or not kernels_apply(x.dtype, width):
-        return x @ a.astype(x.dtype).T
+        return x @ (a if transposed else a.T)
     rows = x.size // width
-    rows_per_warp = max(1, min(4, 32 // rank))
-    warps = (rows + rows_per_warp - 1) // rows_per_warp
-    out = _kernel("lora_skinny_matmul", ("x", "a"), _SKINNY_SOURCE)(
-        inputs=[x, a.astype(x.dtype)],
-        template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("ROWS", rows_per_warp)],
-        grid=_grid(warps * 32), threadgroup=(256, 1, 1), output_shapes=[(rows, rank)], output_dtypes=[x.dtype])[0]
+    out = _kernel(f"lora_skinny_matmul_{int(transposed)}", ("x", "a"),
+                  _SKINNY_SOURCE.replace("LOAD_A", _LOAD_A[transposed]))(
+        inputs=[x, a], template=[("T", x.dtype), ("R", rank), ("K", width)],
+        grid=(rows * 128, 1, 1), threadgroup=(128, 1, 1), output_shapes=[(rows, rank)], output_dtypes=[x.dtype])[0]
     return out.reshape(*x.shape[:-1], rank)
 
 
-def add_low_rank(c: mx.array | None, z: mx.array, bt: mx.array) -> mx.array:
-    """c + z @ bt for few columns of z (the rank): (..., R) x (R, N) -> (..., N), in z's dtype."""
-    rank, width = bt.shape
+def add_low_rank(c: mx.array | None, z: mx.array, b: mx.array, transposed: bool = False) -> mx.array:
+    """c + z @ b.T for b (N, R), or c + z @ b for b (R, N) when `transposed`, z having few
+    columns (the rank): (..., R) -> (..., N), in z's dtype. c may be None (no addition)."""
+    width, rank = b.shape[::-1] if transposed else b.shape
+    b = b.astype(z.dtype)
     # the kernel's 8-wide vectors run along N (z's width is the rank)
     if rank > MAX_RANK or not kernels_apply(z.dtype, width) or (c is not None and c.dtype != z.dtype):
-        product = z @ bt.astype(z.dtype)
+        product = z @ (b if transposed else b.T)
         return product if c is None else c + product.astype(c.dtype)
     rows = z.size // rank
-    inputs, names = [z, bt.astype(z.dtype)], ("z", "bt")
+    inputs, names = [z, b], ("z", "b")
     if c is not None:
         inputs, names = [c, *inputs], ("c", *names)
     init = ("load<T, 8>(c + row * N + column, acc);" if c is not None
             else "for (int e = 0; e < 8; ++e) acc[e] = 0.0f;")
-    out = _kernel(f"lora_add_low_rank_{len(names)}", names, _ADD_LOW_RANK_SOURCE.replace("INIT_ACC", init))(
+    source = _ADD_LOW_RANK_SOURCE.replace("INIT_ACC", init).replace("LOAD_B", _LOAD_B[transposed])
+    out = _kernel(f"lora_add_low_rank_{len(names)}_{int(transposed)}", names, source)(
         inputs=inputs,
         template=[("T", z.dtype), ("R", rank), ("N", width), ("M", rows)],
         grid=_grid(rows * width // 8), threadgroup=(256, 1, 1), output_shapes=[(rows, width)],
@@ -199,16 +224,12 @@ def reduce_outer(z: mx.array, x: mx.array) -> mx.array:
     if rank > MAX_RANK or not kernels_apply(x.dtype, width):
         return z2.T.astype(mx.float32) @ x2.astype(mx.float32)
     rows = x2.shape[0]
-    columns_per_thread = 8 if rank <= 8 else 4 if rank <= 16 else 2
-    threads_per_chunk = width // columns_per_thread
-    chunks = max(1, min(rows, 65536 // threads_per_chunk))
-    chunk = (rows + chunks - 1) // chunks
+    chunk = (rows + REDUCE_CHUNKS - 1) // REDUCE_CHUNKS
     chunks = (rows + chunk - 1) // chunk
     partials = _kernel("lora_reduce_outer", ("z", "x"), _REDUCE_OUTER_SOURCE)(
         inputs=[z2.astype(x.dtype), x2],
-        template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("CHUNK", chunk),
-                  ("COLS", columns_per_thread)],
-        grid=_grid(chunks * threads_per_chunk), threadgroup=(256, 1, 1), output_shapes=[(chunks, rank, width)],
+        template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("CHUNK", chunk)],
+        grid=_grid(chunks * width // 2), threadgroup=(256, 1, 1), output_shapes=[(chunks, rank, width)],
         output_dtypes=[mx.float32])[0]
     return partials.sum(axis=0)
 
@@ -220,17 +241,16 @@ def lora_update(y: mx.array, x: mx.array, lora_A: mx.array, lora_B_scaled: mx.ar
 
     The backward recomputes x @ A.T (rank columns: cheaper than keeping it) and gives
     float32 gradients for A and B directly."""
-    z = skinny_matmul(x, lora_A)
-    return add_low_rank(y, z, lora_B_scaled.T.astype(x.dtype))
+    return add_low_rank(y, skinny_matmul(x, lora_A), lora_B_scaled)
 
 
 @lora_update.vjp
 def _lora_update_vjp(primals, cotangent, output):
     y, x, lora_A, lora_B_scaled = primals
     cotangent = cotangent.astype(x.dtype)
-    z = skinny_matmul(x, lora_A)  # (..., rank)
-    dz = skinny_matmul(cotangent, lora_B_scaled.T)  # d/dz of z @ B.T: (..., rank)
-    grad_x = add_low_rank(None, dz, lora_A.astype(x.dtype))  # dz @ A
+    z = skinny_matmul(x, lora_A)  # x @ A.T: (..., rank)
+    dz = skinny_matmul(cotangent, lora_B_scaled, transposed=True)  # cotangent @ B: (..., rank)
+    grad_x = add_low_rank(None, dz, lora_A, transposed=True)  # dz @ A: (..., in)
     grad_A = reduce_outer(dz, x)  # dz.T @ x: (rank, in)
-    grad_B = reduce_outer(z, cotangent).T  # (cotangent.T @ z): (out, rank)
+    grad_B = reduce_outer(z, cotangent).T  # (z.T @ cotangent).T: (out, rank)
     return cotangent.astype(y.dtype), grad_x, grad_A, grad_B

@@ -150,25 +150,23 @@ class FluxAttention(nn.Module):
             self.norm_added_k = nn.RMSNorm(head_dim, eps=NORM_EPS)
             self.to_add_out = nn.Linear(inner_dim, dim)
 
-    def _split_heads(self, x: mx.array, projection: nn.Module, norm: nn.Module | None = None) -> mx.array:
-        """(B, L, dim) -> (B, heads, L, head_dim), the layout the fused attention wants."""
+    def _heads(self, x: mx.array, projection: nn.Module, norm: nn.Module | None = None) -> mx.array:
+        """(B, L, dim) -> (B, L, heads, head_dim): rotary positions apply in this layout, one row per token."""
         batch, length, _ = x.shape
         x = projection(x).reshape(batch, length, self.heads, self.head_dim)
-        if norm is not None:
-            x = norm(x)
-        return x.transpose(0, 2, 1, 3)
+        return norm(x) if norm is not None else x
 
-    def __call__(self, x: mx.array, rope: mx.array, context: mx.array | None = None):
-        query = self._split_heads(x, self.to_q, self.norm_q)
-        key = self._split_heads(x, self.to_k, self.norm_k)
-        value = self._split_heads(x, self.to_v)
+    def __call__(self, x: mx.array, rope, context: mx.array | None = None):
+        query = self._heads(x, self.to_q, self.norm_q)
+        key = self._heads(x, self.to_k, self.norm_k)
+        value = self._heads(x, self.to_v)
         if context is not None:
             # text tokens first, as the rotary ids are ordered
-            query = mx.concatenate([self._split_heads(context, self.add_q_proj, self.norm_added_q), query], axis=2)
-            key = mx.concatenate([self._split_heads(context, self.add_k_proj, self.norm_added_k), key], axis=2)
-            value = mx.concatenate([self._split_heads(context, self.add_v_proj), value], axis=2)
-        query = apply_rope(query, rope)
-        key = apply_rope(key, rope)
+            query = mx.concatenate([self._heads(context, self.add_q_proj, self.norm_added_q), query], axis=1)
+            key = mx.concatenate([self._heads(context, self.add_k_proj, self.norm_added_k), key], axis=1)
+            value = mx.concatenate([self._heads(context, self.add_v_proj), value], axis=1)
+        # (B, heads, L, head_dim) for the fused attention
+        query, key, value = (t.transpose(0, 2, 1, 3) for t in (apply_rope(query, rope), apply_rope(key, rope), value))
         out = mx.fast.scaled_dot_product_attention(query, key, value, scale=self.head_dim**-0.5)
         batch, _, length, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)

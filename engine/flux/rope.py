@@ -8,6 +8,9 @@ with `repeat_interleave_real=True` does.
 """
 from __future__ import annotations
 
+from functools import cache
+from typing import NamedTuple
+
 import mlx.core as mx
 import numpy as np
 
@@ -33,46 +36,80 @@ def rope_inverse_frequencies(axes_dims: list[int], theta: float = 10000.0) -> tu
     )
 
 
-def rope_rotation(ids: mx.array, inverse_frequencies: mx.array, axis_of_pair: mx.array):
-    """The rotation of every pair for `apply_rope`, broadcastable over (B, heads, L, head_dim/2, 2).
+class Rotation(NamedTuple):
+    """The rotation of every (token, pair) as `rope_rotation` builds it, shaped (B or 1, L, 1, head_dim/2)."""
 
-    `ids` is (L, 3) or (B, L, 3). Returned as (cos, signed sin), float32, shaped
-    (B or 1, 1, L, head_dim/2, 1) and (..., 2): x rotated = x * cos + swap(x) * signed sin,
-    where swap exchanges the two members of each pair and signed sin is (-sin, +sin).
-    (With speed.ROPE_FUSED off: exp(i * angle), complex64, (B or 1, 1, L, head_dim/2).)
+    cos: mx.array  # float32
+    sin: mx.array  # float32
+    complex: mx.array  # cos + i sin, complex64 (the path without the CUDA kernel)
+
+
+def rope_rotation(ids: mx.array, inverse_frequencies: mx.array, axis_of_pair: mx.array) -> Rotation:
+    """exp(i * angle) of every rotated pair, broadcastable against (B, L, heads, head_dim/2).
+
+    `ids` is (L, 3) or (B, L, 3). Built once per transformer call for all blocks.
     """
     if ids.ndim == 2:
         ids = ids[None]
     positions = mx.take(ids.astype(mx.float32), axis_of_pair, axis=-1)
-    angles = (positions * inverse_frequencies)[:, None]
-    if not speed.ROPE_FUSED:
-        return mx.cos(angles) + 1j * mx.sin(angles)
-    sin = mx.sin(angles)[..., None]
-    return mx.cos(angles)[..., None], mx.concatenate([-sin, sin], axis=-1)
+    angles = (positions * inverse_frequencies)[:, :, None]
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    return Rotation(cos, sin, cos + 1j * sin)
 
 
-@mx.compile
-def _rotate_pairs_fused(pairs: mx.array, swapped: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
-    # one elementwise kernel: reads the input in its own dtype, rotates in float32, writes its dtype
-    return (pairs.astype(mx.float32) * cos + swapped.astype(mx.float32) * signed_sin).astype(pairs.dtype)
+# One thread per rotated pair of x (B, L, H, D), read and written in x's dtype, rotated in float32;
+# SIGN -1 rotates backwards (the vjp). cos/sin are (RB, L, HALF) with RB 1 or B.
+_ROPE_SOURCE = """
+    const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= PAIRS) {
+        return;
+    }
+    const long long token = index / (H * HALF);
+    const long long r = (RB == 1 ? token % L : token) * HALF + index % HALF;
+    const float c = cos[r];
+    const float s = SIGN * sin[r];
+    const float x0 = static_cast<float>(x[2 * index]);
+    const float x1 = static_cast<float>(x[2 * index + 1]);
+    out[2 * index] = static_cast<T>(x0 * c - x1 * s);
+    out[2 * index + 1] = static_cast<T>(x0 * s + x1 * c);
+"""
 
 
-def _rotate(x: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    # a reversed view of each pair, not a copy: the fused kernel reads it with a negative stride
-    return _rotate_pairs_fused(pairs, pairs[..., ::-1], cos, signed_sin).reshape(x.shape)
+@cache
+def _rope_kernel():
+    return mx.fast.cuda_kernel(name="flux_rope_pairs", input_names=["x", "cos", "sin"], output_names=["out"],
+                               source=_ROPE_SOURCE)
+
+
+@cache
+def _cuda_default() -> bool:
+    try:
+        return mx.cuda.is_available() and mx.default_device() == mx.gpu
+    except AttributeError:
+        return False
+
+
+def _rope_cuda(x: mx.array, cos: mx.array, sin: mx.array, sign: int) -> mx.array:
+    batch, length, heads, dim = x.shape
+    pairs = x.size // 2
+    return _rope_kernel()(
+        inputs=[x, cos, sin],
+        template=[("T", x.dtype), ("PAIRS", pairs), ("L", length), ("H", heads), ("HALF", dim // 2),
+                  ("RB", cos.shape[0]), ("SIGN", sign)],
+        grid=((pairs + 255) // 256 * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[x.shape],
+        output_dtypes=[x.dtype])[0]
 
 
 @mx.custom_function
-def _rope_fused(x: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
-    return _rotate(x, cos, signed_sin)
+def _rope_with_kernel(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    return _rope_cuda(x, cos, sin, 1)
 
 
-@_rope_fused.vjp
-def _rope_fused_vjp(primals, cotangent, output):
+@_rope_with_kernel.vjp
+def _rope_with_kernel_vjp(primals, cotangent, output):
     # a rotation's transpose is the opposite rotation; the angles never need a gradient
-    _, cos, signed_sin = primals
-    return _rotate(cotangent, cos, -signed_sin), mx.zeros_like(cos), mx.zeros_like(signed_sin)
+    _, cos, sin = primals
+    return _rope_cuda(cotangent.astype(output.dtype), cos, sin, -1), mx.zeros_like(cos), mx.zeros_like(sin)
 
 
 @mx.custom_function
@@ -90,9 +127,13 @@ def _rotate_pairs_vjp(primals, cotangent, output):
     return _rotate_pairs(cotangent.astype(mx.float32), mx.conj(rotation)), mx.zeros_like(rotation)
 
 
-def apply_rope(x: mx.array, rotation) -> mx.array:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last axis of (B, H, L, D)
-    by `rotation` (from `rope_rotation`), in float32 like diffusers; returns x's dtype."""
-    if isinstance(rotation, tuple):
-        return _rope_fused(x, *rotation)
-    return _rotate_pairs(x.astype(mx.float32), rotation).astype(x.dtype)
+def apply_rope(x: mx.array, rotation: Rotation) -> mx.array:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last axis of x (B, L, H, D) by `rotation`
+    (from `rope_rotation`), in float32 like diffusers; returns x's dtype. On CUDA, for bf16/fp16,
+    one kernel reads and writes x once (the float32 route copies it there and back)."""
+    if speed.ROPE_KERNEL and _cuda_default() and x.dtype in (mx.bfloat16, mx.float16) and x.shape[-1] % 2 == 0:
+        batch, length = x.shape[:2]
+        cos, sin = (a.reshape(a.shape[0], length, -1) for a in (rotation.cos, rotation.sin))
+        if cos.shape[0] in (1, batch):
+            return _rope_with_kernel(x, cos, sin)
+    return _rotate_pairs(x.astype(mx.float32), rotation.complex).astype(x.dtype)

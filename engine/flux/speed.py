@@ -15,9 +15,9 @@ GELU_SAVES_INPUT = True
 # LoRA's low-rank product added inside its second matmul (mx.addmm) rather than
 # by a separate pass over the layer's output
 LORA_ADDMM = True
-# RoPE as one elementwise kernel on the activation's own dtype (x * cos + swap(x) * sin,
-# the swap a reversed view) instead of a float32 copy, a complex multiply and a copy back
-ROPE_FUSED = True
+# RoPE as one CUDA kernel on the activation's own dtype (engine/flux/rope.py) instead of a
+# float32 copy, a complex multiply and a copy back
+ROPE_KERNEL = True
 # Dequantize a quantized base with our own CUDA kernel (engine/flux/quantized.py) rather
 # than mx.dequantize; elsewhere this has no effect
 CUDA_DEQUANTIZE = True
