@@ -58,7 +58,7 @@ def rope_rotation(ids: mx.array, inverse_frequencies: mx.array, axis_of_pair: mx
 
 
 # One thread per rotated pair of x (B, L, H, D), read and written in x's dtype, rotated in float32;
-# SIGN -1 rotates backwards (the vjp). cos/sin are (RB, L, HALF) with RB 1 or B.
+# BACKWARD rotates the other way (the vjp). cos/sin are (RB, L, HALF) with RB 1 or B.
 _ROPE_SOURCE = """
     const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= PAIRS) {
@@ -67,7 +67,7 @@ _ROPE_SOURCE = """
     const long long token = index / (H * HALF);
     const long long r = (RB == 1 ? token % L : token) * HALF + index % HALF;
     const float c = cos[r];
-    const float s = SIGN * sin[r];
+    const float s = BACKWARD ? -sin[r] : sin[r];
     const float x0 = static_cast<float>(x[2 * index]);
     const float x1 = static_cast<float>(x[2 * index + 1]);
     out[2 * index] = static_cast<T>(x0 * c - x1 * s);
@@ -89,27 +89,27 @@ def _cuda_default() -> bool:
         return False
 
 
-def _rope_cuda(x: mx.array, cos: mx.array, sin: mx.array, sign: int) -> mx.array:
+def _rope_cuda(x: mx.array, cos: mx.array, sin: mx.array, backward: bool) -> mx.array:
     batch, length, heads, dim = x.shape
     pairs = x.size // 2
     return _rope_kernel()(
         inputs=[x, cos, sin],
         template=[("T", x.dtype), ("PAIRS", pairs), ("L", length), ("H", heads), ("HALF", dim // 2),
-                  ("RB", cos.shape[0]), ("SIGN", sign)],
+                  ("RB", cos.shape[0]), ("BACKWARD", backward)],
         grid=((pairs + 255) // 256 * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[x.shape],
         output_dtypes=[x.dtype])[0]
 
 
 @mx.custom_function
 def _rope_with_kernel(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    return _rope_cuda(x, cos, sin, 1)
+    return _rope_cuda(x, cos, sin, False)
 
 
 @_rope_with_kernel.vjp
 def _rope_with_kernel_vjp(primals, cotangent, output):
     # a rotation's transpose is the opposite rotation; the angles never need a gradient
     _, cos, sin = primals
-    return _rope_cuda(cotangent.astype(output.dtype), cos, sin, -1), mx.zeros_like(cos), mx.zeros_like(sin)
+    return _rope_cuda(cotangent.astype(output.dtype), cos, sin, True), mx.zeros_like(cos), mx.zeros_like(sin)
 
 
 @mx.custom_function
