@@ -56,96 +56,134 @@ __device__ __forceinline__ void store8(T* target, const float* values) {
 }
 """
 
-# one block of 128 threads per row of x: threads stride over K eight values at a time,
-# then a warp and a block reduction of the R sums. LOAD_A reads a (R, K) or (K, R).
+# A block of 256 threads takes ROWS rows of x: each thread holds an 8-wide slice of the small
+# matrix for all R and applies it to every row, then warps and the block reduce the sums.
+# LOAD_A fills av[j][e] = a(j, k + e) from a (R, K) or a (K, R).
 _SKINNY_SOURCE = """
     const int tid = threadIdx.x;
-    const long long row = blockIdx.x;
-    float acc[R];
+    const long long row0 = (long long)blockIdx.x * ROWS;
+    float acc[ROWS][R];
     #pragma unroll
-    for (int j = 0; j < R; ++j) acc[j] = 0.0f;
-    for (int k = tid * 8; k < K; k += 1024) {
-        float xv[8];
-        load<T, 8>(x + row * K + k, xv);
+    for (int r = 0; r < ROWS; ++r) {
         #pragma unroll
-        for (int j = 0; j < R; ++j) {
-            float av[8];
-            LOAD_A
-            #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[j] += xv[e] * av[e];
+        for (int j = 0; j < R; ++j) acc[r][j] = 0.0f;
+    }
+    for (int k = tid * 8; k < K; k += 2048) {
+        float av[R][8];
+        LOAD_A
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            if (row0 + r < M) {
+                float xv[8];
+                load<T, 8>(x + (row0 + r) * K + k, xv);
+                #pragma unroll
+                for (int j = 0; j < R; ++j) {
+                    #pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[r][j] += xv[e] * av[j][e];
+                }
+            }
         }
     }
-    __shared__ float partial[4][R];
+    __shared__ float partial[8][ROWS * R];
     #pragma unroll
-    for (int j = 0; j < R; ++j) {
-        float v = acc[j];
+    for (int r = 0; r < ROWS; ++r) {
         #pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-        if ((tid & 31) == 0) partial[tid >> 5][j] = v;
+        for (int j = 0; j < R; ++j) {
+            float v = acc[r][j];
+            #pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+            if ((tid & 31) == 0) partial[tid >> 5][r * R + j] = v;
+        }
     }
     __syncthreads();
-    if (tid < R) {
-        out[row * R + tid] = static_cast<T>(partial[0][tid] + partial[1][tid] + partial[2][tid] + partial[3][tid]);
+    for (int i = tid; i < ROWS * R; i += 256) {
+        if (row0 + i / R < M) {
+            float sum = 0.0f;
+            #pragma unroll
+            for (int w = 0; w < 8; ++w) sum += partial[w][i];
+            out[row0 * R + i] = static_cast<T>(sum);
+        }
     }
 """
 
-# eight consecutive outputs of one row per thread: out = c + z @ b.T, LOAD_B reading b (N, R) or (R, N)
+# A thread takes 8 consecutive columns of RPT rows: it holds b's slice for them in registers
+# and writes out = c + z @ b.T one row at a time. LOAD_B fills bv[j][e] = b(column + e, j)
+# from b (N, R) or b (R, N).
 _ADD_LOW_RANK_SOURCE = """
     const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (index >= (long long)M * (N / 8)) {
+    const long long chunk = index / (N / 8);
+    if (chunk * RPT >= M) {
         return;
     }
-    const long long row = index / (N / 8);
     const int column = (int)(index % (N / 8)) * 8;
-    float acc[8];
-    INIT_ACC
-    #pragma unroll
-    for (int j = 0; j < R; ++j) {
-        const float zj = static_cast<float>(z[row * R + j]);
-        float bv[8];
-        LOAD_B
+    float bv[R][8];
+    LOAD_B
+    const long long end = min((long long)M, (chunk + 1) * RPT);
+    for (long long row = chunk * RPT; row < end; ++row) {
+        float acc[8];
+        INIT_ACC
+        float zr[R];
+        load<T, R>(z + row * R, zr);
         #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] += zj * bv[e];
+        for (int j = 0; j < R; ++j) {
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += zr[j] * bv[j][e];
+        }
+        store8<T>(out + row * N + column, acc);
     }
-    store8<T>(out + row * N + column, acc);
 """
 
-# two consecutive columns of one chunk of CHUNK rows per thread: partial[chunk] = z[chunk].T @ x[chunk]
+# A thread takes COLS consecutive columns of CHUNK rows: partial[chunk] = z[chunk].T @ x[chunk].
 _REDUCE_OUTER_SOURCE = """
     const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long chunk = index / (K / 2);
+    const long long chunk = index / (K / COLS);
     if (chunk * CHUNK >= M) {
         return;
     }
-    const int column = (int)(index % (K / 2)) * 2;
-    float acc[R][2];
+    const int column = (int)(index % (K / COLS)) * COLS;
+    float acc[R][COLS];
     #pragma unroll
     for (int j = 0; j < R; ++j) {
-        acc[j][0] = 0.0f;
-        acc[j][1] = 0.0f;
+        #pragma unroll
+        for (int e = 0; e < COLS; ++e) acc[j][e] = 0.0f;
     }
     const long long end = min((long long)M, (chunk + 1) * CHUNK);
     for (long long m = chunk * CHUNK; m < end; ++m) {
-        const float x0 = static_cast<float>(x[m * K + column]);
-        const float x1 = static_cast<float>(x[m * K + column + 1]);
+        float xv[COLS];
+        load<T, COLS>(x + m * K + column, xv);
+        float zr[R];
+        load<T, R>(z + m * R, zr);
         #pragma unroll
         for (int j = 0; j < R; ++j) {
-            const float zj = static_cast<float>(z[m * R + j]);
-            acc[j][0] += zj * x0;
-            acc[j][1] += zj * x1;
+            #pragma unroll
+            for (int e = 0; e < COLS; ++e) acc[j][e] += zr[j] * xv[e];
         }
     }
     #pragma unroll
     for (int j = 0; j < R; ++j) {
-        out[(chunk * R + j) * K + column] = acc[j][0];
-        out[(chunk * R + j) * K + column + 1] = acc[j][1];
+        float* target = out + (chunk * R + j) * K + column;
+        #pragma unroll
+        for (int e = 0; e < COLS; e += 4) {
+            *reinterpret_cast<float4*>(target + e) = make_float4(acc[j][e], acc[j][e + 1], acc[j][e + 2], acc[j][e + 3]);
+        }
     }
 """
 
-# reduce_outer's rows are split into at most this many chunks, summed afterwards by MLX
-REDUCE_CHUNKS = 16
+# the partials of reduce_outer summed over chunks, one output per thread, always in the same order
+_SUM_CHUNKS_SOURCE = """
+    const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (index >= SIZE) {
+        return;
+    }
+    float sum = 0.0f;
+    for (int c = 0; c < CHUNKS; ++c) sum += partials[c * SIZE + index];
+    out[index] = sum;
+"""
 
-MAX_RANK = 64
+# reduce_outer aims at about this many threads (chunks of rows times column groups)
+REDUCE_THREADS = 32768
+# ranks above this go through matmuls (the kernels keep R x 8 values per thread in registers)
+MAX_RANK = 16
 
 
 @cache
@@ -171,11 +209,23 @@ def _grid(threads: int) -> tuple[int, int, int]:
     return ((threads + 255) // 256 * 256, 1, 1)
 
 
-# how each kernel reads its small matrix, by its layout
-_LOAD_A = {False: "load<T, 8>(a + (long long)j * K + k, av);",  # a is (R, K)
-           True: "for (int e = 0; e < 8; ++e) av[e] = static_cast<float>(a[(long long)(k + e) * R + j]);"}
-_LOAD_B = {False: "for (int e = 0; e < 8; ++e) bv[e] = static_cast<float>(b[(long long)(column + e) * R + j]);",
-           True: "load<T, 8>(b + (long long)j * N + column, bv);"}  # b is (R, N)
+# How each kernel reads its small matrix, by its layout. The slice a thread needs is contiguous
+# in the (K, R) / (N, R) layout too (8 rows of R values): loaded as R vectors, then regrouped.
+_SLICE_OF_ROWS = """
+        float slice[8 * R];
+        #pragma unroll
+        for (int i = 0; i < R; ++i) load<T, 8>(SOURCE + (long long)(START) * R + 8 * i, slice + 8 * i);
+        #pragma unroll
+        for (int j = 0; j < R; ++j) {
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) TARGET[j][e] = slice[e * R + j];
+        }
+"""
+_LOAD_A = {False: "for (int j = 0; j < R; ++j) load<T, 8>(a + (long long)j * K + k, av[j]);",  # a is (R, K)
+           True: _SLICE_OF_ROWS.replace("SOURCE", "a").replace("START", "k").replace("TARGET", "av")}
+_LOAD_B = {False: _SLICE_OF_ROWS.replace("SOURCE", "b").replace("START", "column").replace("TARGET", "bv"),
+           True: "for (int j = 0; j < R; ++j) load<T, 8>(b + (long long)j * N + column, bv[j]);"}  # b is (R, N)
+ROWS_PER_THREAD = 8
 
 
 def skinny_matmul(x: mx.array, a: mx.array, transposed: bool = False) -> mx.array:
@@ -186,10 +236,12 @@ def skinny_matmul(x: mx.array, a: mx.array, transposed: bool = False) -> mx.arra
     if rank > MAX_RANK or not kernels_apply(x.dtype, width):
         return x @ (a if transposed else a.T)
     rows = x.size // width
+    rows_per_block = max(1, 32 // rank)
     out = _kernel(f"lora_skinny_matmul_{int(transposed)}", ("x", "a"),
                   _SKINNY_SOURCE.replace("LOAD_A", _LOAD_A[transposed]))(
-        inputs=[x, a], template=[("T", x.dtype), ("R", rank), ("K", width)],
-        grid=(rows * 128, 1, 1), threadgroup=(128, 1, 1), output_shapes=[(rows, rank)], output_dtypes=[x.dtype])[0]
+        inputs=[x, a], template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("ROWS", rows_per_block)],
+        grid=((rows + rows_per_block - 1) // rows_per_block * 256, 1, 1), threadgroup=(256, 1, 1),
+        output_shapes=[(rows, rank)], output_dtypes=[x.dtype])[0]
     return out.reshape(*x.shape[:-1], rank)
 
 
@@ -211,8 +263,9 @@ def add_low_rank(c: mx.array | None, z: mx.array, b: mx.array, transposed: bool 
     source = _ADD_LOW_RANK_SOURCE.replace("INIT_ACC", init).replace("LOAD_B", _LOAD_B[transposed])
     out = _kernel(f"lora_add_low_rank_{len(names)}_{int(transposed)}", names, source)(
         inputs=inputs,
-        template=[("T", z.dtype), ("R", rank), ("N", width), ("M", rows)],
-        grid=_grid(rows * width // 8), threadgroup=(256, 1, 1), output_shapes=[(rows, width)],
+        template=[("T", z.dtype), ("R", rank), ("N", width), ("M", rows), ("RPT", ROWS_PER_THREAD)],
+        grid=_grid((rows + ROWS_PER_THREAD - 1) // ROWS_PER_THREAD * (width // 8)), threadgroup=(256, 1, 1),
+        output_shapes=[(rows, width)],
         output_dtypes=[z.dtype])[0]
     return out.reshape(*z.shape[:-1], width)
 
@@ -224,14 +277,20 @@ def reduce_outer(z: mx.array, x: mx.array) -> mx.array:
     if rank > MAX_RANK or not kernels_apply(x.dtype, width):
         return z2.T.astype(mx.float32) @ x2.astype(mx.float32)
     rows = x2.shape[0]
-    chunk = (rows + REDUCE_CHUNKS - 1) // REDUCE_CHUNKS
+    columns_per_thread = 8 if rank <= 8 else 4
+    groups = width // columns_per_thread
+    chunk = max(1, rows // max(1, REDUCE_THREADS // groups))
     chunks = (rows + chunk - 1) // chunk
     partials = _kernel("lora_reduce_outer", ("z", "x"), _REDUCE_OUTER_SOURCE)(
         inputs=[z2.astype(x.dtype), x2],
-        template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("CHUNK", chunk)],
-        grid=_grid(chunks * width // 2), threadgroup=(256, 1, 1), output_shapes=[(chunks, rank, width)],
+        template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("CHUNK", chunk),
+                  ("COLS", columns_per_thread)],
+        grid=_grid(chunks * groups), threadgroup=(256, 1, 1), output_shapes=[(chunks, rank, width)],
         output_dtypes=[mx.float32])[0]
-    return partials.sum(axis=0)
+    size = rank * width
+    return _kernel("lora_sum_chunks", ("partials",), _SUM_CHUNKS_SOURCE)(
+        inputs=[partials], template=[("SIZE", size), ("CHUNKS", chunks)], grid=_grid(size),
+        threadgroup=(256, 1, 1), output_shapes=[(rank, width)], output_dtypes=[mx.float32])[0]
 
 
 @mx.custom_function
