@@ -56,7 +56,7 @@ __device__ __forceinline__ void store8(T* target, const float* values) {
 }
 """
 
-# A block of 256 threads takes ROWS rows of x: each thread holds an 8-wide slice of the small
+# A block of 128 threads takes ROWS rows of x: each thread holds an 8-wide slice of the small
 # matrix for all R and applies it to every row, then warps and the block reduce the sums.
 # LOAD_A fills av[j][e] = a(j, k + e) from a (R, K) or a (K, R).
 _SKINNY_SOURCE = """
@@ -68,7 +68,7 @@ _SKINNY_SOURCE = """
         #pragma unroll
         for (int j = 0; j < R; ++j) acc[r][j] = 0.0f;
     }
-    for (int k = tid * 8; k < K; k += 2048) {
+    for (int k = tid * 8; k < K; k += 1024) {
         float av[R][8];
         LOAD_A
         #pragma unroll
@@ -84,7 +84,7 @@ _SKINNY_SOURCE = """
             }
         }
     }
-    __shared__ float partial[8][ROWS * R];
+    __shared__ float partial[4][ROWS * R];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         #pragma unroll
@@ -96,11 +96,11 @@ _SKINNY_SOURCE = """
         }
     }
     __syncthreads();
-    for (int i = tid; i < ROWS * R; i += 256) {
+    for (int i = tid; i < ROWS * R; i += 128) {
         if (row0 + i / R < M) {
             float sum = 0.0f;
             #pragma unroll
-            for (int w = 0; w < 8; ++w) sum += partial[w][i];
+            for (int w = 0; w < 4; ++w) sum += partial[w][i];
             out[row0 * R + i] = static_cast<T>(sum);
         }
     }
@@ -133,14 +133,16 @@ _ADD_LOW_RANK_SOURCE = """
     }
 """
 
-# A thread takes COLS consecutive columns of CHUNK rows: partial[chunk] = z[chunk].T @ x[chunk].
+# A block of 256 threads takes 32 groups of COLS columns (R * COLS = 32) and one chunk of CHUNK
+# rows: its 8 warps take every 8th row of the chunk, then sum through shared memory, so
+# partial[chunk] = z[chunk].T @ x[chunk].
 _REDUCE_OUTER_SOURCE = """
-    const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long chunk = index / (K / COLS);
-    if (chunk * CHUNK >= M) {
-        return;
-    }
-    const int column = (int)(index % (K / COLS)) * COLS;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int group = blockIdx.x % GROUP_BLOCKS * 32 + lane;
+    const long long chunk = blockIdx.x / GROUP_BLOCKS;
+    const bool active = group < K / COLS;
+    const int column = group * COLS;
     float acc[R][COLS];
     #pragma unroll
     for (int j = 0; j < R; ++j) {
@@ -148,23 +150,36 @@ _REDUCE_OUTER_SOURCE = """
         for (int e = 0; e < COLS; ++e) acc[j][e] = 0.0f;
     }
     const long long end = min((long long)M, (chunk + 1) * CHUNK);
-    for (long long m = chunk * CHUNK; m < end; ++m) {
-        float xv[COLS];
-        load<T, COLS>(x + m * K + column, xv);
-        float zr[R];
-        load<T, R>(z + m * R, zr);
+    if (active) {
+        for (long long m = chunk * CHUNK + warp; m < end; m += 8) {
+            float xv[COLS];
+            load<T, COLS>(x + m * K + column, xv);
+            float zr[R];
+            load<T, R>(z + m * R, zr);
+            #pragma unroll
+            for (int j = 0; j < R; ++j) {
+                #pragma unroll
+                for (int e = 0; e < COLS; ++e) acc[j][e] += zr[j] * xv[e];
+            }
+        }
+    }
+    __shared__ float shared[8][R * COLS][32];
+    #pragma unroll
+    for (int j = 0; j < R; ++j) {
+        #pragma unroll
+        for (int e = 0; e < COLS; ++e) shared[warp][j * COLS + e][lane] = acc[j][e];
+    }
+    __syncthreads();
+    if (warp == 0 && active) {
         #pragma unroll
         for (int j = 0; j < R; ++j) {
             #pragma unroll
-            for (int e = 0; e < COLS; ++e) acc[j][e] += zr[j] * xv[e];
-        }
-    }
-    #pragma unroll
-    for (int j = 0; j < R; ++j) {
-        float* target = out + (chunk * R + j) * K + column;
-        #pragma unroll
-        for (int e = 0; e < COLS; e += 4) {
-            *reinterpret_cast<float4*>(target + e) = make_float4(acc[j][e], acc[j][e + 1], acc[j][e + 2], acc[j][e + 3]);
+            for (int e = 0; e < COLS; ++e) {
+                float sum = 0.0f;
+                #pragma unroll
+                for (int w = 0; w < 8; ++w) sum += shared[w][j * COLS + e][lane];
+                out[(chunk * R + j) * K + column + e] = sum;
+            }
         }
     }
 """
@@ -180,8 +195,8 @@ _SUM_CHUNKS_SOURCE = """
     out[index] = sum;
 """
 
-# reduce_outer aims at about this many threads (chunks of rows times column groups)
-REDUCE_THREADS = 32768
+# reduce_outer splits the rows into this many chunks, summed afterwards in a fixed order
+REDUCE_CHUNKS = 16
 # ranks above this go through matmuls (the kernels keep R x 8 values per thread in registers)
 MAX_RANK = 16
 
@@ -236,11 +251,11 @@ def skinny_matmul(x: mx.array, a: mx.array, transposed: bool = False) -> mx.arra
     if rank > MAX_RANK or not kernels_apply(x.dtype, width):
         return x @ (a if transposed else a.T)
     rows = x.size // width
-    rows_per_block = max(1, 32 // rank)
+    rows_per_block = 2 if rank <= 8 else 1  # many small blocks: the card needs ~1000 to stay busy
     out = _kernel(f"lora_skinny_matmul_{int(transposed)}", ("x", "a"),
                   _SKINNY_SOURCE.replace("LOAD_A", _LOAD_A[transposed]))(
         inputs=[x, a], template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("ROWS", rows_per_block)],
-        grid=((rows + rows_per_block - 1) // rows_per_block * 256, 1, 1), threadgroup=(256, 1, 1),
+        grid=((rows + rows_per_block - 1) // rows_per_block * 128, 1, 1), threadgroup=(128, 1, 1),
         output_shapes=[(rows, rank)], output_dtypes=[x.dtype])[0]
     return out.reshape(*x.shape[:-1], rank)
 
@@ -277,15 +292,17 @@ def reduce_outer(z: mx.array, x: mx.array) -> mx.array:
     if rank > MAX_RANK or not kernels_apply(x.dtype, width):
         return z2.T.astype(mx.float32) @ x2.astype(mx.float32)
     rows = x2.shape[0]
-    columns_per_thread = 8 if rank <= 8 else 4
-    groups = width // columns_per_thread
-    chunk = max(1, rows // max(1, REDUCE_THREADS // groups))
+    columns_per_thread = max(1, 32 // rank)  # rank x columns = 32 sums per thread
+    if (width // columns_per_thread) * columns_per_thread != width:
+        return z2.T.astype(mx.float32) @ x2.astype(mx.float32)
+    group_blocks = (width // columns_per_thread + 31) // 32
+    chunk = (rows + REDUCE_CHUNKS - 1) // REDUCE_CHUNKS
     chunks = (rows + chunk - 1) // chunk
     partials = _kernel("lora_reduce_outer", ("z", "x"), _REDUCE_OUTER_SOURCE)(
         inputs=[z2.astype(x.dtype), x2],
         template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("CHUNK", chunk),
-                  ("COLS", columns_per_thread)],
-        grid=_grid(chunks * groups), threadgroup=(256, 1, 1), output_shapes=[(chunks, rank, width)],
+                  ("COLS", columns_per_thread), ("GROUP_BLOCKS", group_blocks)],
+        grid=(group_blocks * chunks * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(chunks, rank, width)],
         output_dtypes=[mx.float32])[0]
     size = rank * width
     return _kernel("lora_sum_chunks", ("partials",), _SUM_CHUNKS_SOURCE)(
