@@ -140,8 +140,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"])
     parser.add_argument("--resolution", type=int, default=64 if SMALL else 512)
     parser.add_argument("--steps", type=int, default=2 if SMALL else 10)
-    parser.add_argument("--memory-limit", choices=["estimate", "default"], default="estimate",
-                        help="estimate: the trainer's soft graph limit (engine/memory.py); default: MLX's own")
+    parser.add_argument("--memory-limit", choices=["trainer", "estimate", "default"], default="trainer",
+                        help="trainer: as the trainer does (the estimate, for checkpointed runs; "
+                             "engine/memory.py: limits_graph_memory); estimate: always; default: MLX's own")
     args = parser.parse_args()
     rows = []
     device = str(mx.default_device())
@@ -162,7 +163,8 @@ def main() -> None:
                 try:
                     estimate, parts, limit = estimate_gib(load_template(template), quantize, checkpointing,
                                                           args.resolution)
-                    limit = limit if args.memory_limit == "estimate" else None
+                    capped = {"estimate": True, "default": False, "trainer": checkpointing}[args.memory_limit]
+                    limit = limit if capped else None
                     row["memory_limit_gib"] = round(limit / 2**30, 2) if limit else None
                     row.update(measure(transformer, template, checkpointing, args.resolution, args.steps,
                                        memory_limit=limit))

@@ -198,7 +198,8 @@ class Trainer:
 
         if prefer_dequantizing() and mx.default_device() == mx.gpu:  # CUDA: Metal keeps its own default
             limit = apply_graph_memory_limit(self.config, ModelConfigs(transformer=model.transformer_config), "cuda")
-            log.info("graph memory limit %.1f GiB", limit / 2**30)
+            if limit:
+                log.info("graph memory limit %.1f GiB", limit / 2**30)
 
     def _wants_state(self, step: int) -> bool:
         """Whether step `step` ends with a checkpoint or a preview (both read the model)."""

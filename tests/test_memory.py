@@ -331,3 +331,15 @@ def test_estimate_command_reports_config_problems_without_a_traceback(tmp_path, 
         "block_range": {"start": 0, "end": 40}, "layer_types": ["proj_out"], "lora_rank": 4}})
     assert main(["estimate", "--train-config", str(path)]) == 2
     assert "end = 40" in capsys.readouterr().err
+
+
+def test_only_checkpointed_cuda_runs_get_a_graph_memory_limit():
+    from engine.memory import limits_graph_memory
+
+    class Config:
+        gradient_checkpointing = True
+
+    assert limits_graph_memory(Config(), "cuda")
+    assert not limits_graph_memory(Config(), "apple") and not limits_graph_memory(Config(), "cpu")
+    Config.gradient_checkpointing = False
+    assert not limits_graph_memory(Config(), "cuda")
