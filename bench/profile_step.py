@@ -281,6 +281,8 @@ VARIANTS = {
     "style-bf16": ("style", None, False, {}, True, False),
     "people-q4": ("people", 4, False, {}, True, False),
     "style-q4": ("style", 4, False, {}, True, False),
+    "style-bf16-ckpt": ("style", None, True, {}, True, False),
+    "style-q4-ckpt": ("style", 4, True, {}, True, False),
 }
 
 
