@@ -197,8 +197,12 @@ _SUM_CHUNKS_SOURCE = """
 
 # reduce_outer splits the rows into this many chunks, summed afterwards in a fixed order
 REDUCE_CHUNKS = 16
-# ranks above this go through matmuls (the kernels keep R x 8 values per thread in registers)
-MAX_RANK = 16
+# Ranks above this go through matmuls. The kernels keep R x 8 values per thread in registers;
+# ranks 4 and 8 ran in full-size steps (pets, people, with and without checkpointing). The one
+# run with rank 16 (style's joint blocks) and gradient checkpointing hit an illegal memory
+# access on the H200 that could not be traced in the time left (bench/NOTES.md), so rank 16
+# stays on cuBLAS until it is.
+MAX_RANK = 8
 
 
 @cache
