@@ -101,7 +101,12 @@ def step_intervals(one_step, warmup: int, steps: int) -> list[float]:
 
 def measure(transformer, template: str, checkpointing: bool, resolution: int, steps: int, warmup: int = 3,
             memory_limit: int | None = None) -> dict:
+    from engine.flux import speed
+
     dtype = mx.float32 if SMALL else mx.bfloat16
+    # the trainer's choice of routes for this run (engine/flux/speed.py)
+    targets = [path for path, _ in tree_flatten(transformer.trainable_parameters())]
+    speed.configure_for_training(checkpointing, targets)
     mx.set_memory_limit(memory_limit or DEFAULT_MEMORY_LIMIT)
     transformer.gradient_checkpointing = checkpointing
     optimizer = optim.AdamW(learning_rate=1e-4)

@@ -23,6 +23,7 @@ from engine.dataset import BatchIterator, build_training_set
 from engine.errors import CheckpointError, OutputError, UserError
 from engine.export import adapter_from_bytes, adapter_metadata, adapter_to_bytes
 from engine.events import EventCallback, TrainingControls, make_event
+from engine.flux import speed
 from engine.flux.latents import latent_image_ids, latent_size, text_ids
 from engine.flux.sampler import sigma_grid
 from engine.instrumentation import write_loss_history, write_validation_image
@@ -124,6 +125,9 @@ class Trainer:
         self._limit_graph_memory(model)
         transformer.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         targets = lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks)
+        switched_off = speed.configure_for_training(bool(cfg.gradient_checkpointing), [path for path, _ in targets])
+        if switched_off:
+            log.info("checkpointed joint blocks: %s off", ", ".join(switched_off))
         apply_lora(transformer, targets, key=mx.random.key(cfg.seed))
         optimizer = build_optimizer(cfg.optimizer.name, cfg.optimizer.learning_rate)
         optimizer.init(transformer.trainable_parameters())

@@ -115,3 +115,15 @@ def test_cuda_rope_and_dequantize_equal_the_mlx_routes():
     for bits in (4, 8):
         wq, scales, biases = mx.quantize(weight, 64, bits)
         assert mx.array_equal(dequantize(wq, scales, biases, 64, bits, "affine"), mx.dequantize(wq, scales, biases, 64, bits))
+
+
+def test_checkpointed_joint_block_training_takes_the_mlx_routes():
+    try:
+        assert speed.configure_for_training(True, ["transformer_blocks.5.attn.to_q"]) == list(
+            speed.UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS)
+        assert not speed.LORA_KERNELS and not speed.ROPE_KERNEL and not speed.GELU_SAVES_INPUT
+        assert speed.configure_for_training(True, ["single_transformer_blocks.3.proj_out"]) == []
+        assert speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT
+        assert speed.configure_for_training(False, ["transformer.transformer_blocks.5.attn.to_q"]) == []
+    finally:
+        speed.configure_for_training(False, [])
