@@ -1,6 +1,6 @@
 """Build bench/results.json from the raw rows of a GPU run (bench/raw/<run>/).
 
-    python bench/make_results.py [--run run2] [--card "NVIDIA H200"] [--date 2026-11-27]
+    python bench/make_results.py [--run run9] [--fallback-runs run2 run1] [--card "NVIDIA H200"] [--date 2026-11-27]
 
 Ours, diffusers+peft and mflux rows are joined on (template, quantize,
 checkpointing). Peer rows come from the same run wherever that run measured
@@ -52,14 +52,18 @@ def current_estimate(template: str, quantize, checkpointing: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", default="run2")
-    parser.add_argument("--fallback-run", default=".", help="raw folder for peers the main run did not measure")
+    parser.add_argument("--fallback-runs", nargs="*", default=[],
+                        help="raw folders for what the main run did not measure, first = preferred")
     parser.add_argument("--card", default="NVIDIA H200")
     parser.add_argument("--date", default="2026-11-27")
     args = parser.parse_args()
-    run, fallback = RAW / args.run, RAW / args.fallback_run
-    ours = index(load_rows(run, "ours"), args.run)
-    diffusers = {**index(load_rows(fallback, "peer_diffusers"), "run1"), **index(load_rows(run, "peer_diffusers"), args.run)}
-    mflux = {**index(load_rows(fallback, "peer_mflux"), "run1"), **index(load_rows(run, "peer_mflux"), args.run)}
+    run = RAW / args.run
+    ours, diffusers, mflux = {}, {}, {}
+    for name in [*reversed(args.fallback_runs), args.run]:  # configs the main run lacks come from earlier runs
+        ours.update(index(load_rows(RAW / name, "ours"), name))
+    for name in [*reversed(args.fallback_runs), args.run]:  # later (preferred) runs overwrite
+        diffusers.update(index(load_rows(RAW / name, "peer_diffusers"), name))
+        mflux.update(index(load_rows(RAW / name, "peer_mflux"), name))
     rows = []
     for config in sorted(ours, key=lambda k: (str(k[1]), k[0], k[2])):
         template, quantize, checkpointing = config
@@ -79,10 +83,12 @@ def main() -> None:
             "estimate_gib_at_run": mine.get("estimate_gib"),
             "peer_source": peer["source"] if peer else None,
             "mflux_source": other["source"] if other else None,
+            "ours_source": mine["source"],
         })
-    ttfs = json.loads((run / "ttfs.json").read_text())
+    ttfs_run = next(name for name in [args.run, *args.fallback_runs] if (RAW / name / "ttfs.json").is_file())
+    ttfs = json.loads((RAW / ttfs_run / "ttfs.json").read_text())
     result = {"rows": rows, "time_to_first_step_s": ttfs["time_to_first_step_s"],
-              "time_to_first_step": ttfs}
+              "time_to_first_step": dict(ttfs, source=ttfs_run)}
     out = Path(__file__).resolve().parent / "results.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out} ({len(rows)} rows)")
