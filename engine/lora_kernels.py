@@ -211,17 +211,9 @@ def _kernel(name: str, inputs: tuple[str, ...], source: str):
                                header=_HEADER)
 
 
-@cache
-def _cuda_default() -> bool:
-    try:
-        return mx.cuda.is_available() and mx.default_device() == mx.gpu
-    except AttributeError:
-        return False
-
-
 def kernels_apply(dtype: mx.Dtype, width: int) -> bool:
     """Whether the kernels take activations of this dtype and (8-aligned) width: bf16/fp16 on CUDA."""
-    return speed.LORA_KERNELS and _cuda_default() and dtype in (mx.bfloat16, mx.float16) and width % 8 == 0
+    return speed.LORA_KERNELS and speed.on_cuda() and dtype in (mx.bfloat16, mx.float16) and width % 8 == 0
 
 
 def _grid(threads: int) -> tuple[int, int, int]:

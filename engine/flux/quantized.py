@@ -50,15 +50,7 @@ def _dequantize_kernel():
 def cuda_dequantize_supported(wq: mx.array, scales: mx.array, group_size: int, bits: int, mode: str) -> bool:
     return (mode == "affine" and bits in (4, 8) and wq.ndim == 2 and wq.dtype == mx.uint32
             and scales.dtype in (mx.bfloat16, mx.float16) and group_size % (32 // bits) == 0
-            and _on_cuda())
-
-
-@cache
-def _on_cuda() -> bool:
-    try:
-        return mx.cuda.is_available() and mx.default_device() == mx.gpu
-    except AttributeError:
-        return False
+            and speed.on_cuda())
 
 
 def dequantize(wq: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int, mode: str) -> mx.array:

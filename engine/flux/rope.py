@@ -81,14 +81,6 @@ def _rope_kernel():
                                source=_ROPE_SOURCE)
 
 
-@cache
-def _cuda_default() -> bool:
-    try:
-        return mx.cuda.is_available() and mx.default_device() == mx.gpu
-    except AttributeError:
-        return False
-
-
 def _rope_cuda(x: mx.array, cos: mx.array, sin: mx.array, backward: bool) -> mx.array:
     batch, length, heads, dim = x.shape
     pairs = x.size // 2
@@ -131,7 +123,7 @@ def apply_rope(x: mx.array, rotation: Rotation) -> mx.array:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of the last axis of x (B, L, H, D) by `rotation`
     (from `rope_rotation`), in float32 like diffusers; returns x's dtype. On CUDA, for bf16/fp16,
     one kernel reads and writes x once (the float32 route copies it there and back)."""
-    if speed.ROPE_KERNEL and _cuda_default() and x.dtype in (mx.bfloat16, mx.float16) and x.shape[-1] % 2 == 0:
+    if speed.ROPE_KERNEL and speed.on_cuda() and x.dtype in (mx.bfloat16, mx.float16) and x.shape[-1] % 2 == 0:
         batch, length = x.shape[:2]
         cos, sin = (a.reshape(a.shape[0], length, -1) for a in (rotation.cos, rotation.sin))
         if cos.shape[0] in (1, batch):

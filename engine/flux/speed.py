@@ -8,6 +8,10 @@ step was compiled has no effect on that step: build a new one.
 """
 from __future__ import annotations
 
+from functools import cache
+
+import mlx.core as mx
+
 # GELU's backward from its bf16 input, recomputing the float32 curve, instead
 # of autodiff through the float32 round trip (which keeps a float32 copy of the
 # 12288-wide MLP activation per block)
@@ -26,6 +30,15 @@ CUDA_DEQUANTIZE = True
 LORA_KERNELS = True
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
+
+
+@cache
+def on_cuda() -> bool:
+    """Whether arrays live on an NVIDIA GPU (MLX's CUDA build, GPU the default device): where our kernels run."""
+    try:
+        return mx.cuda.is_available() and mx.default_device() == mx.gpu
+    except AttributeError:  # an MLX without the CUDA module
+        return False
 
 # On an H200, a step that checkpoints joint blocks it trains through (the style template:
 # LoRA on joint blocks 5-15, gradient checkpointing on) hit an illegal memory access twice,
