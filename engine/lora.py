@@ -112,7 +112,7 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        if y.dtype == x.dtype and kernels_apply(x.dtype, x.shape[-1]):
+        if y.dtype == x.dtype and kernels_apply(x.dtype, x.shape[-1], self.rank):
             return lora_update(y, x, self.lora_A, self.lora_B * self.scale)
         z = x @ self.lora_A.astype(x.dtype).T
         if self.scale != 1.0:  # a Python float: decided once when compiled

@@ -211,9 +211,10 @@ def _kernel(name: str, inputs: tuple[str, ...], source: str):
                                header=_HEADER)
 
 
-def kernels_apply(dtype: mx.Dtype, width: int) -> bool:
-    """Whether the kernels take activations of this dtype and (8-aligned) width: bf16/fp16 on CUDA."""
-    return speed.LORA_KERNELS and speed.on_cuda() and dtype in (mx.bfloat16, mx.float16) and width % 8 == 0
+def kernels_apply(dtype: mx.Dtype, width: int, rank: int = 1) -> bool:
+    """Whether the kernels take activations of this dtype and (8-aligned) width, for this rank: bf16/fp16 on CUDA."""
+    return (speed.LORA_KERNELS and speed.on_cuda() and dtype in (mx.bfloat16, mx.float16) and width % 8 == 0
+            and rank <= MAX_RANK)
 
 
 def _grid(threads: int) -> tuple[int, int, int]:
@@ -244,7 +245,7 @@ def skinny_matmul(x: mx.array, a: mx.array, transposed: bool = False) -> mx.arra
     (..., K) -> (..., R), in x's dtype."""
     width, rank = a.shape if transposed else a.shape[::-1]
     a = a.astype(x.dtype)
-    if rank > MAX_RANK or not kernels_apply(x.dtype, width):
+    if not kernels_apply(x.dtype, width, rank):
         return x @ (a if transposed else a.T)
     rows = x.size // width
     rows_per_block = 2 if rank <= 8 else 1  # many small blocks: the card needs ~1000 to stay busy
@@ -262,7 +263,7 @@ def add_low_rank(c: mx.array | None, z: mx.array, b: mx.array, transposed: bool 
     width, rank = b.shape[::-1] if transposed else b.shape
     b = b.astype(z.dtype)
     # the kernel's 8-wide vectors run along N (z's width is the rank)
-    if rank > MAX_RANK or not kernels_apply(z.dtype, width) or (c is not None and c.dtype != z.dtype):
+    if not kernels_apply(z.dtype, width, rank) or (c is not None and c.dtype != z.dtype):
         product = z @ (b if transposed else b.T)
         return product if c is None else c + product.astype(c.dtype)
     rows = z.size // rank
@@ -285,7 +286,7 @@ def reduce_outer(z: mx.array, x: mx.array) -> mx.array:
     """z.T @ x over all leading axes, in float32: (..., R) x (..., K) -> (R, K)."""
     rank, width = z.shape[-1], x.shape[-1]
     z2, x2 = z.reshape(-1, rank), x.reshape(-1, width)
-    if rank > MAX_RANK or not kernels_apply(x.dtype, width):
+    if not kernels_apply(x.dtype, width, rank):
         return z2.T.astype(mx.float32) @ x2.astype(mx.float32)
     rows = x2.shape[0]
     columns_per_thread = max(1, 32 // rank)  # rank x columns = 32 sums per thread
