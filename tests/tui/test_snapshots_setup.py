@@ -79,7 +79,10 @@ def test_images_checked_with_a_thumbnail(snap_compare, home):
         await wait_until(pilot, lambda: app.state.images and not app.screen.checking, what="checks")
         app.screen.query_one("#image-table").focus()
         await pilot.press("down")  # dog1.png
-        await wait_until(pilot, lambda: app.state.images[1].path in app.screen.thumbnails, what="thumbnail")
+        # drawn, not only loaded: under load the picture can arrive a frame after the dict entry
+        await wait_until(pilot, lambda: app.state.images[1].path in app.screen.thumbnails
+                         and app.screen.query_one("#thumbnail").query_one(".thumbnail-image").display,
+                         what="thumbnail")
         await settle(pilot)
 
     assert snap_compare(wizard(home, start="images", checked=False), terminal_size=SIZE, run_before=run_before)
