@@ -234,3 +234,28 @@ def test_compiled_step_with_lora_on_both_modulations_of_several_joint_blocks():
     losses = [float(step(latents, noise, mx.random.normal((1, 32, 32), key=keys[2]), mx.random.normal((1, 32), key=keys[3]),
                          mx.array([0.5]), mx.array([3.0]), latent_image_ids(8, 8), text_ids(32))) for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[-1] != losses[0]
+
+
+def test_checkpointed_joint_block_training_runs_on_the_mlx_routes(tmp_path):
+    # the style layout with gradient checkpointing crashed on CUDA with this engine's kernels
+    # (bench/NOTES.md, item 12): the trainer must switch them off for such runs, and only for them
+    from engine.flux import speed
+
+    config = make_training_folder(
+        tmp_path, count=1, gradient_checkpointing=True, training_loop={"num_epochs": 2, "batch_size": 1},
+        lora_layers={"transformer_blocks": {"block_range": {"start": 5, "end": 7},
+                                            "layer_types": ["attn.to_q", "attn.to_k", "attn.to_v"], "lora_rank": 16}})
+    seen = []
+
+    def listener(event):
+        if event["type"] == "step":
+            seen.append((speed.LORA_KERNELS, speed.ROPE_KERNEL, speed.GELU_SAVES_INPUT, event["loss"]))
+
+    try:
+        result = Trainer(load_config(config), listener).run()
+        assert result.step == 2 and not result.stopped
+        assert [switches[:3] for switches in seen] == [(False, False, False)] * 2
+        assert all(np.isfinite(loss) for *_, loss in seen)
+    finally:
+        speed.configure_for_training(False, [])
+    assert speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT
