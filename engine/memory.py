@@ -14,7 +14,6 @@ runs (`mx.get_peak_memory()`), so keep every guess there.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -577,100 +576,7 @@ def _optimizer_state_bytes(inputs: MemoryInputs, linears: dict) -> int:
     return copies * numbers * FLOAT32_BYTES
 
 
-# ---------------------------------------------------------------- fixes
-
-@dataclass
-class Fix:
-    """One change to the run that lowers its peak; `key` is the wizard's shortcut."""
-
-    key: str
-    label: str
-    inputs: MemoryInputs
-    estimate: MemoryEstimate
-    fits: bool
-
-    def to_dict(self) -> dict:
-        return {"key": self.key, "label": self.label, "peak": self.estimate.peak,
-                "peak_gib": round(self.estimate.peak / GIB, 3), "fits": self.fits}
-
-
-MINIMUM_SIDE = 256
-
-
-def suggest_fixes(inputs: MemoryInputs, available_bytes: int) -> list[Fix]:
-    """The guide's fixes, in its order, each applied alone to `inputs`: quantize, gradient
-    checkpointing, lower rank, fewer blocks, lower resolution. Only fixes that lower the peak are
-    listed; if none fits alone, a last fix ("a") applies them in turn until the run fits."""
-    base = estimate_memory(inputs).peak
-    fixes = []
-    for key, label, changed in _candidate_changes(inputs):
-        estimate = estimate_memory(changed)
-        if estimate.peak < base:
-            fixes.append(Fix(key, label, changed, estimate, estimate.fits(available_bytes)))
-    if fixes and not any(fix.fits for fix in fixes):
-        combined, labels, estimate = inputs, [], None
-        for wanted in ("4", "g", "r", "b", "l"):  # each kind once, in order, until it fits
-            step = next((step for step in _candidate_changes(combined) if step[0] == wanted), None)
-            if step is None:
-                continue
-            _, label, combined = step
-            labels.append(label)
-            estimate = estimate_memory(combined)
-            if estimate.fits(available_bytes):
-                break
-        if len(labels) > 1 and estimate is not None and estimate.peak < base:
-            fixes.append(Fix("a", "all of: " + "; ".join(labels), combined, estimate, estimate.fits(available_bytes)))
-    return fixes
-
-
-def _candidate_changes(inputs: MemoryInputs) -> list[tuple[str, str, MemoryInputs]]:
-    replace = dataclasses.replace
-    changes = []
-    if inputs.quantize is None:
-        changes.append(("8", "quantize the base model to 8 bits", replace(inputs, quantize=8)))
-    if inputs.quantize is None or inputs.quantize > 4:
-        changes.append(("4", "quantize the base model to 4 bits", replace(inputs, quantize=4)))
-    if not inputs.gradient_checkpointing:
-        changes.append(("g", "turn on gradient checkpointing (~30% slower)",
-                        replace(inputs, gradient_checkpointing=True)))
-    ranks = [rank for _, rank in inputs.lora_targets]
-    if ranks and max(ranks) > 1:
-        halved = tuple((path, max(1, rank // 2)) for path, rank in inputs.lora_targets)
-        changes.append(("r", f"halve the LoRA rank ({max(ranks)} -> {max(1, max(ranks) // 2)})",
-                        replace(inputs, lora_targets=halved)))
-    fewer = _later_half_of_blocks(inputs)
-    if fewer is not None:
-        kept, total, targets = fewer
-        changes.append(("b", f"train only the last {kept} of the {total} blocks",
-                        replace(inputs, lora_targets=targets)))
-    if max(inputs.width, inputs.height) > MINIMUM_SIDE:
-        width, height = _smaller_size(inputs.width, inputs.height)
-        changes.append(("l", f"train at {width}x{height} instead of {inputs.width}x{inputs.height}",
-                        replace(inputs, width=width, height=height)))
-    return changes
-
-
-def _later_half_of_blocks(inputs: MemoryInputs):
-    """Keep the later half of the trained blocks: activations are stored from the first trained
-    block on, so dropping the earliest ones saves most."""
-    config = inputs.model.transformer
-    num_joint, num_single = config.get("num_layers", 19), config.get("num_single_layers", 38)
-    positions = sorted({_block_position(path, num_joint, num_single) for path, _ in inputs.lora_targets})
-    if len(positions) < 2:
-        return None
-    kept = set(positions[len(positions) // 2:])
-    targets = tuple((path, rank) for path, rank in inputs.lora_targets
-                    if _block_position(path, num_joint, num_single) in kept)
-    return len(kept), len(positions), targets
-
-
-def _smaller_size(width: int, height: int) -> tuple[int, int]:
-    """Three quarters of each side, on the 64-pixel grid, no side below 256 (aspect ratio roughly kept)."""
-    def shrink(side: int) -> int:
-        return max(MINIMUM_SIDE, min(side, int(side * 0.75) // 64 * 64))
-
-    return shrink(width), shrink(height)
-
+# ---------------------------------------------------------------- CUDA memory limit
 
 def graph_memory_limit(estimate: MemoryEstimate) -> int:
     """A soft memory limit for the training step: the estimated training peak (on CUDA it includes

@@ -18,12 +18,12 @@ from engine.memory import (
     inputs_from_config,
     linear_bytes,
     model_configs_for,
-    suggest_fixes,
     text_encoder_parameter_counts,
     transformer_linears,
     transformer_parameter_count,
     vae_parameter_counts,
 )
+from engine.memory_fixes import suggest_fixes
 
 SINGLE_LAYERS = ("proj_out", "proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v")
 FLUX_VAE_CONFIG = dict(FLUX1_VAE, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)

@@ -23,7 +23,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.config import load_config
     from engine.machine import detect_machine
-    from engine.memory import estimate_memory, inputs_for_run, suggest_fixes
+    from engine.memory import estimate_memory, inputs_for_run
+    from engine.memory_fixes import suggest_fixes
 
     # block numbers are checked against the model's own counts once its config is known
     cfg = load_config(args.train_config, num_joint_blocks=None, num_single_blocks=None)

@@ -80,7 +80,8 @@ apply it (the template values change too): **4**/**8** quantize, **g** gradient 
     @work(thread=True, exclusive=True, exit_on_error=False, group="estimate")
     def estimate_run(self) -> None:
         from engine.errors import UserError
-        from engine.memory import estimate_memory, inputs_from_config, model_configs_for, suggest_fixes
+        from engine.memory import estimate_memory, inputs_from_config, model_configs_for
+        from engine.memory_fixes import suggest_fixes
         from tui.screens.config_builder import build_config
 
         state = self.app.state

@@ -1,4 +1,4 @@
-"""A memory fix (engine.memory.Fix, which changes MemoryInputs) carried back into the mflux config."""
+"""A memory fix (engine.memory_fixes.Fix, which changes MemoryInputs) carried back into the mflux config."""
 from __future__ import annotations
 
 import re
