@@ -82,7 +82,7 @@ def _rope_kernel():
 
 
 def _rope_cuda(x: mx.array, cos: mx.array, sin: mx.array, backward: bool) -> mx.array:
-    batch, length, heads, dim = x.shape
+    _, length, heads, dim = x.shape
     pairs = x.size // 2
     return _rope_kernel()(
         inputs=[x, cos, sin],
