@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -79,22 +80,24 @@ def estimate_gib(template_config, quantize, checkpointing, resolution):
             graph_memory_limit(estimate))
 
 
-def step_intervals(one_step, warmup: int, steps: int) -> list[float]:
+def step_intervals(one_step, warmup: int, steps: int, losses: list | None = None) -> list[float]:
     """Seconds between successive steps' losses becoming ready, as the trainer runs them: step i+1
-    is queued before step i's loss is read (engine/trainer.py). Warm-up steps (compilation) first."""
+    is queued before step i's loss is read (engine/trainer.py). Warm-up steps (compilation) first.
+    Every loss read is appended to `losses` when given."""
+    losses = [] if losses is None else losses
     for index in range(warmup):
-        float(one_step(index))
+        losses.append(float(one_step(index)))
     pending, ready, times = None, None, []
     for index in range(warmup, warmup + steps + 1):
         queued = one_step(index)
         if pending is not None:
-            float(pending)
+            losses.append(float(pending))
             now = time.perf_counter()
             if ready is not None:
                 times.append(now - ready)
             ready = now
         pending = queued
-    float(pending)
+    losses.append(float(pending))
     times.append(time.perf_counter() - ready)
     return times
 
@@ -131,11 +134,13 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
     mx.clear_cache()
     active_before = mx.get_active_memory()
     mx.reset_peak_memory()
-    times = sorted(step_intervals(one_step, warmup, steps))
+    losses = []
+    times = sorted(step_intervals(one_step, warmup, steps, losses))
     n_lora = sum(v.size for _, v in tree_flatten(transformer.trainable_parameters()))
     return {"s_per_step_median": round(times[len(times) // 2], 4), "s_per_step_min": round(times[0], 4),
             "peak_gib": round(mx.get_peak_memory() / 2**30, 2), "active_before_gib": round(active_before / 2**30, 2),
-            "lora_params": int(n_lora)}
+            "lora_params": int(n_lora), "losses": [round(v, 4) for v in losses],
+            "losses_finite": all(math.isfinite(v) for v in losses)}
 
 
 def main() -> None:

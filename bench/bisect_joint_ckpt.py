@@ -10,8 +10,10 @@ in its own process (an illegal memory access kills the process that hits it).
 
     python bench/bisect_joint_ckpt.py [--variants all -ROPE_KERNEL ...] [--timeout 120]
 A variant is "all" (every speed switch on), "none" (every one off), "-NAME" (one
-off) or "+NAME" (only that one on); a suffix ":nockpt" runs it without
-checkpointing, ":full" on the full-size model with the style template's layers.
+off) or "+NAME" (only that one on); flags after it: ":nockpt" runs it without
+checkpointing, ":full" on the full-size model with the style template's layers,
+":randomB" starts LoRA's B random instead of zero. Each row also says which LoRA
+weights first turned non-finite.
 With $OUT set, writes $OUT/bisect.json.
 """
 from __future__ import annotations
@@ -26,8 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_VARIANTS = ["all", "none", "-ROPE_KERNEL", "-GELU_SAVES_INPUT", "-LORA_KERNELS", "-LORA_ADDMM",
-                    "all:nockpt"]
+DEFAULT_VARIANTS = ["all:nockpt", "none:nockpt", "all:nockpt:randomB", "none:nockpt:randomB",
+                    "-LORA_KERNELS:nockpt:randomB", "-ROPE_KERNEL:nockpt:randomB", "-GELU_SAVES_INPUT:nockpt:randomB",
+                    "all", "none"]
 SMALL_TARGETS = [("transformer_blocks.1.attn.to_q", 16), ("transformer_blocks.1.attn.to_k", 16),
                  ("transformer_blocks.1.attn.to_v", 16), ("single_transformer_blocks.1.proj_out", 8)]
 
@@ -43,7 +46,8 @@ def run_one(variant: str) -> dict:
     from engine.flux import speed
     from engine.lora import apply_lora
 
-    name, _, mode = variant.partition(":")
+    name, *flags = variant.split(":")
+    mode = "full" if "full" in flags else ""
     if mode != "full":
         bench_train.DEV_CONFIG.update(num_layers=3, num_single_layers=2)
     switches = dict(speed.DEFAULTS)
@@ -56,14 +60,14 @@ def run_one(variant: str) -> dict:
     transformer = bench_train.build_transformer(None)
     targets = lora_targets(load_template("style")) if mode == "full" else SMALL_TARGETS
     apply_lora(transformer, targets, key=mx.random.key(0))
-    # B starts at zero; make it non-zero so every LoRA product has a real gradient path
-    for path, rank in targets:
+    # B starts at zero as in training; "randomB" makes it non-zero so every LoRA product has a gradient path
+    for path, rank in targets if "randomB" in flags else []:
         layer = transformer
         for part in path.split("."):
             layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
         layer.lora_B = 0.01 * mx.random.normal(layer.lora_B.shape)
     speed.__dict__.update(switches)  # after anything that may have configured them
-    transformer.gradient_checkpointing = mode != "nockpt"
+    transformer.gradient_checkpointing = "nockpt" not in flags
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(transformer.trainable_parameters())
     from engine.training_step import make_train_step
@@ -75,14 +79,20 @@ def run_one(variant: str) -> dict:
     pooled = mx.random.normal((1, 768)).astype(mx.bfloat16)
     from engine.flux.latents import latent_image_ids, text_ids
 
-    losses = []
+    from mlx.utils import tree_flatten
+
+    losses, nonfinite = [], []
     for index in range(3):
         noise = mx.random.normal(latents.shape, key=mx.random.key(100 + index))
         loss = step(latents, noise, hidden, pooled, mx.array([0.5]), mx.array([3.0]),
                     latent_image_ids(64, 64), text_ids(512))
         mx.synchronize()
         losses.append(float(loss))
-    return {"switches": {k: v for k, v in switches.items()}, "losses": losses}
+        if not nonfinite:  # the first step whose update left a non-finite LoRA weight: which ones
+            nonfinite = [path for path, value in tree_flatten(transformer.trainable_parameters())
+                         if not mx.isfinite(value).all().item()]
+            nonfinite = [f"after step {index + 1}: {len(nonfinite)}", *nonfinite[:6]] if nonfinite else []
+    return {"switches": switches, "losses": losses, "nonfinite": nonfinite}
 
 
 def main() -> None:
@@ -98,7 +108,7 @@ def main() -> None:
     for variant in args.variants:
         start = time.perf_counter()
         try:
-            done = subprocess.run([sys.executable, __file__, "--child", variant], capture_output=True, text=True,
+            done = subprocess.run([sys.executable, __file__, f"--child={variant}"], capture_output=True, text=True,
                                   timeout=args.timeout)
             result = next((json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")),
                           None)
