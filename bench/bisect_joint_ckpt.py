@@ -12,7 +12,8 @@ in its own process (an illegal memory access kills the process that hits it).
 A variant is "all" (every speed switch on), "none" (every one off), "-NAME" (one
 off) or "+NAME" (only that one on); flags after it: ":nockpt" runs it without
 checkpointing, ":full" on the full-size model with the style template's layers,
-":randomB" starts LoRA's B random instead of zero. Each row also says which LoRA
+":randomB" starts LoRA's B random instead of zero, ":rank8" caps ranks at 8,
+":jointonly" drops the single-block targets. Each row also says which LoRA
 weights first turned non-finite.
 With $OUT set, writes $OUT/bisect.json.
 """
@@ -59,6 +60,10 @@ def run_one(variant: str) -> dict:
         switches[name[1:]] = False
     transformer = bench_train.build_transformer(None)
     targets = lora_targets(load_template("style")) if mode == "full" else SMALL_TARGETS
+    if "rank8" in flags:
+        targets = [(path, min(rank, 8)) for path, rank in targets]
+    if "jointonly" in flags:
+        targets = [(path, rank) for path, rank in targets if path.startswith("transformer_blocks")]
     apply_lora(transformer, targets, key=mx.random.key(0))
     # B starts at zero as in training; "randomB" makes it non-zero so every LoRA product has a gradient path
     for path, rank in targets if "randomB" in flags else []:
