@@ -13,7 +13,8 @@ A variant is "all" (every speed switch on), "none" (every one off), "-NAME" (one
 off) or "+NAME" (only that one on); flags after it: ":nockpt" runs it without
 checkpointing, ":full" on the full-size model with the style template's layers,
 ":randomB" starts LoRA's B random instead of zero, ":rank8" caps ranks at 8,
-":jointonly" drops the single-block targets. Each row also says which LoRA
+":jointonly" drops the single-block targets, ":f32" trains in float32. Each row
+also has the first step's gradients taken eagerly (uncompiled) before any update. Each row also says which LoRA
 weights first turned non-finite.
 With $OUT set, writes $OUT/bisect.json.
 """
@@ -59,6 +60,8 @@ def run_one(variant: str) -> dict:
     elif name.startswith("-"):
         switches[name[1:]] = False
     transformer = bench_train.build_transformer(None)
+    dtype = mx.float32 if "f32" in flags else mx.bfloat16
+    transformer.set_dtype(dtype)
     targets = lora_targets(load_template("style")) if mode == "full" else SMALL_TARGETS
     if "rank8" in flags:
         targets = [(path, min(rank, 8)) for path, rank in targets]
@@ -77,7 +80,7 @@ def run_one(variant: str) -> dict:
     optimizer.init(transformer.trainable_parameters())
     from engine.training_step import make_train_step
 
-    step = make_train_step(transformer, optimizer, mx.bfloat16, has_guidance=True)
+    step = make_train_step(transformer, optimizer, dtype, has_guidance=True)
     batch, pooled_key = mx.random.split(mx.random.key(1))
     latents = mx.random.normal((1, 1024, 64))
     hidden = mx.random.normal((1, 512, 4096)).astype(mx.bfloat16)
@@ -87,6 +90,20 @@ def run_one(variant: str) -> dict:
     from mlx.utils import tree_flatten
 
     losses, nonfinite = [], []
+    # the first step's gradients, eagerly, before any update: are they finite?
+    import mlx.nn as nn
+
+    def loss_fn(noise):
+        prediction = transformer((0.5 * latents + 0.5 * noise).astype(dtype), hidden.astype(dtype),
+                                 pooled.astype(dtype), mx.array([0.5], dtype=dtype), latent_image_ids(64, 64),
+                                 text_ids(512), mx.array([3.0], dtype=dtype))
+        return mx.mean(mx.square(prediction.astype(mx.float32) - (noise - latents)))
+
+    first_loss, grads = nn.value_and_grad(transformer, loss_fn)(mx.random.normal(latents.shape, key=mx.random.key(100)))
+    bad_grads = [path for path, value in tree_flatten(grads) if not mx.isfinite(value).all().item()]
+    eager = {"eager_first_loss": float(first_loss), "eager_nonfinite_grads": bad_grads[:6],
+             "eager_grad_max": max(float(mx.abs(value).max()) for _, value in tree_flatten(grads))}
+    del grads
     for index in range(3):
         noise = mx.random.normal(latents.shape, key=mx.random.key(100 + index))
         loss = step(latents, noise, hidden, pooled, mx.array([0.5]), mx.array([3.0]),
@@ -97,7 +114,7 @@ def run_one(variant: str) -> dict:
             nonfinite = [path for path, value in tree_flatten(transformer.trainable_parameters())
                          if not mx.isfinite(value).all().item()]
             nonfinite = [f"after step {index + 1}: {len(nonfinite)}", *nonfinite[:6]] if nonfinite else []
-    return {"switches": switches, "losses": losses, "nonfinite": nonfinite}
+    return {"switches": switches, "losses": losses, "nonfinite": nonfinite, **eager}
 
 
 def main() -> None:

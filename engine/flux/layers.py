@@ -167,13 +167,21 @@ class FluxAttention(nn.Module):
             value = mx.concatenate([self._heads(context, self.add_v_proj), value], axis=1)
         # (B, heads, L, head_dim) for the fused attention
         query, key, value = (t.transpose(0, 2, 1, 3) for t in (apply_rope(query, rope), apply_rope(key, rope), value))
-        out = mx.fast.scaled_dot_product_attention(query, key, value, scale=self.head_dim**-0.5)
+        out = attention(query, key, value, self.head_dim**-0.5)
         batch, _, length, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         if context is None:
             return out
         text_length = context.shape[1]
         return self.to_out[0](out[:, text_length:]), self.to_add_out(out[:, :text_length])
+
+
+def attention(query: mx.array, key: mx.array, value: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v over (B, heads, L, head_dim); the fused kernel unless speed.FAST_SDPA is off."""
+    if speed.FAST_SDPA:
+        return mx.fast.scaled_dot_product_attention(query, key, value, scale=scale)
+    scores = (query * scale) @ key.swapaxes(-1, -2)
+    return mx.softmax(scores.astype(mx.float32), axis=-1).astype(value.dtype) @ value
 
 
 class GeluProjection(nn.Module):

@@ -28,6 +28,9 @@ CUDA_DEQUANTIZE = True
 # LoRA's rank-sized products through engine/lora_kernels.py's CUDA kernels instead of
 # cuBLAS (which runs such skinny shapes at a few percent of the card's bandwidth)
 LORA_KERNELS = True
+# Attention through mx.fast.scaled_dot_product_attention (cuDNN on CUDA) rather than two
+# matmuls around a float32 softmax
+FAST_SDPA = True
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
 
