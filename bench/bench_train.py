@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64 if SMALL else 512)
     parser.add_argument("--steps", type=int, default=2 if SMALL else 10)
     parser.add_argument("--memory-limit", choices=["trainer", "estimate", "default"], default="trainer",
-                        help="trainer: as the trainer does (the estimate, for checkpointed runs; "
+                        help="trainer: as the trainer does (the estimate, for checkpointed or joint-block runs; "
                              "engine/memory.py: limits_graph_memory); estimate: always; default: MLX's own")
     args = parser.parse_args()
     rows = []
@@ -173,7 +173,12 @@ def main() -> None:
                 try:
                     estimate, parts, limit = estimate_gib(load_template(template), quantize, checkpointing,
                                                           args.resolution)
-                    capped = {"estimate": True, "default": False, "trainer": checkpointing}[args.memory_limit]
+                    from engine.memory import limits_graph_memory
+
+                    run_config = load_template(template)
+                    run_config.gradient_checkpointing = checkpointing
+                    capped = {"estimate": True, "default": False,
+                              "trainer": limits_graph_memory(run_config, "cuda")}[args.memory_limit]
                     limit = limit if capped else None
                     row["memory_limit_gib"] = round(limit / 2**30, 2) if limit else None
                     row.update(measure(transformer, template, checkpointing, args.resolution, args.steps,

@@ -57,7 +57,7 @@ def run_one(variant: str) -> dict:
         switches = dict.fromkeys(switches, False)
     elif name.startswith("+"):
         switches = dict.fromkeys(switches, False) | {name[1:]: True}
-    elif name.startswith("-"):
+    elif name.startswith(("-", "~")):  # "~NAME": the same, where a leading "-" would read as an option
         switches[name[1:]] = False
     transformer = bench_train.build_transformer(None)
     dtype = mx.float32 if "f32" in flags else mx.bfloat16

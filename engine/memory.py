@@ -591,14 +591,20 @@ def graph_memory_limit(estimate: MemoryEstimate) -> int:
 
 
 def limits_graph_memory(cfg, backend: str) -> bool:
-    """Whether the trainer caps the step's memory: on CUDA, for runs with gradient checkpointing.
+    """Whether the trainer caps the step's memory: on CUDA, for runs with gradient checkpointing
+    and for runs that train joint blocks.
 
     The cap holds the step back whenever it binds: it cost 10% (bf16) to 25% (4-bit
     with checkpointing) of the step time on an H200 (bench/NOTES.md). Without
     checkpointing the stored activations dominate and the cap saved little (bf16
-    pets: 38.9 -> 40.7 GiB), so only runs that asked to save memory pay for it.
+    pets: 38.9 -> 40.7 GiB), so only runs that asked to save memory pay for it, and
+    runs through joint blocks: their attention backward recomputes the softmax
+    (engine/flux/speed.py), ~0.7 GB of temporaries per block that the host would
+    otherwise queue for many blocks ahead of the GPU.
     """
-    return backend == "cuda" and bool(cfg.gradient_checkpointing)
+    if backend != "cuda":
+        return False
+    return bool(cfg.gradient_checkpointing) or getattr(cfg.lora_layers, "transformer_blocks", None) is not None
 
 
 def apply_graph_memory_limit(cfg, model_config: dict, backend: str) -> int | None:

@@ -127,7 +127,7 @@ class Trainer:
         targets = lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks)
         switched_off = speed.configure_for_training(bool(cfg.gradient_checkpointing), [path for path, _ in targets])
         if switched_off:
-            log.info("checkpointed joint blocks: %s off", ", ".join(switched_off))
+            log.info("training joint blocks: %s off (engine/flux/speed.py)", ", ".join(switched_off))
         apply_lora(transformer, targets, key=mx.random.key(cfg.seed))
         optimizer = build_optimizer(cfg.optimizer.name, cfg.optimizer.learning_rate)
         optimizer.init(transformer.trainable_parameters())

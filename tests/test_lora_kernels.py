@@ -67,6 +67,76 @@ def test_gelu_backward_from_its_input_equals_autodiff():
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-5)  # grads reach ~1.1
 
 
+def _plain_attention(q, k, v, scale):
+    scores = (q.astype(mx.float32) * scale) @ k.astype(mx.float32).swapaxes(-1, -2)
+    return (mx.softmax(scores, axis=-1) @ v.astype(mx.float32)).astype(q.dtype)
+
+
+@pytest.mark.parametrize("heads", [3, 10, 24])  # one piece, 8 + 2, three full pieces of 8
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_attention_backward_recomputed_with_matmuls_equals_autodiff(heads, dtype):
+    from engine.flux.layers import attention
+
+    keys = mx.random.split(mx.random.key(3), 4)
+    # (B, L, heads, D) transposed to (B, heads, L, D) as FluxAttention hands them over; logits up to ~20
+    q, k, v, cotangent = (mx.random.normal((2, 40, heads, 16), key=key).transpose(0, 2, 1, 3) for key in keys)
+    q, k, v = q * 2, k * 2, v.astype(dtype)
+    q, k = q.astype(dtype), k.astype(dtype)
+    scale = 16**-0.5
+    argnums = (0, 1, 2)
+    expected = mx.grad(lambda *a: (_plain_attention(*a, scale).astype(mx.float32) * cotangent).sum(), argnums)(q, k, v)
+    speed.FUSED_ATTENTION_BACKWARD = False
+    try:
+        out = attention(q, k, v, scale)
+        got = mx.grad(lambda *a: (attention(*a, scale).astype(mx.float32) * cotangent).sum(), argnums)(q, k, v)
+    finally:
+        speed.FUSED_ATTENTION_BACKWARD = True
+    tolerance = 1e-4 if dtype == mx.float32 else 3e-2
+    if dtype == mx.float32:  # the forward is the fused kernel's (in bf16 its rounding differs from this reference's)
+        np.testing.assert_allclose(np.array(out), np.array(_plain_attention(q, k, v, scale)), atol=1e-4)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        g, e = np.array(g.astype(mx.float32)), np.array(e.astype(mx.float32))
+        # relative to the gradient's own scale: bf16 rounds every product
+        assert np.abs(g - e).max() <= tolerance * np.abs(e).max(), np.abs(g - e).max() / np.abs(e).max()
+
+
+def test_joint_attention_trains_the_same_with_the_recomputed_backward():
+    """The LoRA gradients of a joint block (what failed on CUDA) agree between the two backwards."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from engine.flux.rope import rope_inverse_frequencies, rope_rotation
+    from engine.flux.transformer import FluxTransformerBlock
+    from engine.lora import apply_lora
+
+    mx.random.seed(0)
+    block = FluxTransformerBlock(64, 4, 16)
+    apply_lora(block, [(f"attn.{name}", 4) for name in ("to_q", "to_k", "to_v", "add_q_proj")], key=mx.random.key(1))
+    for name in ("to_q", "to_k", "to_v", "add_q_proj"):
+        getattr(block.attn, name).lora_B = mx.random.normal(getattr(block.attn, name).lora_B.shape) * 0.1
+    keys = mx.random.split(mx.random.key(2), 3)
+    hidden, context = mx.random.normal((1, 12, 64), key=keys[0]), mx.random.normal((1, 5, 64), key=keys[1])
+    temb = nn.silu(mx.random.normal((1, 64), key=keys[2]))
+    ids = mx.concatenate([mx.zeros((5, 3)), mx.stack([mx.zeros(12), mx.arange(12) // 4, mx.arange(12) % 4], axis=1)])
+    rope = rope_rotation(ids, *rope_inverse_frequencies([4, 6, 6]))
+
+    def loss(model):
+        out, ctx = model(hidden, context, temb, rope)
+        return (out * out).sum() + (ctx * ctx).sum()
+
+    grads = []
+    for fused in (True, False):
+        speed.FUSED_ATTENTION_BACKWARD = fused
+        try:
+            grads.append(dict(tree_flatten(nn.value_and_grad(block, loss)(block)[1])))
+        finally:
+            speed.FUSED_ATTENTION_BACKWARD = True
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for name, expected in grads[0].items():
+        np.testing.assert_allclose(np.array(grads[1][name]), np.array(expected), rtol=1e-3, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="the CUDA kernels run only on an NVIDIA GPU")
 @pytest.mark.parametrize("in_dim,out_dim,rank", [(3072, 3072, 4), (3072, 12288, 8), (15360, 3072, 16), (64, 72, 3)])
 def test_cuda_kernels_equal_the_matmuls(in_dim, out_dim, rank):
@@ -119,11 +189,24 @@ def test_cuda_rope_and_dequantize_equal_the_mlx_routes():
 
 def test_checkpointed_joint_block_training_takes_the_mlx_routes():
     try:
-        assert speed.configure_for_training(True, ["transformer_blocks.5.attn.to_q"]) == list(
+        assert speed.configure_for_training(True, ["transformer_blocks.5.attn.to_q"], cuda=False) == list(
             speed.UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS)
         assert not speed.LORA_KERNELS and not speed.ROPE_KERNEL and not speed.GELU_SAVES_INPUT
-        assert speed.configure_for_training(True, ["single_transformer_blocks.3.proj_out"]) == []
-        assert speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT
-        assert speed.configure_for_training(False, ["transformer.transformer_blocks.5.attn.to_q"]) == []
+        assert speed.FUSED_ATTENTION_BACKWARD  # off only on CUDA
+        assert speed.configure_for_training(True, ["single_transformer_blocks.3.proj_out"], cuda=True) == []
+        assert speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT and speed.FUSED_ATTENTION_BACKWARD
+        assert speed.configure_for_training(False, ["transformer.transformer_blocks.5.attn.to_q"], cuda=False) == []
     finally:
         speed.configure_for_training(False, [])
+
+
+def test_joint_block_training_on_cuda_recomputes_the_attention_backward():
+    try:
+        off = speed.configure_for_training(False, ["transformer.transformer_blocks.5.attn.to_q"], cuda=True)
+        assert off == ["FUSED_ATTENTION_BACKWARD"] and not speed.FUSED_ATTENTION_BACKWARD
+        assert speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT
+        off = speed.configure_for_training(True, ["transformer_blocks.5.attn.to_q"], cuda=True)
+        assert off == ["FUSED_ATTENTION_BACKWARD", *speed.UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS]
+    finally:
+        speed.configure_for_training(False, [])
+    assert speed.FUSED_ATTENTION_BACKWARD

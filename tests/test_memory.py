@@ -346,13 +346,15 @@ def test_estimate_command_reports_config_problems_without_a_traceback(tmp_path, 
     assert "end = 40" in capsys.readouterr().err
 
 
-def test_only_checkpointed_cuda_runs_get_a_graph_memory_limit():
+def test_only_checkpointed_or_joint_block_cuda_runs_get_a_graph_memory_limit():
+    from engine.config import load_template
     from engine.memory import limits_graph_memory
 
-    class Config:
-        gradient_checkpointing = True
-
-    assert limits_graph_memory(Config(), "cuda")
-    assert not limits_graph_memory(Config(), "apple") and not limits_graph_memory(Config(), "cpu")
-    Config.gradient_checkpointing = False
-    assert not limits_graph_memory(Config(), "cuda")
+    pets, style = load_template("pets"), load_template("style")
+    pets.gradient_checkpointing = style.gradient_checkpointing = True
+    assert limits_graph_memory(pets, "cuda") and limits_graph_memory(style, "cuda")
+    assert not any(limits_graph_memory(cfg, backend) for cfg in (pets, style) for backend in ("apple", "cpu"))
+    pets.gradient_checkpointing = style.gradient_checkpointing = False
+    assert not limits_graph_memory(pets, "cuda")
+    # style trains joint blocks: their recomputed attention backward is capped too
+    assert limits_graph_memory(style, "cuda")

@@ -7,6 +7,7 @@ attribute (or list item) that holds it.
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -177,11 +178,62 @@ class FluxAttention(nn.Module):
 
 
 def attention(query: mx.array, key: mx.array, value: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale) v over (B, heads, L, head_dim); the fused kernel unless speed.FAST_SDPA is off."""
-    if speed.FAST_SDPA:
+    """softmax(q k^T * scale) v over (B, heads, L, head_dim).
+
+    The fused kernel (speed.FAST_SDPA), with its own backward or, where
+    speed.FUSED_ATTENTION_BACKWARD is off, a backward that recomputes the softmax
+    with matmuls; with FAST_SDPA off, plain matmuls around a float32 softmax."""
+    if not speed.FAST_SDPA:
+        scores = (query * scale) @ key.swapaxes(-1, -2)
+        return mx.softmax(scores.astype(mx.float32), axis=-1).astype(value.dtype) @ value
+    if not speed.FUSED_ATTENTION_BACKWARD:
+        return _attention_recomputing_backward(float(scale))(query, key, value)
+    return mx.fast.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
+# heads per piece of the recomputed backward: a (heads, L, L) float32 block is 226 MB for
+# 24 FLUX heads at 1536 tokens; pieces of 8 keep three of them to ~230 MB
+ATTENTION_BACKWARD_HEADS = 8
+
+
+@cache
+def _attention_recomputing_backward(scale: float):
+    """The fused attention forward with a backward from matmuls: P = softmax(s q k^T) is
+    recomputed (in float32) from q and k, so nothing beyond q, k, v and the output is kept.
+
+    On MLX 0.32.4's CUDA build the fused kernel's own backward (cuDNN) gave NaN gradients in
+    bf16 for LoRA on FLUX's joint blocks, eager and compiled, while float32 and matmul
+    attention trained (bench/NOTES.md, item 14)."""
+
+    @mx.custom_function
+    def attend(query, key, value):
         return mx.fast.scaled_dot_product_attention(query, key, value, scale=scale)
-    scores = (query * scale) @ key.swapaxes(-1, -2)
-    return mx.softmax(scores.astype(mx.float32), axis=-1).astype(value.dtype) @ value
+
+    @attend.vjp
+    def attend_vjp(primals, cotangent, output):
+        query, key, value = primals
+        heads = query.shape[1]
+        pieces = [slice(start, min(start + ATTENTION_BACKWARD_HEADS, heads))
+                  for start in range(0, heads, ATTENTION_BACKWARD_HEADS)]
+        grads = [_attention_backward_piece(query[:, h], key[:, h], value[:, h], cotangent[:, h], output[:, h], scale)
+                 for h in pieces]
+        if len(grads) == 1:
+            return grads[0]
+        return tuple(mx.concatenate(parts, axis=1) for parts in zip(*grads))
+
+    return attend
+
+
+def _attention_backward_piece(query, key, value, cotangent, output, scale):
+    # dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  dQ = s dS K;  dK = s dS^T Q
+    dtype = query.dtype
+    cotangent = cotangent.astype(dtype)
+    # scores in float32 as the fused forward has them (a bf16 logit of 30 is off by up to 0.1)
+    probabilities = mx.softmax((query.astype(mx.float32) * scale) @ key.astype(mx.float32).swapaxes(-1, -2), axis=-1)
+    grad_value = probabilities.astype(dtype).swapaxes(-1, -2) @ cotangent
+    row = mx.sum(cotangent.astype(mx.float32) * output.astype(mx.float32), axis=-1, keepdims=True)
+    grad_scores = (probabilities * ((cotangent @ value.swapaxes(-1, -2)).astype(mx.float32) - row) * scale).astype(dtype)
+    return grad_scores @ key, grad_scores.swapaxes(-1, -2) @ query, grad_value
 
 
 class GeluProjection(nn.Module):

@@ -29,8 +29,11 @@ CUDA_DEQUANTIZE = True
 # cuBLAS (which runs such skinny shapes at a few percent of the card's bandwidth)
 LORA_KERNELS = True
 # Attention through mx.fast.scaled_dot_product_attention (cuDNN on CUDA) rather than two
-# matmuls around a float32 softmax
+# matmuls around a float32 softmax (which keeps the (heads, L, L) probabilities for backward)
 FAST_SDPA = True
+# The fused attention's own backward, rather than one recomputing the softmax with matmuls
+# (engine/flux/layers.py: attention); configure_for_training turns it off where it failed
+FUSED_ATTENTION_BACKWARD = True
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
 
@@ -44,19 +47,32 @@ def on_cuda() -> bool:
         return False
 
 # On an H200, a step that checkpoints joint blocks it trains through (the style template:
-# LoRA on joint blocks 5-15, gradient checkpointing on) hit an illegal memory access twice,
-# with LoRA's kernels on and with them off for that rank; pets and people (single blocks
-# only) ran fine checkpointed. Until the cause is found such runs take the MLX routes of
-# everything added since the last run where that configuration worked (bench/NOTES.md).
+# LoRA on joint blocks 5-15, gradient checkpointing on) hit an illegal memory access twice
+# (run 9). The same runs without checkpointing trained to NaN, and that was traced to the fused
+# attention's backward (run 10, below), so the crash most likely shares its cause: a
+# style-shaped model at full width then trained checkpointed, with these three on, without
+# fault. Until a full-size run confirms it, checkpointed joint-block runs keep MLX's routes here.
 UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS = ("GELU_SAVES_INPUT", "ROPE_KERNEL", "LORA_KERNELS")
+# On CUDA (MLX 0.32.4), bf16 gradients through the fused attention's backward came out NaN
+# once LoRA trained FLUX's joint blocks, with every other switch off and without compiling;
+# float32, or attention without the fused backward, trained (bench/NOTES.md, item 14).
+FAILED_WITH_JOINT_BLOCKS_ON_CUDA = ("FUSED_ATTENTION_BACKWARD",)
 
 
-def configure_for_training(gradient_checkpointing: bool, lora_paths) -> list[str]:
-    """Reset every switch to its default, then turn off those unproven for this run; returns those."""
+def trains_joint_blocks(lora_paths) -> bool:
+    """Whether any LoRA target lies in a joint (double-stream) block."""
+    return any(path.removeprefix("transformer.").startswith("transformer_blocks.") for path in lora_paths)
+
+
+def configure_for_training(gradient_checkpointing: bool, lora_paths, cuda: bool | None = None) -> list[str]:
+    """Reset every switch to its default, then turn off those that failed or are unproven for
+    this run (`cuda`: whether it runs on CUDA, found out when None); returns those."""
     globals().update(DEFAULTS)
-    trains_joint = any(path.removeprefix("transformer.").startswith("transformer_blocks.") for path in lora_paths)
-    if not (gradient_checkpointing and trains_joint):
+    if not trains_joint_blocks(lora_paths):
         return []
-    for name in UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS:
+    off = list(FAILED_WITH_JOINT_BLOCKS_ON_CUDA) if (on_cuda() if cuda is None else cuda) else []
+    if gradient_checkpointing:
+        off += UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS
+    for name in off:
         globals()[name] = False
-    return list(UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS)
+    return off
