@@ -199,11 +199,12 @@ ATTENTION_BACKWARD_HEADS = 8
 @cache
 def _attention_recomputing_backward(scale: float):
     """The fused attention forward with a backward from matmuls: P = softmax(s q k^T) is
-    recomputed (in float32) from q and k, so nothing beyond q, k, v and the output is kept.
+    recomputed (in float32) from q and k, so nothing beyond q, k and v is kept, and the
+    backward reads neither the fused kernel's output nor its saved statistics.
 
     On MLX 0.32.4's CUDA build the fused kernel's own backward (cuDNN) gave NaN gradients in
-    bf16 for LoRA on FLUX's joint blocks, eager and compiled, while float32 and matmul
-    attention trained (bench/NOTES.md, item 14)."""
+    bf16 for LoRA on FLUX's joint blocks, eager and compiled, while float32, or attention
+    from plain matmuls, trained (bench/NOTES.md, item 14)."""
 
     @mx.custom_function
     def attend(query, key, value):
@@ -215,7 +216,7 @@ def _attention_recomputing_backward(scale: float):
         heads = query.shape[1]
         pieces = [slice(start, min(start + ATTENTION_BACKWARD_HEADS, heads))
                   for start in range(0, heads, ATTENTION_BACKWARD_HEADS)]
-        grads = [_attention_backward_piece(query[:, h], key[:, h], value[:, h], cotangent[:, h], output[:, h], scale)
+        grads = [_attention_backward_piece(query[:, h], key[:, h], value[:, h], cotangent[:, h], scale)
                  for h in pieces]
         if len(grads) == 1:
             return grads[0]
@@ -224,15 +225,17 @@ def _attention_recomputing_backward(scale: float):
     return attend
 
 
-def _attention_backward_piece(query, key, value, cotangent, output, scale):
-    # dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O));  dQ = s dS K;  dK = s dS^T Q
+def _attention_backward_piece(query, key, value, cotangent, scale):
+    # dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(P * dP));  dQ = s dS K;  dK = s dS^T Q
+    # (rowsum(P * dP) is the usual rowsum(dO * O), taken from the recomputed P)
     dtype = query.dtype
     cotangent = cotangent.astype(dtype)
     # scores in float32 as the fused forward has them (a bf16 logit of 30 is off by up to 0.1)
     probabilities = mx.softmax((query.astype(mx.float32) * scale) @ key.astype(mx.float32).swapaxes(-1, -2), axis=-1)
     grad_value = probabilities.astype(dtype).swapaxes(-1, -2) @ cotangent
-    row = mx.sum(cotangent.astype(mx.float32) * output.astype(mx.float32), axis=-1, keepdims=True)
-    grad_scores = (probabilities * ((cotangent @ value.swapaxes(-1, -2)).astype(mx.float32) - row) * scale).astype(dtype)
+    grad_probabilities = (cotangent @ value.swapaxes(-1, -2)).astype(mx.float32)
+    row = mx.sum(probabilities * grad_probabilities, axis=-1, keepdims=True)
+    grad_scores = (probabilities * (grad_probabilities - row) * scale).astype(dtype)
     return grad_scores @ key, grad_scores.swapaxes(-1, -2) @ query, grad_value
 
 
