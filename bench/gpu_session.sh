@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The benchmark run of issue 5, in parts that each fit one device call (10 minutes at most),
+# most important first. Every part writes under $OUT/<part>/ and stops each script with a
+# timeout, so a cut run keeps what it measured. On the device, after MLX is installed
+# (README of ../shared/device), from the repo root:
+#
+#     export PYTHONPATH=/tmp/site:$PWD && bash bench/gpu_session.sh PART
+#
+# PART:
+#   check   style trains to finite losses with the trainer's routes (bf16 and 4-bit, checkpointing
+#           off and on; the run-10 NaN and the run-9 crash), each in its own process   ~4 min
+#   bf16    our bf16 rows, then diffusers + peft on the same card                       ~6 min
+#   q4      our 4-bit rows, then mflux 0.15.5 per template                              ~9 min
+#   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~4 min
+#   q8      our 8-bit rows                                                               ~4 min
+# Then, here: python bench/make_results.py --run runN --fallback-runs run9 run2 run1
+set -u
+part=${1:?"which part: check, bf16, q4, ttfs or q8"}
+out=${OUT:-/tmp/bench_out}/$part
+mkdir -p "$out"
+export OUT=$out
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+case $part in
+check)
+    for q in none 4; do
+        for c in off on; do
+            OUT=$out timeout 140 python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
+                --steps 6 >"$out/style_q${q}_ckpt_$c.log" 2>&1
+            echo "style quantize=$q checkpointing=$c rc=$?"; tail -c 400 "$out/style_q${q}_ckpt_$c.log"; echo
+            mv -f "$out/ours.json" "$out/ours_style_q${q}_ckpt_$c.json" 2>/dev/null
+        done
+    done ;;
+bf16)
+    timeout 330 python bench/bench_train.py --quantize none --steps 7 | cut -c1-400
+    (cd .peers && timeout 200 python peer_diffusers_lora.py pets_r4 people_r8 2>&1 | tail -4) ;;
+q4)
+    timeout 260 python bench/bench_train.py --quantize 4 --steps 5 | cut -c1-400
+    for template in pets people style; do
+        (cd .peers && QUANTS=4 timeout 95 python peer_mflux_step.py $template 2>&1 | tail -2)
+    done ;;
+ttfs)
+    rm -rf /tmp/mlx  # MLX's CUDA kernel cache (33 MB after run 10): a first run compiles every kernel
+    timeout 560 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing 2>&1 | tail -5 ;;
+q8)
+    timeout 400 python bench/bench_train.py --quantize 8 --steps 5 | cut -c1-400 ;;
+*)
+    echo "unknown part: $part" >&2; exit 2 ;;
+esac
