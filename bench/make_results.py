@@ -84,7 +84,11 @@ def main() -> None:
             "peer_source": peer["source"] if peer else None,
             "mflux_source": other["source"] if other else None,
             "ours_source": mine["source"],
+            "ours_losses_finite": mine.get("losses_finite"),  # None: that run did not record its losses
         })
+        if template == "style" and mine.get("losses_finite") is None:
+            rows[-1]["ours_note"] = ("timed before the fix of run 10, which found this template's bf16 gradients "
+                                     "NaN on CUDA (bench/NOTES.md, item 14)")
     ttfs_run = next(name for name in [args.run, *args.fallback_runs] if (RAW / name / "ttfs.json").is_file())
     ttfs = json.loads((RAW / ttfs_run / "ttfs.json").read_text())
     result = {"rows": rows, "time_to_first_step_s": ttfs["time_to_first_step_s"],
