@@ -66,7 +66,7 @@ __all__ = [
     "OptimizerSpec", "SaveSpec", "TrainingConfig", "TrainingLoop",
     "canonical_layer_type", "canonical_optimizer", "config_to_dict", "help_text", "infer_trigger", "list_templates",
     "load_config", "load_template", "lora_targets", "model_source", "parse_config", "prompt_tokens", "save_config",
-    "validate",
+    "trains_joint_blocks", "validate",
 ]  # fmt: skip
 
 
@@ -108,6 +108,11 @@ def lora_targets(cfg: TrainingConfig, num_joint_blocks: int = FLUX1_JOINT_BLOCKS
             for name in spec.layer_types:
                 targets.setdefault(f"{kind}.{block}.{canonical_layer_type(name, kind == 'transformer_blocks')}", spec.lora_rank)
     return list(targets.items())
+
+
+def trains_joint_blocks(lora_paths) -> bool:
+    """Whether any LoRA target (a path as `lora_targets` gives it) lies in a joint (double-stream) block."""
+    return any(path.removeprefix("transformer.").startswith("transformer_blocks.") for path in lora_paths)
 
 
 def config_to_dict(cfg: TrainingConfig, *, absolute_paths: bool = False) -> dict:

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.config import trains_joint_blocks
+
 GIB = 2**30
 FLOAT32_BYTES = 4
 # VAE downsamples 8x, then latents are packed in 2x2 patches (FORMATS.md s.2)
@@ -98,6 +100,8 @@ FLUX1_CLIP = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers"
 FLUX1_VAE = {"in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
              "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
              "mid_block_add_attention": True}
+# heads per piece of our recomputed attention backward (engine/flux/layers.py: ATTENTION_BACKWARD_HEADS)
+ATTENTION_BACKWARD_HEADS = 8
 # the tiny model's tokenizers are built at first use; their vocabularies are about this size
 TINY_VOCAB_SIZE = 1000
 
@@ -431,11 +435,12 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         parts[f"workspace ({phase})"] = _workspace(sum(parts[name] for name in names), inputs.backend)
     phases = {ENCODING: encoding + ("workspace (encoding)",), TRAINING: training + ("workspace (training)",)}
     if inputs.backend == "cuda":
-        # how far the work MLX has queued runs ahead of the GPU: checkpointed runs are capped this much
-        # above the rest (graph_memory_limit) and reach the cap; the others were measured (run 9)
+        # how far the work MLX has queued runs ahead of the GPU: capped runs (limits_graph_memory) are
+        # capped this much above the rest (graph_memory_limit) and reach the cap; the others were
+        # measured (run 9)
         settled = sum(parts[name] for name in phases[TRAINING])
         run_ahead = settled * CALIBRATION["cuda_run_ahead_fraction"] + CALIBRATION["cuda_run_ahead_bytes"]
-        if bits and not inputs.gradient_checkpointing:  # uncapped: see limits_graph_memory
+        if bits and not _cuda_capped(inputs):
             dense = sum(linear_bytes(i, o, None, dtype) for i, o in linears.values())
             run_ahead += dense * CALIBRATION["cuda_uncapped_dequantized_fraction"]
         parts["CUDA graph run-ahead"] = int(run_ahead)
@@ -484,8 +489,10 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
     dim = heads * config.get("attention_head_dim", 128)
     image_tokens = (inputs.height // PIXELS_PER_TOKEN_SIDE) * (inputs.width // PIXELS_PER_TOKEN_SIDE)
     tokens = image_tokens + inputs.t5_length
+    backward = _attention_backward(inputs, tokens)
     details = {"image_tokens": image_tokens, "sequence_length": tokens, "stored_joint_blocks": 0,
-               "stored_single_blocks": 0, "attention_backward_fused": _attention_backward_fused(inputs.backend, tokens)}
+               "stored_single_blocks": 0, "attention_backward": backward,
+               "attention_backward_fused": backward == "fused"}
     if not inputs.lora_targets:
         return 0, details
     # Blocks before the first trained one need no backward: they run, hand on their output and
@@ -499,11 +506,15 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
     c = CALIBRATION
     hidden = inputs.batch_size * tokens * dim * inputs.dtype_bytes
     probabilities = inputs.batch_size * heads * tokens**2 * inputs.dtype_bytes
-    if details["attention_backward_fused"]:
+    if backward != "autodiff":  # the fused backward and ours keep no probabilities
         probabilities = 0
     joint_block = c["joint_block_saved_tensors"] * hidden + c["attention_probabilities_saved"] * probabilities
     single_block = c["single_block_saved_tensors"] * hidden + c["attention_probabilities_saved"] * probabilities
     transient = c["backward_transient_tensors"] * hidden + c["attention_backward_transient"] * probabilities
+    if backward == "recomputed":
+        # one piece of heads at a time: float32 P, dP and P * (dP - row), and dS in the compute dtype
+        piece = inputs.batch_size * min(heads, ATTENTION_BACKWARD_HEADS) * tokens**2
+        transient += piece * (3 * FLOAT32_BYTES + inputs.dtype_bytes)
     if inputs.gradient_checkpointing:
         # only block inputs are kept; the backward recomputes one block at a time
         saved = (stored_joint + stored_single) * c["checkpoint_saved_tensors"] * hidden
@@ -515,9 +526,20 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
     return int(saved + transient + output), details
 
 
-def _attention_backward_fused(backend: str, tokens: int) -> bool:
-    # MLX 0.32 has a fused (cuDNN) attention backward on CUDA only, for lengths in whole 128-token tiles
-    return backend == "cuda" and tokens % 128 == 0
+def _attention_backward(inputs: MemoryInputs, tokens: int) -> str:
+    """How attention's backward runs: "fused" (cuDNN: MLX 0.32 on CUDA, lengths in whole 128-token
+    tiles), "recomputed" (ours, from matmuls: CUDA runs that train joint blocks, where the fused one
+    failed; engine/flux/speed.py) or "autodiff" (the unfused fallback, which keeps the probabilities)."""
+    if inputs.backend != "cuda":
+        return "autodiff"
+    if trains_joint_blocks(path for path, _ in inputs.lora_targets):
+        return "recomputed"
+    return "fused" if tokens % 128 == 0 else "autodiff"
+
+
+def _cuda_capped(inputs: MemoryInputs) -> bool:
+    """Whether the trainer caps the step's memory at the estimate (see limits_graph_memory)."""
+    return inputs.gradient_checkpointing or trains_joint_blocks(path for path, _ in inputs.lora_targets)
 
 
 def _full_resolution_channels(inputs: MemoryInputs) -> int:
@@ -604,7 +626,7 @@ def limits_graph_memory(cfg, backend: str) -> bool:
     """
     if backend != "cuda":
         return False
-    return bool(cfg.gradient_checkpointing) or getattr(cfg.lora_layers, "transformer_blocks", None) is not None
+    return bool(cfg.gradient_checkpointing) or cfg.lora_layers.transformer_blocks is not None
 
 
 def apply_graph_memory_limit(cfg, model_config: dict, backend: str) -> int | None:

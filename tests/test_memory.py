@@ -174,6 +174,27 @@ def test_cuda_keeps_no_attention_probabilities_but_runs_ahead():
     assert cuda.parts["CUDA graph run-ahead"] > (cuda.training_peak - cuda.parts["CUDA graph run-ahead"]) * 0.15 + 2**30
 
 
+def test_cuda_runs_through_joint_blocks_recompute_attention_and_are_capped():
+    from engine import memory
+    from engine.flux import layers
+
+    joint = single_targets(range(20, 38)) + (("transformer_blocks.5.attn.to_q", 16),)
+    style, pets = (estimate_memory(dev_inputs(backend="cuda", lora_targets=targets))
+                   for targets in (joint, single_targets(range(20, 38))))
+    assert style.details["attention_backward"] == "recomputed" and pets.details["attention_backward"] == "fused"
+    assert estimate_memory(dev_inputs(backend="apple", lora_targets=joint)).details["attention_backward"] == "autodiff"
+    # no probabilities kept; one piece of heads recomputed at a time (float32 P, dP, their product; bf16 dS)
+    piece = 8 * 1536**2 * (3 * 4 + 2)
+    blocks = (19 - 5) * 21.0 + 38 * 22.5  # stored from joint block 5 on, each block's saved tensors
+    hidden = 1536 * 3072 * 2
+    assert style.parts["activations"] == int(blocks * hidden + 30.0 * hidden + piece + 3.0 * 1024 * 3072 * 2)
+    assert memory.ATTENTION_BACKWARD_HEADS == layers.ATTENTION_BACKWARD_HEADS
+    # the trainer caps such runs (limits_graph_memory), so a 4-bit one holds no dense copies of queued weights
+    settled = style.training_peak - style.parts["CUDA graph run-ahead"]
+    assert style.parts["CUDA graph run-ahead"] <= settled * 0.15 + 2**30 + 1
+    assert pets.parts["CUDA graph run-ahead"] > settled * 0.15 + 2**30
+
+
 def test_checkpointing_keeps_only_block_inputs():
     plain = estimate_memory(dev_inputs(width=1024, height=1024)).parts["activations"]
     checkpointed = estimate_memory(dev_inputs(width=1024, height=1024, gradient_checkpointing=True))

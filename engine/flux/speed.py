@@ -12,6 +12,8 @@ from functools import cache
 
 import mlx.core as mx
 
+from engine.config import trains_joint_blocks
+
 # GELU's backward from its bf16 input, recomputing the float32 curve, instead
 # of autodiff through the float32 round trip (which keeps a float32 copy of the
 # 12288-wide MLP activation per block)
@@ -57,11 +59,6 @@ UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS = ("GELU_SAVES_INPUT", "ROPE_KERNEL", "L
 # once LoRA trained FLUX's joint blocks, with every other switch off and without compiling;
 # float32, or attention without the fused backward, trained (bench/NOTES.md, item 14).
 FAILED_WITH_JOINT_BLOCKS_ON_CUDA = ("FUSED_ATTENTION_BACKWARD",)
-
-
-def trains_joint_blocks(lora_paths) -> bool:
-    """Whether any LoRA target lies in a joint (double-stream) block."""
-    return any(path.removeprefix("transformer.").startswith("transformer_blocks.") for path in lora_paths)
 
 
 def configure_for_training(gradient_checkpointing: bool, lora_paths, cuda: bool | None = None) -> list[str]:
