@@ -8,6 +8,9 @@ them back (concatenated down, block-diagonal up), again exactly.
 
 Every file we write bakes its scale into B and carries scale 1 (no alpha,
 or alpha = rank for kohya), which every loader reads the same way.
+
+This module reads; the writers are in engine/lora_writers.py and the formats'
+names for FLUX's layers in engine/lora_names.py (both re-exported here).
 """
 from __future__ import annotations
 
@@ -15,94 +18,45 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from engine.errors import LoraFormatError, OutputError
+from engine.errors import LoraFormatError
 from engine.lora import (
     LINEAR_TYPES,
     LoraDelta,
     LoRALinear,
     get_module,
     linear_dims,
-    lora_deltas,
     set_module,
 )
+from engine.lora_names import (
+    BFL_GLOBAL,
+    BFL_JOINT,
+    BFL_ROOTS,
+    BFL_SINGLE,
+    DOTTED_PREFIXES,
+    GLOBAL_LAYERS,
+    JOINT_BLOCK_LAYERS,
+    MFLUX_NAMES,
+    SD_MARKERS,
+    SINGLE_BLOCK_LAYERS,
+    SUFFIXES,
+    SWAPPED_HALVES,
+    TEXT_ENCODER_PREFIXES,
+)
+from engine.lora_writers import save_diffusers, save_kohya, save_mflux
 
 logger = logging.getLogger(__name__)
 
-# the mflux release whose trainer wrote the files we imitate (FORMATS.md)
-MFLUX_VERSION = "0.15.5"
-
-JOINT_BLOCK_LAYERS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    "norm1.linear", "norm1_context.linear",
-)
-SINGLE_BLOCK_LAYERS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear")
-GLOBAL_LAYERS = (
-    "x_embedder", "context_embedder", "proj_out", "norm_out.linear",
-    "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
-    "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
-    "time_text_embed.guidance_embedder.linear_1", "time_text_embed.guidance_embedder.linear_2",
-)
-
-# BFL names (kohya, ComfyUI) -> ours; fused layers list their parts in output order
-BFL_JOINT = {
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "txt_attn_proj": ("attn.to_add_out",),
-    "img_mlp_0": ("ff.net.0.proj",),
-    "img_mlp_2": ("ff.net.2",),
-    "txt_mlp_0": ("ff_context.net.0.proj",),
-    "txt_mlp_2": ("ff_context.net.2",),
-    "img_mod_lin": ("norm1.linear",),
-    "txt_mod_lin": ("norm1_context.linear",),
-}
-BFL_SINGLE = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),
-    "modulation_lin": ("norm.linear",),
-}
-BFL_GLOBAL = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer_linear": "proj_out",
-    "final_layer_adaLN_modulation_1": "norm_out.linear",
-}
-BFL_ROOTS = ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
-# BFL's final modulation emits (shift, scale), diffusers' norm_out.linear (scale, shift);
-# the per-block modulations share one order. diffusers' swap_scale_shift does the same.
-SWAPPED_HALVES = "norm_out.linear"
-
-# mflux's own model spells the feed-forwards linear1/linear2
-MFLUX_NAMES = {
-    "ff.net.0.proj": "ff.linear1", "ff.net.2": "ff.linear2",
-    "ff_context.net.0.proj": "ff_context.linear1", "ff_context.net.2": "ff_context.linear2",
-}
-
-SUFFIXES = (  # (suffix, format, what the tensor is)
-    (".lora_down.weight", "kohya", "A"), (".lora_up.weight", "kohya", "B"),
-    (".lora_A.weight", "diffusers", "A"), (".lora_B.weight", "diffusers", "B"),
-    (".lora_A", "mflux", "A"), (".lora_B", "mflux", "B"),
-    (".alpha", None, "alpha"),
-)
-DOTTED_PREFIXES = ("base_model.model.", "transformer.", "model.diffusion_model.", "diffusion_model.")
-TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te1.", "te2.")
-SD_MARKERS = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks", "middle_block")
-
+# reading lives here; the names and the writers have their own modules, re-exported as one API
+__all__ = [
+    "AttachReport", "GLOBAL_LAYERS", "JOINT_BLOCK_LAYERS", "LoraFile", "MFLUX_NAMES", "SINGLE_BLOCK_LAYERS",
+    "attach_lora_files", "load_lora_file", "save_diffusers", "save_kohya", "save_mflux",
+]
 
 @dataclass
 class LoraFile:
@@ -375,175 +329,3 @@ def _not_flux_message(path: str, keys: list[str]) -> str:
         return f"{path} only changes a text encoder; this program applies LoRAs to the FLUX transformer."
     sample = ", ".join(sorted(keys)[:3]) or "none"
     return f"{path} is not a LoRA file this program knows (keys: {sample})."
-
-
-# ---------------------------------------------------------------- writing
-
-
-def save_mflux(path: str, source, metadata: dict | None = None) -> None:
-    """mflux layout: `transformer.<path>.lora_A` (rank, in), `.lora_B`, float32, scale 1."""
-    merged = _merged_deltas(source)
-    tensors = {}
-    for module_path, (down, up) in merged.items():
-        name = _mflux_path(module_path)
-        tensors[f"transformer.{name}.lora_A"] = down
-        tensors[f"transformer.{name}.lora_B"] = up
-    header = {"mflux_version": MFLUX_VERSION, **_block_specs(merged)}
-    _write(path, tensors, _metadata(header, metadata, merged, "mflux"))
-
-
-def save_diffusers(path: str, source, metadata: dict | None = None) -> None:
-    """diffusers/PEFT layout: `transformer.<path>.lora_A.weight`, no alpha.
-
-    Without alpha keys or a PEFT config, diffusers takes alpha = rank for every
-    layer (scale 1), which is exactly what the baked B needs.
-    """
-    merged = _merged_deltas(source)
-    tensors = {}
-    for module_path, (down, up) in merged.items():
-        tensors[f"transformer.{module_path}.lora_A.weight"] = down
-        tensors[f"transformer.{module_path}.lora_B.weight"] = up
-    _write(path, tensors, _metadata({}, metadata, merged, "diffusers"))
-
-
-def save_kohya(path: str, source, metadata: dict | None = None, model: nn.Module | None = None) -> None:
-    """kohya layout with BFL names, fused layers stacked exactly; alpha = rank (scale 1).
-
-    `model` gives the widths of fused parts that were not trained; without it
-    FLUX's own ratios are assumed (q, k, v as wide as the input, MLP 4x).
-    """
-    merged = _merged_deltas(source)
-    fused_groups: dict[str, dict[str, tuple]] = {}
-    tensors = {}
-    for module_path, (down, up) in merged.items():
-        name, parts = _bfl_name(module_path)
-        if name is None:
-            raise LoraFormatError(f"Layer {module_path} has no kohya (BFL) name; save it as mflux or diffusers.")
-        if len(parts) == 1:
-            if module_path == SWAPPED_HALVES:
-                up = np.concatenate(np.split(up, 2, axis=0)[::-1], axis=0)
-            _put_kohya(tensors, name, down, up)
-        else:
-            fused_groups.setdefault(name, {"parts": parts})[module_path] = (down, up)
-    for name, group in fused_groups.items():
-        parts = group.pop("parts")
-        down, up = _stack_fused(parts, group, model)
-        _put_kohya(tensors, name, down, up)
-    _write(path, tensors, _metadata({}, metadata, merged, "kohya"))
-
-
-def _merged_deltas(source) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{path: (down, up)} as float32 numpy, each layer's adapters summed, scale baked into up."""
-    if isinstance(source, nn.Module):
-        deltas = lora_deltas(source)
-    elif isinstance(source, LoraFile):
-        deltas = source.adapters
-    elif all(isinstance(v, list) for v in source.values()):
-        deltas = source
-    else:  # flat {"<path>.lora_A": A, "<path>.lora_B": B} from lora_parameters
-        paths = sorted({k.rpartition(".")[0] for k in source})
-        deltas = {p: [LoraDelta(source[f"{p}.lora_A"], source[f"{p}.lora_B"], 1.0)] for p in paths}
-    merged = {}
-    for module_path, items in sorted(deltas.items()):
-        downs = [np.array(d.lora_A.astype(mx.float32)) for d in items]
-        ups = [np.array(d.lora_B.astype(mx.float32)) * np.float32(d.scale) if d.scale != 1.0
-               else np.array(d.lora_B.astype(mx.float32)) for d in items]
-        merged[module_path] = (np.concatenate(downs, axis=0), np.concatenate(ups, axis=1))
-    if not merged:
-        raise LoraFormatError("There is no LoRA adapter to save.")
-    return merged
-
-
-def _mflux_path(module_path: str) -> str:
-    for ours, theirs in MFLUX_NAMES.items():
-        if module_path.endswith("." + ours):
-            return module_path[: -len(ours)] + theirs
-    return module_path
-
-
-def _bfl_name(module_path: str):
-    """(kohya BFL name, the fused group's parts) for one of our layers."""
-    match = re.fullmatch(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+)", module_path)
-    if match:
-        blocks, index, layer = match.groups()
-        table, theirs = (BFL_SINGLE, "single_blocks") if blocks.startswith("single") else (BFL_JOINT, "double_blocks")
-        for name, parts in table.items():
-            if layer in parts:
-                return f"{theirs}_{index}_{name}", [f"{blocks}.{index}.{p}" for p in parts]
-        return None, None
-    for name, ours in BFL_GLOBAL.items():
-        if ours == module_path:
-            return name, [module_path]
-    return None, None
-
-
-def _stack_fused(parts: list[str], trained: dict, model) -> tuple[np.ndarray, np.ndarray]:
-    """One (down, up) whose product stacks each part's product; untrained parts get zero rows."""
-    input_dims = next(iter(trained.values()))[0].shape[1]
-    widths = []
-    for index, part in enumerate(parts):
-        layer = get_module(model, part) if model is not None else None
-        if layer is not None:
-            widths.append(linear_dims(layer)[1])
-        elif part in trained:
-            widths.append(trained[part][1].shape[0])
-        else:
-            widths.append(input_dims * (4 if index == 3 else 1))  # FLUX: MLP 4x wider
-    downs = [trained[p][0] for p in parts if p in trained]
-    up = np.zeros((sum(widths), sum(d.shape[0] for d in downs)), dtype=np.float32)
-    row = col = 0
-    for part, width in zip(parts, widths):
-        if part in trained:
-            part_up = trained[part][1]
-            up[row:row + width, col:col + part_up.shape[1]] = part_up
-            col += part_up.shape[1]
-        row += width
-    return np.concatenate(downs, axis=0), up
-
-
-def _put_kohya(tensors: dict, name: str, down: np.ndarray, up: np.ndarray) -> None:
-    tensors[f"lora_unet_{name}.lora_down.weight"] = down
-    tensors[f"lora_unet_{name}.lora_up.weight"] = up
-    tensors[f"lora_unet_{name}.alpha"] = np.array(down.shape[0], dtype=np.float32)
-
-
-def _block_specs(merged: dict) -> dict[str, str]:
-    # mflux stores its lora_layers blocks as strings; ours describe what the file holds
-    specs = {}
-    for blocks in ("transformer_blocks", "single_transformer_blocks"):
-        found = [p.split(".", 2) for p in merged if p.startswith(blocks + ".")]
-        if found:
-            specs[blocks] = str({
-                "block_indices": sorted({int(i) for _, i, _ in found}),
-                "layer_types": sorted({_mflux_path(f"{blocks}.0.{layer}").split(".", 2)[2] for _, _, layer in found}),
-                "lora_rank": sorted({merged[p][0].shape[0] for p in merged if p.startswith(blocks + ".")}),
-            })
-    return specs
-
-
-def _metadata(header: dict, user: dict | None, merged: dict, lora_format: str) -> dict[str, str]:
-    ranks = sorted({down.shape[0] for down, _ in merged.values()})
-    # the caller's keys may come from another file (an export): the format is always this one
-    combined = {**header, "lora_rank": ",".join(map(str, ranks)), **(user or {}), "lora_format": lora_format}
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in combined.items() if v is not None}
-
-
-def _write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    from safetensors.numpy import save_file
-
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(handle)
-    except OSError as error:
-        raise OutputError(f"Cannot write the LoRA file {path}: {error.strerror}.") from error
-    try:
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, temporary, metadata)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise OutputError(f"Cannot write the LoRA file {path}: {error.strerror}.") from error
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
