@@ -1,7 +1,7 @@
 """GPU probe: where the gradient through a FLUX.1 joint block turns non-finite on CUDA.
 
 The style template (LoRA on joint blocks) trained to NaN on an H200 from its second
-step, with every speed switch off too (bench/raw/run10/bisect.json), while pets and
+step, with every speed switch off too (bench/raw/run10/bisect_a.json), while pets and
 people (single blocks only) trained. This takes FLUX.1-dev's widths and 512 text +
 1024 image tokens, random weights, and differentiates pieces of growing size, each
 in float32 and bf16, eager and compiled: whether the forward and every input's
