@@ -109,7 +109,7 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
     dtype = mx.float32 if SMALL else mx.bfloat16
     # the trainer's choice of routes for this run (engine/flux/speed.py)
     targets = [path for path, _ in tree_flatten(transformer.trainable_parameters())]
-    speed.configure_for_training(checkpointing, targets)
+    switched_off = speed.configure_for_training(checkpointing, targets)
     mx.set_memory_limit(memory_limit or DEFAULT_MEMORY_LIMIT)
     transformer.gradient_checkpointing = checkpointing
     optimizer = optim.AdamW(learning_rate=1e-4)
@@ -139,7 +139,7 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
     n_lora = sum(v.size for _, v in tree_flatten(transformer.trainable_parameters()))
     return {"s_per_step_median": round(times[len(times) // 2], 4), "s_per_step_min": round(times[0], 4),
             "peak_gib": round(mx.get_peak_memory() / 2**30, 2), "active_before_gib": round(active_before / 2**30, 2),
-            "lora_params": int(n_lora), "losses": [round(v, 4) for v in losses],
+            "lora_params": int(n_lora), "switched_off": switched_off, "losses": [round(v, 4) for v in losses],
             "losses_finite": all(math.isfinite(v) for v in losses)}
 
 
