@@ -14,22 +14,17 @@ runs (`mx.get_peak_memory()`), so keep every guess there.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from engine.config import trains_joint_blocks
 from engine.model_size import (
-    FLUX1_CLIP,
-    FLUX1_DEV_TRANSFORMER,
-    FLUX1_SCHNELL_TRANSFORMER,
-    FLUX1_T5,
     FLUX1_VAE,
     ModelConfigs,
     clip_linears,
     clip_other_parameters,
     linear_bytes,
+    model_configs_for,
     t5_linears,
     t5_other_parameters,
     transformer_linears,
@@ -98,8 +93,6 @@ FACTORED_OPTIMIZERS = ("adafactor",)  # a row and a column vector per matrix
 
 # heads per piece of our recomputed attention backward (engine/flux/layers.py: ATTENTION_BACKWARD_HEADS)
 ATTENTION_BACKWARD_HEADS = 8
-# the tiny model's tokenizers are built at first use; their vocabularies are about this size
-TINY_VOCAB_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -151,48 +144,6 @@ def inputs_from_config(cfg, model: ModelConfigs | dict, *, backend: str = "apple
         dtype_bytes=dtype_bytes, backend=backend, num_prompts=max(1, len(prompts)),
         num_images=max(1, len(cfg.examples.images)),
     )  # fmt: skip
-
-
-def model_configs_for(model: str, base_dir: Path | None = None) -> ModelConfigs:
-    """The configs of `model` without downloading: built in for dev, schnell and Hub repos, the tiny
-    model's own, or read from a local folder's */config.json."""
-    from engine.config import model_source
-    from engine.errors import ModelLoadError
-
-    kind, where = model_source(model, base_dir)
-    if kind == "tiny":
-        from engine.flux import tiny
-
-        return ModelConfigs(transformer=dict(tiny.TRANSFORMER_CONFIG, joint_attention_dim=tiny.T5_CONFIG["d_model"],
-                                             pooled_projection_dim=tiny.CLIP_CONFIG["hidden_size"]),
-                            t5=dict(tiny.T5_CONFIG, vocab_size=TINY_VOCAB_SIZE),
-                            clip=dict(tiny.CLIP_CONFIG, vocab_size=TINY_VOCAB_SIZE), vae=dict(tiny.VAE_CONFIG),
-                            tokenizer_max_length=tiny.TINY_T5_LENGTH)
-    if kind == "hub":
-        # FLUX.1 fine-tunes on the Hub share the architecture; only schnell lacks the guidance embedder
-        schnell = "schnell" in where.lower()
-        return ModelConfigs(transformer=dict(FLUX1_SCHNELL_TRANSFORMER if schnell else FLUX1_DEV_TRANSFORMER))
-    if kind == "local":
-        folder = Path(where)
-        transformer = _read_json(folder / "transformer" / "config.json")
-        if transformer is None:
-            raise ModelLoadError(f"{folder} has no readable transformer/config.json",
-                                 "point `model` at a FLUX.1 folder in the diffusers layout")
-        return ModelConfigs(transformer=transformer,
-                            t5=_read_json(folder / "text_encoder_2" / "config.json") or dict(FLUX1_T5),
-                            clip=_read_json(folder / "text_encoder" / "config.json") or dict(FLUX1_CLIP),
-                            vae=_read_json(folder / "vae" / "config.json") or dict(FLUX1_VAE),
-                            tokenizer_max_length=(_read_json(folder / "tokenizer_2" / "tokenizer_config.json")
-                                                  or {}).get("model_max_length"))
-    raise ModelLoadError(f"model {model!r} is not dev, schnell, tiny, a Hugging Face repo id or a folder",
-                         "fix `model` in the training config")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- the estimate

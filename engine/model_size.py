@@ -1,10 +1,13 @@
-"""What a FLUX.1 model weighs, from its components' config.json alone: every linear of the
+"""What a FLUX.1 model weighs, from its components' config.json alone (built in for the Hub's
+FLUX.1 models and the tiny one, read from a local folder, never downloaded): every linear of the
 transformer by name (as LoRA targets name them), the parameter counts of T5, CLIP and the VAE,
 and a linear's bytes at a given quantization. engine/memory.py builds its estimate on these."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # as engine.flux.loading.quantize_module: groups of 64 along the input, else 32, else not quantized
 QUANTIZE_GROUP_SIZES = (64, 32)
@@ -12,6 +15,8 @@ CLIP_TOKENS = 77
 # a FLUX block's MLP is 4x the hidden width (diffusers FluxTransformerBlock / FluxSingleTransformerBlock)
 MLP_RATIO = 4
 TIMESTEP_EMBEDDING_DIM = 256
+# the tiny model's tokenizers are built at first use; their vocabularies are about this size
+TINY_VOCAB_SIZE = 1000
 
 # The published configs of FLUX.1 (diffusers layout), so an estimate needs no download.
 FLUX1_DEV_TRANSFORMER = {
@@ -167,3 +172,45 @@ def linear_bytes(in_features: int, out_features: int, bits: int | None, dtype_by
         return in_features * out_features * dtype_bytes + bias_bytes
     weights = in_features * out_features
     return math.ceil(weights * bits / 8) + 2 * (weights // group) * dtype_bytes + bias_bytes
+
+
+def model_configs_for(model: str, base_dir: Path | None = None) -> ModelConfigs:
+    """The configs of `model` without downloading: built in for dev, schnell and Hub repos, the tiny
+    model's own, or read from a local folder's */config.json."""
+    from engine.config import model_source
+    from engine.errors import ModelLoadError
+
+    kind, where = model_source(model, base_dir)
+    if kind == "tiny":
+        from engine.flux import tiny
+
+        return ModelConfigs(transformer=dict(tiny.TRANSFORMER_CONFIG, joint_attention_dim=tiny.T5_CONFIG["d_model"],
+                                             pooled_projection_dim=tiny.CLIP_CONFIG["hidden_size"]),
+                            t5=dict(tiny.T5_CONFIG, vocab_size=TINY_VOCAB_SIZE),
+                            clip=dict(tiny.CLIP_CONFIG, vocab_size=TINY_VOCAB_SIZE), vae=dict(tiny.VAE_CONFIG),
+                            tokenizer_max_length=tiny.TINY_T5_LENGTH)
+    if kind == "hub":
+        # FLUX.1 fine-tunes on the Hub share the architecture; only schnell lacks the guidance embedder
+        schnell = "schnell" in where.lower()
+        return ModelConfigs(transformer=dict(FLUX1_SCHNELL_TRANSFORMER if schnell else FLUX1_DEV_TRANSFORMER))
+    if kind == "local":
+        folder = Path(where)
+        transformer = _read_json(folder / "transformer" / "config.json")
+        if transformer is None:
+            raise ModelLoadError(f"{folder} has no readable transformer/config.json",
+                                 "point `model` at a FLUX.1 folder in the diffusers layout")
+        return ModelConfigs(transformer=transformer,
+                            t5=_read_json(folder / "text_encoder_2" / "config.json") or dict(FLUX1_T5),
+                            clip=_read_json(folder / "text_encoder" / "config.json") or dict(FLUX1_CLIP),
+                            vae=_read_json(folder / "vae" / "config.json") or dict(FLUX1_VAE),
+                            tokenizer_max_length=(_read_json(folder / "tokenizer_2" / "tokenizer_config.json")
+                                                  or {}).get("model_max_length"))
+    raise ModelLoadError(f"model {model!r} is not dev, schnell, tiny, a Hugging Face repo id or a folder",
+                         "fix `model` in the training config")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

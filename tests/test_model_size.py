@@ -2,7 +2,6 @@
 bytes per linear at each quantization."""
 from mlx.utils import tree_flatten
 
-from engine.memory import model_configs_for
 from engine.model_size import (
     FLUX1_CLIP,
     FLUX1_DEV_TRANSFORMER,
@@ -10,6 +9,7 @@ from engine.model_size import (
     FLUX1_VAE,
     ModelConfigs,
     linear_bytes,
+    model_configs_for,
     text_encoder_parameter_counts,
     transformer_linears,
     transformer_parameter_count,
