@@ -37,7 +37,7 @@ bf16)
     (cd .peers && timeout 200 python peer_diffusers_lora.py pets_r4 people_r8 2>&1 | tail -4) ;;
 q4)
     timeout 260 python bench/bench_train.py --quantize 4 --steps 5 | cut -c1-400
-    for template in pets people style; do
+    for template in pets_r4 people_r8 style_r16; do  # the peer script's names
         (cd .peers && QUANTS=4 timeout 95 python peer_mflux_step.py $template 2>&1 | tail -2)
     done ;;
 ttfs)
