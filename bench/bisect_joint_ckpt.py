@@ -13,7 +13,8 @@ A variant is "all" (every speed switch on), "none" (every one off), "-NAME" (one
 off) or "+NAME" (only that one on); flags after it: ":nockpt" runs it without
 checkpointing, ":full" on the full-size model with the style template's layers,
 ":randomB" starts LoRA's B random instead of zero, ":rank8" caps ranks at 8,
-":jointonly" drops the single-block targets, ":f32" trains in float32. Each row
+":jointonly" drops the single-block targets, ":pets" trains single blocks only (pets'
+layer types, rank 4), ":f32" trains in float32. Each row
 also has the first step's gradients taken eagerly (uncompiled) before any update. Each row also says which LoRA
 weights first turned non-finite.
 With $OUT set, writes $OUT/bisect.json.
@@ -65,6 +66,9 @@ def run_one(variant: str) -> dict:
     targets = lora_targets(load_template("style")) if mode == "full" else SMALL_TARGETS
     if "rank8" in flags:
         targets = [(path, min(rank, 8)) for path, rank in targets]
+    if "pets" in flags:  # single blocks only, laid out like pets: every single-block layer type, rank 4
+        targets = [(f"single_transformer_blocks.{block}.{name}", 4) for block in (0, 1)
+                   for name in ("proj_out", "proj_mlp", "attn.to_q", "attn.to_k", "attn.to_v")]
     if "jointonly" in flags:
         targets = [(path, rank) for path, rank in targets if path.startswith("transformer_blocks")]
     apply_lora(transformer, targets, key=mx.random.key(0))
@@ -102,7 +106,10 @@ def run_one(variant: str) -> dict:
     first_loss, grads = nn.value_and_grad(transformer, loss_fn)(mx.random.normal(latents.shape, key=mx.random.key(100)))
     bad_grads = [path for path, value in tree_flatten(grads) if not mx.isfinite(value).all().item()]
     eager = {"eager_first_loss": float(first_loss), "eager_nonfinite_grads": bad_grads[:6],
-             "eager_grad_max": max(float(mx.abs(value).max()) for _, value in tree_flatten(grads))}
+             "eager_grad_max": max(float(mx.abs(value).max()) for _, value in tree_flatten(grads)),
+             # a fingerprint to compare two variants' gradients (same seed, same inputs)
+             "eager_grad_norms": {path: float(mx.linalg.norm(value.astype(mx.float32)))
+                                  for path, value in tree_flatten(grads)}}
     del grads
     for index in range(3):
         noise = mx.random.normal(latents.shape, key=mx.random.key(100 + index))

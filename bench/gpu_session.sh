@@ -7,8 +7,9 @@
 #     export PYTHONPATH=/tmp/site:$PWD && bash bench/gpu_session.sh PART
 #
 # PART:
-#   check   style trains to finite losses with the trainer's routes (bf16 and 4-bit, checkpointing
-#           off and on; the run-10 NaN and the run-9 crash), each in its own process   ~4 min
+#   check   pets' LoRA gradients agree between the fused and our attention backward; style trains
+#           to finite losses with the trainer's routes (bf16 and 4-bit, checkpointing off and on;
+#           the run-10 NaN and the run-9 crash), each in its own process              ~6 min
 #   bf16    our bf16 rows, then diffusers + peft on the same card                       ~6 min
 #   q4      our 4-bit rows, then mflux 0.15.5 per template                              ~9 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~4 min
@@ -24,6 +25,19 @@ cd "$root"
 
 case $part in
 check)
+    # does the fused attention backward give pets' single-block LoRA the same gradients as ours?
+    timeout 200 python bench/bisect_joint_ckpt.py --timeout 120 --variants "all:nockpt:randomB:pets" \
+        "~FUSED_ATTENTION_BACKWARD:nockpt:randomB:pets" >/dev/null 2>&1
+    python - "$out/bisect.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))
+if len(rows) == 2 and all(r.get("ok") for r in rows):
+    a, b = (r["eager_grad_norms"] for r in rows)
+    worst = max(abs(a[k] - b[k]) / (abs(b[k]) + 1e-12) for k in b)
+    print(f"pets LoRA gradients, fused vs recomputed attention backward: worst relative difference {worst:.4f}")
+else:
+    print("pets gradient comparison did not finish:", [r.get("stderr_tail", "")[-200:] for r in rows])
+PY
     for q in none 4; do
         for c in off on; do
             OUT=$out timeout 140 python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
