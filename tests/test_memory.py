@@ -111,10 +111,13 @@ def test_cuda_runs_through_joint_blocks_recompute_attention_and_are_capped():
     assert style.details["attention_backward"] == "recomputed" and pets.details["attention_backward"] == "fused"
     assert estimate_memory(dev_inputs(backend="apple", lora_targets=joint)).details["attention_backward"] == "autodiff"
     # no probabilities kept; one piece of heads recomputed at a time (float32 P, dP, their product; bf16 dS)
+    c = memory.CALIBRATION
     piece = 8 * 1536**2 * (3 * 4 + 2)
-    blocks = (19 - 5) * 21.0 + 38 * 22.5  # stored from joint block 5 on, each block's saved tensors
+    # stored from joint block 5 on: each block's saved tensors, no probabilities
+    blocks = (19 - 5) * c["joint_block_saved_tensors"] + 38 * c["single_block_saved_tensors"]
     hidden = 1536 * 3072 * 2
-    assert style.parts["activations"] == int(blocks * hidden + 30.0 * hidden + piece + 3.0 * 1024 * 3072 * 2)
+    output = c["output_layer_saved_tensors"] * 1024 * 3072 * 2
+    assert style.parts["activations"] == int(blocks * hidden + c["backward_transient_tensors"] * hidden + piece + output)
     assert memory.ATTENTION_BACKWARD_HEADS == layers.ATTENTION_BACKWARD_HEADS
     # the trainer caps such runs (limits_graph_memory), so a 4-bit one holds no dense copies of queued weights
     settled = style.training_peak - style.parts["CUDA graph run-ahead"]
