@@ -27,9 +27,9 @@ from engine.config_schema import (
 )
 from engine.errors import ConfigError
 
+# the name it had before the config module was split, which users' log filters may name
 logger = logging.getLogger("engine.config")
 
-_MISSING = object()
 _KIND_EXAMPLES = {"int": "42", "number": "0.0001", "str": '"text"', "bool": "true", "list": "[...]", "object": "{...}"}
 
 
