@@ -10,8 +10,8 @@
 #   check   pets' LoRA gradients agree between the fused and our attention backward; style trains
 #           to finite losses with the trainer's routes (bf16 and 4-bit, checkpointing off and on;
 #           the run-10 NaN and the run-9 crash), each in its own process              ~6 min
-#   bf16    our bf16 rows, then diffusers + peft on the same card                       ~6 min
-#   q4      our 4-bit rows, then mflux 0.15.5 per template                              ~9 min
+#   bf16    our bf16 rows (pets, people; style's come from check), then diffusers + peft   ~5 min
+#   q4      our 4-bit rows (pets, people), then mflux 0.15.5 per template                ~8 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~4 min
 #   q8      our 8-bit rows                                                               ~4 min
 # Then, here: python bench/make_results.py --run runN --fallback-runs run9 run2 run1
@@ -47,10 +47,11 @@ PY
         done
     done ;;
 bf16)
-    timeout 330 python bench/bench_train.py --quantize none --steps 7 | cut -c1-400
+    # style's bf16 rows come from 'check' (same steps, same script)
+    timeout 260 python bench/bench_train.py --templates ${TEMPLATES:-pets people} --quantize none --steps 7 | cut -c1-400
     (cd .peers && timeout 200 python peer_diffusers_lora.py pets_r4 people_r8 2>&1 | tail -4) ;;
 q4)
-    timeout 260 python bench/bench_train.py --quantize 4 --steps 5 | cut -c1-400
+    timeout 200 python bench/bench_train.py --templates ${TEMPLATES:-pets people} --quantize 4 --steps 5 | cut -c1-400
     for template in pets_r4 people_r8 style_r16; do  # the peer script's names
         (cd .peers && QUANTS=4 timeout 95 python peer_mflux_step.py $template 2>&1 | tail -2)
     done ;;
