@@ -14,6 +14,7 @@
 #   q4      our 4-bit rows (pets, people), then mflux 0.15.5 per template                ~8 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~4 min
 #   q8      our 8-bit rows                                                               ~4 min
+#   style   fused attention backward with contiguous inputs (bisect); style's rows     ~8 min
 # Then, here: python bench/make_results.py --run runN --fallback-runs run9 run2 run1
 set -u
 part=${1:?"which part: check, bf16, q4, ttfs or q8"}
@@ -56,8 +57,42 @@ q4)
         (cd .peers && QUANTS=4 timeout 95 python peer_mflux_step.py $template 2>&1 | tail -2)
     done ;;
 ttfs)
-    rm -rf /tmp/mlx  # MLX's CUDA kernel cache (33 MB after run 10): a first run compiles every kernel
-    timeout 560 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing 2>&1 | tail -5 ;;
+    # a user's first run (MLX's CUDA kernel cache, /tmp/mlx, emptied: every kernel compiles), then a
+    # second one (cache warm); each from an empty run folder and encodings cache
+    rm -rf /tmp/mlx
+    for run in cold warm; do
+        mkdir -p "$out/$run"
+        OUT=$out/$run timeout 300 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+            >"$out/$run/stdout.log" 2>&1
+        echo "$run rc=$?"; tail -c 900 "$out/$run/stdout.log"; echo
+    done ;;
+style)
+    # joint blocks recompute attention's backward, single blocks keep the fused one: style's losses
+    # and speed. First: does the fused backward train joint blocks when handed contiguous inputs?
+    timeout 330 python bench/bisect_joint_ckpt.py --timeout 100 --variants "all:nockpt:randomB" \
+        "all:nockpt:randomB:contig" "~FUSED_ATTENTION_BACKWARD:nockpt:randomB" >/dev/null 2>&1
+    python - "$out/bisect.json" <<'PY'
+import json, math, sys
+rows = {r["variant"]: r for r in json.load(open(sys.argv[1]))}
+reference = rows.get("~FUSED_ATTENTION_BACKWARD:nockpt:randomB", {}).get("eager_grad_norms")
+for name, row in rows.items():
+    norms = row.get("eager_grad_norms") or {}
+    worst = max((abs(norms[k] - reference[k]) / (abs(reference[k]) + 1e-12) for k in reference if k in norms),
+                default=None) if reference and norms else None
+    print(name, "ok" if row.get("ok") else row.get("stderr_tail", "")[-200:], "losses", row.get("losses"),
+          "nonfinite grads", row.get("eager_nonfinite_grads"), "worst grad difference vs recomputed", worst)
+PY
+    for q in none 4; do
+        for c in off on; do
+            OUT=$out timeout 140 python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
+                --steps 6 >"$out/style_q${q}_ckpt_$c.log" 2>&1
+            echo "style quantize=$q checkpointing=$c rc=$?"
+            mv -f "$out/ours.json" "$out/ours_style_q${q}_ckpt_$c.json" 2>/dev/null &&
+                python -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print({k: r.get(k) for k in
+                ('s_per_step_median', 'peak_gib', 'estimate_gib', 'losses_finite', 'losses', 'switched_off')})" \
+                "$out/ours_style_q${q}_ckpt_$c.json" || tail -c 600 "$out/style_q${q}_ckpt_$c.log"
+        done
+    done ;;
 q8)
     timeout 400 python bench/bench_train.py --quantize 8 --steps 5 | cut -c1-400 ;;
 *)

@@ -171,8 +171,13 @@ class Trainer:
             noise = mx.array(iterator.draw_noise(tuple(latents.shape)))
             sigma = mx.array(sigmas[t_index])
             guidance = mx.full((len(indices),), cfg.guidance, dtype=mx.float32)
+            queued_at = time.perf_counter()
             queued = _QueuedStep(iterator.num_iterations,
-                                 step_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids))
+                                 step_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids),
+                                 queued_at=queued_at)
+            if not state.first_step_queued:  # the trace (and compile) happen in this first call
+                state.first_step_queued = True
+                log.info("first step traced and queued in %.1f s", time.perf_counter() - queued_at)
             if pending:
                 self._finish_step(pending, state, model, validation, state_is_current=False)
             pending = queued
@@ -216,6 +221,9 @@ class Trainer:
         """Read a queued step's loss, report it and, when the model still holds that step's
         weights (`state_is_current`), write its checkpoint and preview."""
         step, loss_value = queued.step, float(queued.loss)
+        if not state.loss_history and not state.first_step_reported:
+            state.first_step_reported = True  # on a first run on CUDA this includes compiling MLX's kernels
+            log.info("first step ran in %.1f s after it was queued", time.perf_counter() - queued.queued_at)
         if not math.isfinite(loss_value):
             raise UserError(f"the loss became {loss_value} at step {step}",
                             "lower optimizer.learning_rate (e.g. by 10x) and resume from the last checkpoint")
@@ -309,12 +317,15 @@ class _RunState:
     started: datetime
     window_start: float = 0.0  # it/s is measured since the start or the last pause
     window_steps: int = 0
+    first_step_queued: bool = False  # both only for the log: where the time to a first step goes
+    first_step_reported: bool = False
 
 
 @dataclass
 class _QueuedStep:
     step: int  # the iteration count once this step is done
     loss: mx.array  # not yet evaluated
+    queued_at: float = 0.0  # time.perf_counter() when it was queued
 
 
 def _scheduler(model) -> dict:

@@ -85,12 +85,9 @@ def test_attention_backward_recomputed_with_matmuls_equals_autodiff(heads, dtype
     scale = 16**-0.5
     argnums = (0, 1, 2)
     expected = mx.grad(lambda *a: (_plain_attention(*a, scale).astype(mx.float32) * cotangent).sum(), argnums)(q, k, v)
-    speed.FUSED_ATTENTION_BACKWARD = False
-    try:
-        out = attention(q, k, v, scale)
-        got = mx.grad(lambda *a: (attention(*a, scale).astype(mx.float32) * cotangent).sum(), argnums)(q, k, v)
-    finally:
-        speed.FUSED_ATTENTION_BACKWARD = True
+    out = attention(q, k, v, scale, fused_backward=False)
+    got = mx.grad(lambda *a: (attention(*a, scale, fused_backward=False).astype(mx.float32) * cotangent).sum(),
+                  argnums)(q, k, v)
     tolerance = 1e-4 if dtype == mx.float32 else 3e-2
     if dtype == mx.float32:  # the forward is the fused kernel's (in bf16 its rounding differs from this reference's)
         np.testing.assert_allclose(np.array(out), np.array(_plain_attention(q, k, v, scale)), atol=1e-4)
@@ -135,6 +132,28 @@ def test_joint_attention_trains_the_same_with_the_recomputed_backward():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
     for name, expected in grads[0].items():
         np.testing.assert_allclose(np.array(grads[1][name]), np.array(expected), rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_only_joint_blocks_take_the_recomputed_attention_backward(monkeypatch):
+    """The switch reroutes joint blocks' attention; single blocks keep the fused backward
+    (on CUDA it matched the recomputed one for them, and it is cheaper)."""
+    from engine.flux import layers
+    from engine.flux.rope import rope_inverse_frequencies, rope_rotation
+    from engine.flux.transformer import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    routed = []
+    original = layers._attention_recomputing_backward
+    monkeypatch.setattr(layers, "_attention_recomputing_backward", lambda scale: routed.append(scale) or original(scale))
+    ids = mx.concatenate([mx.zeros((5, 3)), mx.stack([mx.zeros(12), mx.arange(12) // 4, mx.arange(12) % 4], axis=1)])
+    rope = rope_rotation(ids, *rope_inverse_frequencies([4, 6, 6]))
+    temb = mx.random.normal((1, 64))
+    joint, single = FluxTransformerBlock(64, 4, 16), FluxSingleTransformerBlock(64, 4, 16)
+    for fused in (True, False):
+        monkeypatch.setattr(speed, "FUSED_ATTENTION_BACKWARD", fused)
+        single(mx.random.normal((1, 17, 64)), temb, rope)
+        assert routed == []
+        joint(mx.random.normal((1, 12, 64)), mx.random.normal((1, 5, 64)), temb, rope)
+        assert routed == ([] if fused else [16**-0.5])
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the CUDA kernels run only on an NVIDIA GPU")

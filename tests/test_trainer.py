@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import mlx.core as mx
@@ -167,9 +168,14 @@ def test_outputs_and_instrumentation_files(tmp_path):
                      "0000002_loss.json", "0000002_config.json", "checkpoint.json"}
 
 
-def test_a_second_fresh_run_never_overwrites_the_first(tmp_path):
+def test_a_second_fresh_run_never_overwrites_the_first(tmp_path, caplog):
     config = make_training_folder(tmp_path, count=1, training_loop={"num_epochs": 1, "batch_size": 1})
-    _, first, _ = run(config)
+    with caplog.at_level(logging.INFO, logger="engine.trainer"):
+        _, first, _ = run(config)
+    # where a slow first step's time went: tracing it or running it (bench/time_to_first_step.py reads these)
+    first_step_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("first step")]
+    assert [line.split(" in ")[0] for line in first_step_lines] == ["first step traced and queued",
+                                                                    "first step ran"], first_step_lines
     _, second, _ = run(config)
     assert first.output_dir != second.output_dir
     assert first.adapter_path.is_file() and second.adapter_path.is_file()

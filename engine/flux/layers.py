@@ -168,7 +168,9 @@ class FluxAttention(nn.Module):
             value = mx.concatenate([self._heads(context, self.add_v_proj), value], axis=1)
         # (B, heads, L, head_dim) for the fused attention
         query, key, value = (t.transpose(0, 2, 1, 3) for t in (apply_rope(query, rope), apply_rope(key, rope), value))
-        out = attention(query, key, value, self.head_dim**-0.5)
+        # the fused backward failed only in joint blocks (speed.FUSED_ATTENTION_BACKWARD)
+        out = attention(query, key, value, self.head_dim**-0.5,
+                        fused_backward=context is None or speed.FUSED_ATTENTION_BACKWARD)
         batch, _, length, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         if context is None:
@@ -177,16 +179,16 @@ class FluxAttention(nn.Module):
         return self.to_out[0](out[:, text_length:]), self.to_add_out(out[:, :text_length])
 
 
-def attention(query: mx.array, key: mx.array, value: mx.array, scale: float) -> mx.array:
+def attention(query: mx.array, key: mx.array, value: mx.array, scale: float, fused_backward: bool = True) -> mx.array:
     """softmax(q k^T * scale) v over (B, heads, L, head_dim).
 
-    The fused kernel (speed.FAST_SDPA), with its own backward or, where
-    speed.FUSED_ATTENTION_BACKWARD is off, a backward that recomputes the softmax
-    with matmuls; with FAST_SDPA off, plain matmuls around a float32 softmax."""
+    The fused kernel (speed.FAST_SDPA), with its own backward or (`fused_backward`
+    False) a backward that recomputes the softmax with matmuls; with FAST_SDPA off,
+    plain matmuls around a float32 softmax."""
     if not speed.FAST_SDPA:
         scores = (query * scale) @ key.swapaxes(-1, -2)
         return mx.softmax(scores.astype(mx.float32), axis=-1).astype(value.dtype) @ value
-    if not speed.FUSED_ATTENTION_BACKWARD:
+    if not fused_backward:
         return _attention_recomputing_backward(float(scale))(query, key, value)
     return mx.fast.scaled_dot_product_attention(query, key, value, scale=scale)
 

@@ -33,8 +33,9 @@ LORA_KERNELS = True
 # Attention through mx.fast.scaled_dot_product_attention (cuDNN on CUDA) rather than two
 # matmuls around a float32 softmax (which keeps the (heads, L, L) probabilities for backward)
 FAST_SDPA = True
-# The fused attention's own backward, rather than one recomputing the softmax with matmuls
-# (engine/flux/layers.py: attention); configure_for_training turns it off where it failed
+# The fused attention's own backward in joint blocks, rather than one recomputing the softmax
+# with matmuls (engine/flux/layers.py: attention); configure_for_training turns it off where it
+# failed. Single blocks always keep it: there it gave the recomputed backward's gradients (run 11)
 FUSED_ATTENTION_BACKWARD = True
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
