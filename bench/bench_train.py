@@ -103,13 +103,14 @@ def step_intervals(one_step, warmup: int, steps: int, losses: list | None = None
 
 
 def measure(transformer, template: str, checkpointing: bool, resolution: int, steps: int, warmup: int = 3,
-            memory_limit: int | None = None) -> dict:
+            memory_limit: int | None = None, switches: dict | None = None) -> dict:
     from engine.flux import speed
 
     dtype = mx.float32 if SMALL else mx.bfloat16
-    # the trainer's choice of routes for this run (engine/flux/speed.py)
+    # the trainer's choice of routes for this run (engine/flux/speed.py), then any set by --switch
     targets = [path for path, _ in tree_flatten(transformer.trainable_parameters())]
     switched_off = speed.configure_for_training(checkpointing, targets)
+    speed.__dict__.update(switches or {})
     mx.set_memory_limit(memory_limit or DEFAULT_MEMORY_LIMIT)
     transformer.gradient_checkpointing = checkpointing
     optimizer = optim.AdamW(learning_rate=1e-4)
@@ -153,7 +154,17 @@ def main() -> None:
     parser.add_argument("--memory-limit", choices=["trainer", "estimate", "default"], default="trainer",
                         help="trainer: as the trainer does (the estimate, for checkpointed or joint-block runs; "
                              "engine/memory.py: limits_graph_memory); estimate: always; default: MLX's own")
+    parser.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
+                        help="set a switch of engine/flux/speed.py after the trainer's own choice (repeatable)")
     args = parser.parse_args()
+    from engine.flux import speed
+
+    switches = {}
+    for text in args.switch:
+        name, _, value = text.partition("=")
+        if name not in speed.DEFAULTS or value not in ("0", "1"):
+            parser.error(f"--switch {text}: expected NAME=0 or NAME=1 with NAME one of {', '.join(speed.DEFAULTS)}")
+        switches[name] = value == "1"
     rows = []
     device = str(mx.default_device())
     for quant_text in args.quantize:
@@ -169,7 +180,7 @@ def main() -> None:
             for checkpointing in (c == "on" for c in args.checkpointing):
                 row = {"template": template, "quantize": quantize, "checkpointing": checkpointing,
                        "resolution": args.resolution, "device": device, "mlx": mx.__version__,
-                       "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1)}
+                       "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1), "switches_set": switches}
                 try:
                     estimate, parts, limit = estimate_gib(load_template(template), quantize, checkpointing,
                                                           args.resolution)
@@ -182,7 +193,7 @@ def main() -> None:
                     limit = limit if capped else None
                     row["memory_limit_gib"] = round(limit / 2**30, 2) if limit else None
                     row.update(measure(transformer, template, checkpointing, args.resolution, args.steps,
-                                       memory_limit=limit))
+                                       memory_limit=limit, switches=switches))
                     row["estimate_gib"], row["estimate_parts_gib"] = estimate, parts
                 except Exception as error:  # keep measuring the others
                     row["error"] = repr(error)[:300]

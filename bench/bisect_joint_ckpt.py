@@ -14,8 +14,9 @@ off) or "+NAME" (only that one on); flags after it: ":nockpt" runs it without
 checkpointing, ":full" on the full-size model with the style template's layers,
 ":randomB" starts LoRA's B random instead of zero, ":rank8" caps ranks at 8,
 ":jointonly" drops the single-block targets, ":pets" trains single blocks only (pets'
-layer types, rank 4), ":f32" trains in float32, ":contig" hands the fused attention and
-its backward contiguous q, k, v and cotangent (is the NaN a layout fault?). Each row
+layer types, rank 4), ":f32" trains in float32, ":contig" gives joint blocks the fused
+attention on contiguous arrays (speed.CONTIGUOUS_JOINT_ATTENTION), ":rawfused" the fused
+attention as MLX has it (on CUDA they otherwise recompute its backward). Each row
 also has the first step's gradients taken eagerly (uncompiled) before any update. Each row also says which LoRA
 weights first turned non-finite.
 With $OUT set, writes $OUT/bisect.json.
@@ -79,9 +80,13 @@ def run_one(variant: str) -> dict:
         for part in path.split("."):
             layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
         layer.lora_B = 0.01 * mx.random.normal(layer.lora_B.shape)
-    if "contig" in flags:
-        _contiguous_fused_attention()
     speed.__dict__.update(switches)  # after anything that may have configured them
+    if "contig" in flags:
+        speed.CONTIGUOUS_JOINT_ATTENTION = True
+    if "rawfused" in flags:  # the fused backward as MLX has it, in joint blocks too (NaN on CUDA, run 10)
+        from engine.flux import layers
+
+        layers._joint_backward = lambda: "fused"
     transformer.gradient_checkpointing = "nockpt" not in flags
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(transformer.trainable_parameters())
@@ -125,35 +130,6 @@ def run_one(variant: str) -> dict:
                          if not mx.isfinite(value).all().item()]
             nonfinite = [f"after step {index + 1}: {len(nonfinite)}", *nonfinite[:6]] if nonfinite else []
     return {"switches": switches, "losses": losses, "nonfinite": nonfinite, **eager}
-
-
-def _contiguous_fused_attention() -> None:
-    """Route the fused attention (forward and backward) through contiguous copies of its inputs."""
-    import mlx.core as mx
-
-    from engine.flux import layers
-
-    plain = layers.attention
-
-    def attention(query, key, value, scale, fused_backward=True):
-        if not fused_backward:
-            return plain(query, key, value, scale, fused_backward)
-
-        def fused(q, k, v):
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-
-        @mx.custom_function
-        def attend(q, k, v):
-            return fused(q, k, v)
-
-        @attend.vjp
-        def attend_vjp(primals, cotangent, output):
-            _, grads = mx.vjp(fused, [mx.contiguous(t) for t in primals], [mx.contiguous(cotangent)])
-            return tuple(grads)
-
-        return attend(*(mx.contiguous(t) for t in (query, key, value)))
-
-    layers.attention = attention
 
 
 def main() -> None:

@@ -15,6 +15,8 @@
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~4 min
 #   q8      our 8-bit rows                                                               ~4 min
 #   style   fused attention backward with contiguous inputs (bisect); style's rows     ~8 min
+#   verify  style's rows with the contiguous fused backward (CONTIGUOUS_JOINT_ATTENTION)   ~5 min
+#   verify2 full-size style checkpointed with every kernel; are our kernels cached?    ~5 min
 # Then, here: python bench/make_results.py --run runN --fallback-runs run9 run2 run1
 set -u
 part=${1:?"which part: check, bf16, q4, ttfs or q8"}
@@ -66,10 +68,33 @@ ttfs)
             >"$out/$run/stdout.log" 2>&1
         echo "$run rc=$?"; tail -c 900 "$out/$run/stdout.log"; echo
     done ;;
+verify)
+    # joint blocks' fused attention backward on contiguous arrays: style's rows (losses finite? faster?)
+    for q in none 4; do
+        for c in off on; do
+            OUT=$out timeout 140 python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
+                --steps 6 --switch CONTIGUOUS_JOINT_ATTENTION=1 >"$out/style_q${q}_ckpt_$c.log" 2>&1
+            echo "style quantize=$q checkpointing=$c rc=$?"
+            mv -f "$out/ours.json" "$out/ours_style_q${q}_ckpt_$c.json" 2>/dev/null &&
+                python -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print({k: r.get(k) for k in
+                ('s_per_step_median', 'peak_gib', 'estimate_gib', 'losses_finite', 'losses', 'switched_off')})" \
+                "$out/ours_style_q${q}_ckpt_$c.json" || tail -c 600 "$out/style_q${q}_ckpt_$c.log"
+        done
+    done ;;
+verify2)
+    # the run-9 crash: full-size style, checkpointed, every kernel on (bisect ':full')
+    timeout 200 python bench/bisect_joint_ckpt.py --timeout 180 --variants "all:full" >/dev/null 2>&1
+    python -c "import json,sys; [print(r['variant'], r.get('ok'), r.get('losses'), r.get('nonfinite'),
+        r.get('eager_nonfinite_grads'), r.get('stderr_tail', '')[-300:]) for r in json.load(open(sys.argv[1]))]" \
+        "$out/bisect.json"
+    # are our CUDA kernels (mx.fast.cuda_kernel) compiled again in every process?
+    ls /tmp/mlx/*/ptx | wc -l; ls /tmp/mlx/*/ptx | grep -c custom_kernel
+    timeout 200 python bench/probe_first_step.py --checkpointing --timeout 90 --variants all ~LORA_KERNELS all | cut -c1-300
+    ls /tmp/mlx/*/ptx | wc -l; ls -la --time-style=+%T /tmp/mlx/*/ptx | grep custom_kernel | head -30 ;;
 style)
     # joint blocks recompute attention's backward, single blocks keep the fused one: style's losses
     # and speed. First: does the fused backward train joint blocks when handed contiguous inputs?
-    timeout 330 python bench/bisect_joint_ckpt.py --timeout 100 --variants "all:nockpt:randomB" \
+    timeout 330 python bench/bisect_joint_ckpt.py --timeout 100 --variants "all:nockpt:randomB:rawfused" \
         "all:nockpt:randomB:contig" "~FUSED_ATTENTION_BACKWARD:nockpt:randomB" >/dev/null 2>&1
     python - "$out/bisect.json" <<'PY'
 import json, math, sys

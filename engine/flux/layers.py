@@ -168,9 +168,7 @@ class FluxAttention(nn.Module):
             value = mx.concatenate([self._heads(context, self.add_v_proj), value], axis=1)
         # (B, heads, L, head_dim) for the fused attention
         query, key, value = (t.transpose(0, 2, 1, 3) for t in (apply_rope(query, rope), apply_rope(key, rope), value))
-        # the fused backward failed only in joint blocks (speed.FUSED_ATTENTION_BACKWARD)
-        out = attention(query, key, value, self.head_dim**-0.5,
-                        fused_backward=context is None or speed.FUSED_ATTENTION_BACKWARD)
+        out = attention(query, key, value, self.head_dim**-0.5, backward=_joint_backward() if context is not None else "fused")
         batch, _, length, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         if context is None:
@@ -179,18 +177,57 @@ class FluxAttention(nn.Module):
         return self.to_out[0](out[:, text_length:]), self.to_add_out(out[:, :text_length])
 
 
-def attention(query: mx.array, key: mx.array, value: mx.array, scale: float, fused_backward: bool = True) -> mx.array:
+def _joint_backward() -> str:
+    """Which backward a joint block's attention takes (see `attention`).
+
+    On MLX 0.32.4's CUDA build the fused kernel's own backward (cuDNN) gave NaN gradients in bf16
+    for LoRA on FLUX's joint blocks, eager and compiled (bench/NOTES.md, items 14-15); single
+    blocks were never hit. There joint blocks take the recomputed backward, which trained the
+    full-size style template, or with speed.CONTIGUOUS_JOINT_ATTENTION the fused one handed
+    contiguous arrays, which trained a 5-block model of full width but has not run at full size."""
+    if not speed.FUSED_ATTENTION_BACKWARD:
+        return "recomputed"
+    if not speed.on_cuda():
+        return "fused"
+    return "contiguous" if speed.CONTIGUOUS_JOINT_ATTENTION else "recomputed"
+
+
+def attention(query: mx.array, key: mx.array, value: mx.array, scale: float, backward: str = "fused") -> mx.array:
     """softmax(q k^T * scale) v over (B, heads, L, head_dim).
 
-    The fused kernel (speed.FAST_SDPA), with its own backward or (`fused_backward`
-    False) a backward that recomputes the softmax with matmuls; with FAST_SDPA off,
-    plain matmuls around a float32 softmax."""
+    The fused kernel (speed.FAST_SDPA) with, by `backward`: its own backward ("fused"); its own
+    backward handed contiguous copies of q, k, v and the incoming gradient ("contiguous"); or
+    one that recomputes the softmax with matmuls ("recomputed"). With FAST_SDPA off, plain
+    matmuls around a float32 softmax."""
     if not speed.FAST_SDPA:
         scores = (query * scale) @ key.swapaxes(-1, -2)
         return mx.softmax(scores.astype(mx.float32), axis=-1).astype(value.dtype) @ value
-    if not fused_backward:
+    if backward == "recomputed":
         return _attention_recomputing_backward(float(scale))(query, key, value)
+    if backward == "contiguous":
+        return _attention_contiguous_backward(float(scale))(*(mx.contiguous(t) for t in (query, key, value)))
     return mx.fast.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
+@cache
+def _attention_contiguous_backward(scale: float):
+    """The fused attention, whose backward runs on a contiguous copy of the incoming gradient
+    (the inputs arrive contiguous). The fused forward runs again inside the backward: its saved
+    statistics are internal to MLX's own vjp."""
+
+    def fused(query, key, value):
+        return mx.fast.scaled_dot_product_attention(query, key, value, scale=scale)
+
+    @mx.custom_function
+    def attend(query, key, value):
+        return fused(query, key, value)
+
+    @attend.vjp
+    def attend_vjp(primals, cotangent, output):
+        _, grads = mx.vjp(fused, list(primals), [mx.contiguous(cotangent)])
+        return tuple(grads)
+
+    return attend
 
 
 # heads per piece of the recomputed backward: a (heads, L, L) float32 block is 226 MB for
@@ -204,9 +241,8 @@ def _attention_recomputing_backward(scale: float):
     recomputed (in float32) from q and k, so nothing beyond q, k and v is kept, and the
     backward reads neither the fused kernel's output nor its saved statistics.
 
-    On MLX 0.32.4's CUDA build the fused kernel's own backward (cuDNN) gave NaN gradients in
-    bf16 for LoRA on FLUX's joint blocks, eager and compiled, while float32, or attention
-    from plain matmuls, trained (bench/NOTES.md, item 14)."""
+    What joint blocks take on CUDA (see _joint_backward), and the reference the contiguous
+    route was checked against there."""
 
     @mx.custom_function
     def attend(query, key, value):

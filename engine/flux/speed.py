@@ -33,10 +33,15 @@ LORA_KERNELS = True
 # Attention through mx.fast.scaled_dot_product_attention (cuDNN on CUDA) rather than two
 # matmuls around a float32 softmax (which keeps the (heads, L, L) probabilities for backward)
 FAST_SDPA = True
-# The fused attention's own backward in joint blocks, rather than one recomputing the softmax
-# with matmuls (engine/flux/layers.py: attention); configure_for_training turns it off where it
-# failed. Single blocks always keep it: there it gave the recomputed backward's gradients (run 11)
+# The fused attention's own backward in joint blocks off CUDA, rather than one recomputing the
+# softmax with matmuls (engine/flux/layers.py: attention, _joint_backward). Single blocks always
+# take the fused one: on CUDA it gave the recomputed one's gradients for them (run 11)
 FUSED_ATTENTION_BACKWARD = True
+# On CUDA, joint blocks' attention through the fused backward handed contiguous arrays, instead
+# of the recomputed backward. It trained a full-width 5-block model with the gradients of the
+# recomputed one (run 11) and would make the style step ~0.05 s faster, but it has not run at
+# full size yet: off until it has
+CONTIGUOUS_JOINT_ATTENTION = False
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
 
@@ -52,25 +57,17 @@ def on_cuda() -> bool:
 # On an H200, a step that checkpoints joint blocks it trains through (the style template:
 # LoRA on joint blocks 5-15, gradient checkpointing on) hit an illegal memory access twice
 # (run 9). The same runs without checkpointing trained to NaN, and that was traced to the fused
-# attention's backward (run 10, below), so the crash most likely shares its cause: a
-# style-shaped model at full width then trained checkpointed, with these three on, without
-# fault. Until a full-size run confirms it, checkpointed joint-block runs keep MLX's routes here.
+# attention's backward (runs 10-11; engine/flux/layers.py: _joint_backward), so the crash most
+# likely shares its cause: a style-shaped model at full width then trained checkpointed, with
+# these three on, without fault. Until a full-size run confirms it, checkpointed joint-block
+# runs keep MLX's routes here (on every backend; the RoPE and LoRA kernels only run on CUDA).
 UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS = ("GELU_SAVES_INPUT", "ROPE_KERNEL", "LORA_KERNELS")
-# On CUDA (MLX 0.32.4), bf16 gradients through the fused attention's backward came out NaN
-# once LoRA trained FLUX's joint blocks, with every other switch off and without compiling;
-# float32, or attention without the fused backward, trained (bench/NOTES.md, item 14).
-FAILED_WITH_JOINT_BLOCKS_ON_CUDA = ("FUSED_ATTENTION_BACKWARD",)
 
 
-def configure_for_training(gradient_checkpointing: bool, lora_paths, cuda: bool | None = None) -> list[str]:
-    """Reset every switch to its default, then turn off those that failed or are unproven for
-    this run (`cuda`: whether it runs on CUDA, found out when None); returns those."""
+def configure_for_training(gradient_checkpointing: bool, lora_paths) -> list[str]:
+    """Reset every switch to its default, then turn off those unproven for this run; returns those."""
     globals().update(DEFAULTS)
-    if not trains_joint_blocks(lora_paths):
-        return []
-    off = list(FAILED_WITH_JOINT_BLOCKS_ON_CUDA) if (on_cuda() if cuda is None else cuda) else []
-    if gradient_checkpointing:
-        off += UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS
+    off = list(UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS) if gradient_checkpointing and trains_joint_blocks(lora_paths) else []
     for name in off:
         globals()[name] = False
     return off
