@@ -125,9 +125,6 @@ class Trainer:
         self._limit_graph_memory(model)
         transformer.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         targets = lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks)
-        switched_off = speed.configure_for_training(bool(cfg.gradient_checkpointing), [path for path, _ in targets])
-        if switched_off:
-            log.info("training joint blocks: %s off (engine/flux/speed.py)", ", ".join(switched_off))
         apply_lora(transformer, targets, key=mx.random.key(cfg.seed))
         optimizer = build_optimizer(cfg.optimizer.name, cfg.optimizer.learning_rate)
         optimizer.init(transformer.trainable_parameters())
@@ -138,6 +135,10 @@ class Trainer:
         if resume:
             iterator, loss_history = self._restore(resume, transformer, optimizer, len(dataset))
 
+        switched_off = speed.configure_for_training(bool(cfg.gradient_checkpointing), [path for path, _ in targets],
+                                                    steps=iterator.total_steps - iterator.num_iterations)
+        if switched_off:
+            log.info("speed switches off for this run: %s (engine/flux/speed.py)", ", ".join(switched_off))
         self.emit("phase", phase="compile", detail="compiling the training step")
         step_fn = make_train_step(transformer, optimizer, model.dtype, model.has_guidance)
         latent_h, latent_w = latent_size(cfg.height, cfg.width, model.vae.scale_factor)

@@ -219,6 +219,27 @@ def test_checkpointed_joint_block_training_takes_the_mlx_routes():
         speed.configure_for_training(False, [])
 
 
+def test_short_runs_on_cuda_skip_kernels_that_would_not_win_back_their_compile_time(monkeypatch):
+    # LoRA's kernels: ~25 s to compile, ~10 ms a step saved; RoPE's: ~6 s, ~3 ms
+    assert speed.kernels_not_worth_compiling(100) == ["LORA_KERNELS", "ROPE_KERNEL"]
+    assert speed.kernels_not_worth_compiling(2200) == ["LORA_KERNELS"]
+    assert speed.kernels_not_worth_compiling(5000) == []
+    try:
+        monkeypatch.setattr(speed, "on_cuda", lambda: True)
+        assert speed.configure_for_training(False, ["single_transformer_blocks.3.proj_out"], steps=300) == [
+            "LORA_KERNELS", "ROPE_KERNEL"]
+        assert not speed.LORA_KERNELS and not speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT
+        assert speed.configure_for_training(False, ["single_transformer_blocks.3.proj_out"], steps=3000) == []
+        assert speed.LORA_KERNELS and speed.ROPE_KERNEL
+        # checkpointed joint blocks have them off already: each is named once
+        off = speed.configure_for_training(True, ["transformer_blocks.5.attn.to_q"], steps=300)
+        assert sorted(off) == sorted(speed.UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS)
+        monkeypatch.setattr(speed, "on_cuda", lambda: False)  # they never run elsewhere: nothing to report
+        assert speed.configure_for_training(False, ["single_transformer_blocks.3.proj_out"], steps=300) == []
+    finally:
+        speed.configure_for_training(False, [])
+
+
 def test_joint_blocks_on_cuda_take_the_recomputed_attention_backward(monkeypatch):
     from engine.flux import layers
 

@@ -251,17 +251,25 @@ def test_checkpointed_joint_block_training_runs_on_the_mlx_routes(tmp_path):
         tmp_path, count=1, gradient_checkpointing=True, training_loop={"num_epochs": 2, "batch_size": 1},
         lora_layers={"transformer_blocks": {"block_range": {"start": 5, "end": 7},
                                             "layer_types": ["attn.to_q", "attn.to_k", "attn.to_v"], "lora_rank": 16}})
-    seen = []
+    seen, configured = [], []
 
     def listener(event):
         if event["type"] == "step":
             seen.append((speed.LORA_KERNELS, speed.ROPE_KERNEL, speed.GELU_SAVES_INPUT, event["loss"]))
 
+    def configure(*args, **kwargs):
+        configured.append(kwargs.get("steps"))
+        return configure_for_training(*args, **kwargs)
+
+    configure_for_training = speed.configure_for_training
     try:
+        speed.configure_for_training = configure
         result = Trainer(load_config(config), listener).run()
         assert result.step == 2 and not result.stopped
+        assert configured == [2]  # the steps this process runs: what our kernels' compile time is weighed against
         assert [switches[:3] for switches in seen] == [(False, False, False)] * 2
         assert all(np.isfinite(loss) for *_, loss in seen)
     finally:
+        speed.configure_for_training = configure_for_training
         speed.configure_for_training(False, [])
     assert speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT

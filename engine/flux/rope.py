@@ -104,11 +104,16 @@ def _rope_with_kernel_vjp(primals, cotangent, output):
     return _rope_cuda(cotangent.astype(output.dtype), cos, sin, True), mx.zeros_like(cos), mx.zeros_like(sin)
 
 
-@mx.custom_function
-def _rotate_pairs(x: mx.array, rotation: mx.array) -> mx.array:
+def _rotate_float32(x: mx.array, rotation: mx.array) -> mx.array:
     # Each adjacent float32 pair read as one complex number: a single complex
     # multiply, about 3x faster on CUDA than gathering even and odd elements.
-    return mx.view(mx.view(x, mx.complex64) * rotation, mx.float32)
+    return mx.view(mx.view(x.astype(mx.float32), mx.complex64) * rotation, mx.float32).astype(x.dtype)
+
+
+@mx.custom_function
+def _rotate_pairs(x: mx.array, rotation: mx.array) -> mx.array:
+    # x in its own dtype: training keeps it (for the vjp), never a float32 copy of it
+    return _rotate_float32(x, rotation)
 
 
 @_rotate_pairs.vjp
@@ -116,7 +121,7 @@ def _rotate_pairs_vjp(primals, cotangent, output):
     # mx.view has no autodiff; a rotation's transpose is the opposite rotation.
     # The rotation comes from position ids, so it never needs a gradient.
     _, rotation = primals
-    return _rotate_pairs(cotangent.astype(mx.float32), mx.conj(rotation)), mx.zeros_like(rotation)
+    return _rotate_float32(cotangent.astype(output.dtype), mx.conj(rotation)), mx.zeros_like(rotation)
 
 
 def apply_rope(x: mx.array, rotation: Rotation) -> mx.array:
@@ -128,4 +133,4 @@ def apply_rope(x: mx.array, rotation: Rotation) -> mx.array:
         cos, sin = (a.reshape(a.shape[0], length, -1) for a in (rotation.cos, rotation.sin))
         if cos.shape[0] in (1, batch):
             return _rope_with_kernel(x, cos, sin)
-    return _rotate_pairs(x.astype(mx.float32), rotation.complex).astype(x.dtype)
+    return _rotate_pairs(x, rotation.complex)

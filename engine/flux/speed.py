@@ -64,10 +64,27 @@ def on_cuda() -> bool:
 UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS = ("GELU_SAVES_INPUT", "ROPE_KERNEL", "LORA_KERNELS")
 
 
-def configure_for_training(gradient_checkpointing: bool, lora_paths) -> list[str]:
-    """Reset every switch to its default, then turn off those unproven for this run; returns those."""
+# Our own CUDA kernels are compiled (NVRTC) afresh in every process: MLX keeps its own compiled
+# kernels in a disk cache (/tmp/mlx), but none of mx.fast.cuda_kernel's were found there. On an
+# H200 (run 11, bench/probe_first_step.py) LoRA's kernels added ~25 s to the first step and
+# RoPE's ~6 s; they save ~10 ms and ~3 ms a step (bench/NOTES.md, items 9 and 11). A run of
+# fewer steps than compile time / saving finishes sooner without them.
+KERNEL_COMPILE_S = {"LORA_KERNELS": 25.0, "ROPE_KERNEL": 6.0}
+KERNEL_SAVING_S_PER_STEP = {"LORA_KERNELS": 0.010, "ROPE_KERNEL": 0.003}
+
+
+def kernels_not_worth_compiling(steps: int) -> list[str]:
+    """Our CUDA kernels whose compile time a run of `steps` steps would not win back."""
+    return [name for name, seconds in KERNEL_COMPILE_S.items() if steps * KERNEL_SAVING_S_PER_STEP[name] < seconds]
+
+
+def configure_for_training(gradient_checkpointing: bool, lora_paths, steps: int | None = None) -> list[str]:
+    """Reset every switch to its default, then turn off those unproven for this run and, on CUDA,
+    the kernels a run of `steps` more steps (None: a long run) would not win back; returns those."""
     globals().update(DEFAULTS)
     off = list(UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS) if gradient_checkpointing and trains_joint_blocks(lora_paths) else []
+    if steps is not None and on_cuda():
+        off += [name for name in kernels_not_worth_compiling(steps) if name not in off]
     for name in off:
         globals()[name] = False
     return off
