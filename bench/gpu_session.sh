@@ -61,7 +61,7 @@ q4)
 ttfs)
     # a user's first run (MLX's CUDA kernel cache, /tmp/mlx, emptied: every kernel compiles), then a
     # second one (cache warm); each from an empty run folder and encodings cache
-    rm -rf /tmp/mlx
+    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels  # MLX's default cache and the one time_to_first_step.py sets
     for run in cold warm; do
         mkdir -p "$out/$run"
         OUT=$out/$run timeout 300 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 
-def _folder(kind: str) -> Path:
+def _folder(kind: str, create: bool = True) -> Path:
     home = os.environ.get("DREAMBOOTH_WIZARD_HOME")
     if home:
         path = Path(home).expanduser() / kind
@@ -18,7 +18,8 @@ def _folder(kind: str) -> Path:
 
         find = {"cache": platformdirs.user_cache_dir, "logs": platformdirs.user_log_dir}[kind]
         path = Path(find("dreambooth-wizard"))
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -28,6 +29,26 @@ def cache_dir() -> Path:
 
 def log_dir() -> Path:
     return _folder("logs")
+
+
+def keep_compiled_gpu_kernels() -> str | None:
+    """Point MLX's CUDA kernel cache into our cache folder, per MLX version; returns the folder.
+
+    MLX compiles its CUDA kernels on first use and keeps them in /tmp/mlx/<version>/ptx, which a
+    reboot empties: then a first training step spends minutes compiling again (bench/NOTES.md).
+    Must run before MLX compiles its first kernel; MLX creates the folder. A folder the user set
+    (MLX_PTX_CACHE_DIR) is kept, and nothing changes off CUDA (the variable is read only there)."""
+    if os.environ.get("MLX_PTX_CACHE_DIR"):
+        return os.environ["MLX_PTX_CACHE_DIR"]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mlx_version = version("mlx")
+    except PackageNotFoundError:
+        return None
+    folder = str(_folder("cache", create=False) / "mlx-cuda-kernels" / mlx_version)
+    os.environ["MLX_PTX_CACHE_DIR"] = folder
+    return folder
 
 
 def unwritable_reason(folder: Path) -> str | None:
