@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.own_process import run_variants  # noqa: E402
 
 DEFAULT_VARIANTS = ["all:nockpt", "none:nockpt", "all:nockpt:randomB", "none:nockpt:randomB",
                     "-LORA_KERNELS:nockpt:randomB", "-ROPE_KERNEL:nockpt:randomB", "-GELU_SAVES_INPUT:nockpt:randomB",
@@ -141,23 +140,7 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(run_one(args.child)), flush=True)
         return
-    rows = []
-    for variant in args.variants:
-        start = time.perf_counter()
-        try:
-            done = subprocess.run([sys.executable, __file__, f"--child={variant}"], capture_output=True, text=True,
-                                  timeout=args.timeout)
-            result = next((json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")),
-                          None)
-            row = {"variant": variant, "rc": done.returncode, "ok": result is not None, **(result or {}),
-                   "stderr_tail": done.stderr[-600:] if result is None else ""}
-        except subprocess.TimeoutExpired:
-            row = {"variant": variant, "rc": None, "ok": False, "stderr_tail": f"timed out after {args.timeout} s"}
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "bisect.json").write_text(json.dumps(rows, indent=1))
+    run_variants(__file__, args.variants, args.timeout, "bisect.json")
 
 
 if __name__ == "__main__":

@@ -19,12 +19,28 @@
 #   verify2 full-size style checkpointed with every kernel; are our kernels cached?    ~5 min
 # Then, here: python bench/make_results.py --run runN --fallback-runs run9 run2 run1
 set -u
-part=${1:?"which part: check, bf16, q4, ttfs or q8"}
+part=${1:?"which part: check, bf16, q4, ttfs, q8, verify, verify2 or style"}
 out=${OUT:-/tmp/bench_out}/$part
 mkdir -p "$out"
 export OUT=$out
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+
+# style's four rows (bf16 and 4-bit, checkpointing off and on), each in its own process, with
+# bench_train.py's extra arguments "$@"; prints the numbers and the losses
+style_rows() {
+    for q in none 4; do
+        for c in off on; do
+            OUT=$out timeout 140 python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
+                --steps 6 "$@" >"$out/style_q${q}_ckpt_$c.log" 2>&1
+            echo "style quantize=$q checkpointing=$c rc=$?"
+            mv -f "$out/ours.json" "$out/ours_style_q${q}_ckpt_$c.json" 2>/dev/null &&
+                python -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print({k: r.get(k) for k in
+                ('s_per_step_median', 'peak_gib', 'estimate_gib', 'losses_finite', 'losses', 'switched_off')})" \
+                "$out/ours_style_q${q}_ckpt_$c.json" || tail -c 600 "$out/style_q${q}_ckpt_$c.log"
+        done
+    done
+}
 
 case $part in
 check)
@@ -41,14 +57,7 @@ if len(rows) == 2 and all(r.get("ok") for r in rows):
 else:
     print("pets gradient comparison did not finish:", [r.get("stderr_tail", "")[-200:] for r in rows])
 PY
-    for q in none 4; do
-        for c in off on; do
-            OUT=$out timeout 140 python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
-                --steps 6 >"$out/style_q${q}_ckpt_$c.log" 2>&1
-            echo "style quantize=$q checkpointing=$c rc=$?"; tail -c 400 "$out/style_q${q}_ckpt_$c.log"; echo
-            mv -f "$out/ours.json" "$out/ours_style_q${q}_ckpt_$c.json" 2>/dev/null
-        done
-    done ;;
+    style_rows ;;
 bf16)
     # style's bf16 rows come from 'check' (same steps, same script)
     timeout 260 python bench/bench_train.py --templates ${TEMPLATES:-pets people} --quantize none --steps 7 | cut -c1-400
@@ -70,27 +79,19 @@ ttfs)
     done ;;
 verify)
     # joint blocks' fused attention backward on contiguous arrays: style's rows (losses finite? faster?)
-    for q in none 4; do
-        for c in off on; do
-            OUT=$out timeout 140 python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
-                --steps 6 --switch CONTIGUOUS_JOINT_ATTENTION=1 >"$out/style_q${q}_ckpt_$c.log" 2>&1
-            echo "style quantize=$q checkpointing=$c rc=$?"
-            mv -f "$out/ours.json" "$out/ours_style_q${q}_ckpt_$c.json" 2>/dev/null &&
-                python -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print({k: r.get(k) for k in
-                ('s_per_step_median', 'peak_gib', 'estimate_gib', 'losses_finite', 'losses', 'switched_off')})" \
-                "$out/ours_style_q${q}_ckpt_$c.json" || tail -c 600 "$out/style_q${q}_ckpt_$c.log"
-        done
-    done ;;
+    style_rows --switch CONTIGUOUS_JOINT_ATTENTION=1 ;;
 verify2)
     # the run-9 crash: full-size style, checkpointed, every kernel on (bisect ':full')
     timeout 200 python bench/bisect_joint_ckpt.py --timeout 180 --variants "all:full" >/dev/null 2>&1
     python -c "import json,sys; [print(r['variant'], r.get('ok'), r.get('losses'), r.get('nonfinite'),
         r.get('eager_nonfinite_grads'), r.get('stderr_tail', '')[-300:]) for r in json.load(open(sys.argv[1]))]" \
         "$out/bisect.json"
-    # are our CUDA kernels (mx.fast.cuda_kernel) compiled again in every process?
-    ls /tmp/mlx/*/ptx | wc -l; ls /tmp/mlx/*/ptx | grep -c custom_kernel
+    # are our CUDA kernels (mx.fast.cuda_kernel) compiled again in every process? (MLX's kernel
+    # cache: engine/paths.py points it into our cache folder)
+    kernels=$(python -c "import engine, os; print(os.environ['MLX_PTX_CACHE_DIR'])")
+    ls "$kernels" | wc -l; ls "$kernels" | grep -c custom_kernel
     timeout 200 python bench/probe_first_step.py --checkpointing --timeout 90 --variants all ~LORA_KERNELS all | cut -c1-300
-    ls /tmp/mlx/*/ptx | wc -l; ls -la --time-style=+%T /tmp/mlx/*/ptx | grep custom_kernel | head -30 ;;
+    ls "$kernels" | wc -l; ls -la --time-style=+%T "$kernels" | grep custom_kernel | head -30 ;;
 style)
     # joint blocks recompute attention's backward, single blocks keep the fused one: style's losses
     # and speed. First: does the fused backward train joint blocks when handed contiguous inputs?
@@ -107,17 +108,7 @@ for name, row in rows.items():
     print(name, "ok" if row.get("ok") else row.get("stderr_tail", "")[-200:], "losses", row.get("losses"),
           "nonfinite grads", row.get("eager_nonfinite_grads"), "worst grad difference vs recomputed", worst)
 PY
-    for q in none 4; do
-        for c in off on; do
-            OUT=$out timeout 140 python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
-                --steps 6 >"$out/style_q${q}_ckpt_$c.log" 2>&1
-            echo "style quantize=$q checkpointing=$c rc=$?"
-            mv -f "$out/ours.json" "$out/ours_style_q${q}_ckpt_$c.json" 2>/dev/null &&
-                python -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print({k: r.get(k) for k in
-                ('s_per_step_median', 'peak_gib', 'estimate_gib', 'losses_finite', 'losses', 'switched_off')})" \
-                "$out/ours_style_q${q}_ckpt_$c.json" || tail -c 600 "$out/style_q${q}_ckpt_$c.log"
-        done
-    done ;;
+    style_rows ;;
 q8)
     timeout 400 python bench/bench_train.py --quantize 8 --steps 5 | cut -c1-400 ;;
 *)

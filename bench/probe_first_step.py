@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.own_process import run_variants  # noqa: E402
 
 
 def run_one(variant: str, checkpointing: bool) -> dict:
@@ -71,22 +71,8 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(run_one(args.child, args.checkpointing)), flush=True)
         return
-    rows = []
-    for variant in args.variants:
-        start = time.perf_counter()
-        command = [sys.executable, __file__, f"--child={variant}"] + (["--checkpointing"] if args.checkpointing else [])
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-            result = next((json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")),
-                          None)
-            row = result or {"variant": variant, "error": done.stderr[-600:]}
-        except subprocess.TimeoutExpired:
-            row = {"variant": variant, "error": f"timed out after {args.timeout} s"}
-        row["process_s"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "first_step.json").write_text(json.dumps(rows, indent=1))
+    run_variants(__file__, args.variants, args.timeout, "first_step.json",
+                 ["--checkpointing"] if args.checkpointing else [])
 
 
 if __name__ == "__main__":
