@@ -69,7 +69,8 @@ def clamp_targets(targets):
 
 def estimate_gib(template_config, quantize, checkpointing, resolution):
     """The estimator's training-phase peak (GiB) and its parts, for the same config."""
-    from engine.memory import estimate_memory, graph_memory_limit, inputs_from_config
+    from engine.memory import estimate_memory, inputs_from_config
+    from engine.memory_limit import graph_memory_limit
 
     cfg = template_config
     cfg.quantize, cfg.gradient_checkpointing, cfg.width, cfg.height = quantize, checkpointing, resolution, resolution
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2 if SMALL else 10)
     parser.add_argument("--memory-limit", choices=["trainer", "estimate", "default"], default="trainer",
                         help="trainer: as the trainer does (the estimate, for checkpointed or joint-block runs; "
-                             "engine/memory.py: limits_graph_memory); estimate: always; default: MLX's own")
+                             "engine/memory_limit.py: limits_graph_memory); estimate: always; default: MLX's own")
     parser.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
                         help="set a switch of engine/flux/speed.py after the trainer's own choice (repeatable)")
     args = parser.parse_args()
@@ -184,7 +185,7 @@ def main() -> None:
                 try:
                     estimate, parts, limit = estimate_gib(load_template(template), quantize, checkpointing,
                                                           args.resolution)
-                    from engine.memory import limits_graph_memory
+                    from engine.memory_limit import limits_graph_memory
 
                     run_config = load_template(template)
                     run_config.gradient_checkpointing = checkpointing

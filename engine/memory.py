@@ -240,7 +240,7 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         parts[f"workspace ({phase})"] = _workspace(sum(parts[name] for name in names), inputs.backend)
     phases = {ENCODING: encoding + ("workspace (encoding)",), TRAINING: training + ("workspace (training)",)}
     if inputs.backend == "cuda":
-        # how far the work MLX has queued runs ahead of the GPU: capped runs (limits_graph_memory) are
+        # how far the work MLX has queued runs ahead of the GPU: capped runs (memory_limit.py) are
         # capped this much above the rest (graph_memory_limit) and reach the cap; the others were
         # measured (run 9)
         settled = sum(parts[name] for name in phases[TRAINING])
@@ -343,7 +343,7 @@ def _attention_backward(inputs: MemoryInputs, tokens: int) -> str:
 
 
 def _cuda_capped(inputs: MemoryInputs) -> bool:
-    """Whether the trainer caps the step's memory at the estimate (see limits_graph_memory)."""
+    """Whether the trainer caps the step's memory at the estimate (engine/memory_limit.py: limits_graph_memory)."""
     return inputs.gradient_checkpointing or trains_joint_blocks(path for path, _ in inputs.lora_targets)
 
 
@@ -401,46 +401,3 @@ def _optimizer_state_bytes(inputs: MemoryInputs, linears: dict) -> int:
     copies = OPTIMIZER_STATE_COPIES.get(name, 2)  # an unknown optimizer is assumed to be Adam-like
     numbers = sum(rank * sum(_target_shape(linears, path)) for path, rank in inputs.lora_targets)
     return copies * numbers * FLOAT32_BYTES
-
-
-# ---------------------------------------------------------------- CUDA memory limit
-
-def graph_memory_limit(estimate: MemoryEstimate) -> int:
-    """A soft memory limit for the training step: the estimated training peak (on CUDA it includes
-    the run-ahead allowance, so the estimate is what the run will use).
-
-    MLX's limit is soft: past it the allocator frees its cache and stops the
-    graph from running far ahead of the GPU. On CUDA the default (95% of the
-    card) lets a step queue temporaries of many blocks at once; bench/NOTES.md
-    shows the peak this saves.
-    """
-    return estimate.training_peak
-
-
-def limits_graph_memory(cfg, backend: str) -> bool:
-    """Whether the trainer caps the step's memory: on CUDA, for runs with gradient checkpointing
-    and for runs that train joint blocks.
-
-    The cap holds the step back whenever it binds: it cost 10% (bf16) to 25% (4-bit
-    with checkpointing) of the step time on an H200 (bench/NOTES.md). Without
-    checkpointing the stored activations dominate and the cap saved little (bf16
-    pets: 38.9 -> 40.7 GiB), so only runs that asked to save memory pay for it, and
-    runs through joint blocks: their attention backward recomputes the softmax
-    (engine/flux/speed.py), ~0.7 GB of temporaries per block that the host would
-    otherwise queue for many blocks ahead of the GPU.
-    """
-    if backend != "cuda":
-        return False
-    return bool(cfg.gradient_checkpointing) or cfg.lora_layers.transformer_blocks is not None
-
-
-def apply_graph_memory_limit(cfg, model_config: dict, backend: str) -> int | None:
-    """Set MLX's memory limit from the estimate for `cfg` where `limits_graph_memory`; returns it (else None)."""
-    if not limits_graph_memory(cfg, backend):
-        return None
-    import mlx.core as mx
-
-    estimate = estimate_memory(inputs_from_config(cfg, model_config, backend=backend))
-    limit = graph_memory_limit(estimate)
-    mx.set_memory_limit(limit)
-    return limit

@@ -204,7 +204,8 @@ class Trainer:
 
     def _limit_graph_memory(self, model) -> None:
         from engine.flux.quantized import prefer_dequantizing
-        from engine.memory import ModelConfigs, apply_graph_memory_limit
+        from engine.memory import ModelConfigs
+        from engine.memory_limit import apply_graph_memory_limit
 
         if prefer_dequantizing() and mx.default_device() == mx.gpu:  # CUDA: Metal keeps its own default
             limit = apply_graph_memory_limit(self.config, ModelConfigs(transformer=model.transformer_config), "cuda")

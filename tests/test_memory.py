@@ -299,7 +299,7 @@ def test_estimate_command_reports_config_problems_without_a_traceback(tmp_path, 
 
 def test_only_checkpointed_or_joint_block_cuda_runs_get_a_graph_memory_limit():
     from engine.config import load_template
-    from engine.memory import limits_graph_memory
+    from engine.memory_limit import limits_graph_memory
 
     pets, style = load_template("pets"), load_template("style")
     pets.gradient_checkpointing = style.gradient_checkpointing = True
