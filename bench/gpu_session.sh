@@ -86,9 +86,9 @@ verify2)
     python -c "import json,sys; [print(r['variant'], r.get('ok'), r.get('losses'), r.get('nonfinite'),
         r.get('eager_nonfinite_grads'), r.get('stderr_tail', '')[-300:]) for r in json.load(open(sys.argv[1]))]" \
         "$out/bisect.json"
-    # are our CUDA kernels (mx.fast.cuda_kernel) compiled again in every process? (MLX's kernel
-    # cache: engine/paths.py points it into our cache folder)
-    kernels=$(python -c "import engine, os; print(os.environ['MLX_PTX_CACHE_DIR'])")
+    # are our CUDA kernels (mx.fast.cuda_kernel) compiled again in every process? (the probe builds
+    # its model without load_model, so MLX keeps its default cache folder)
+    kernels=$(ls -d /tmp/mlx/*/ptx | head -1)
     ls "$kernels" | wc -l; ls "$kernels" | grep -c custom_kernel
     timeout 200 python bench/probe_first_step.py --checkpointing --timeout 90 --variants all ~LORA_KERNELS all | cut -c1-300
     ls "$kernels" | wc -l; ls -la --time-style=+%T "$kernels" | grep custom_kernel | head -30 ;;

@@ -31,21 +31,15 @@ def log_dir() -> Path:
     return _folder("logs")
 
 
-def keep_compiled_gpu_kernels() -> str | None:
+def keep_compiled_gpu_kernels(mlx_version: str) -> str:
     """Point MLX's CUDA kernel cache into our cache folder, per MLX version; returns the folder.
 
     MLX compiles its CUDA kernels on first use and keeps them in /tmp/mlx/<version>/ptx, which a
     reboot empties: then a first training step spends minutes compiling again (bench/NOTES.md).
-    Must run before MLX compiles its first kernel; MLX creates the folder. A folder the user set
-    (MLX_PTX_CACHE_DIR) is kept, and nothing changes off CUDA (the variable is read only there)."""
+    Must run before MLX compiles its first kernel (load_model calls it on CUDA); MLX creates the
+    folder. A folder the user set (MLX_PTX_CACHE_DIR) is kept."""
     if os.environ.get("MLX_PTX_CACHE_DIR"):
         return os.environ["MLX_PTX_CACHE_DIR"]
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        mlx_version = version("mlx")
-    except PackageNotFoundError:
-        return None
     folder = str(_folder("cache", create=False) / "mlx-cuda-kernels" / mlx_version)
     os.environ["MLX_PTX_CACHE_DIR"] = folder
     return folder

@@ -18,8 +18,10 @@ import mlx.nn as nn
 
 from engine.config import QUANTIZE_BITS
 from engine.errors import ModelLoadError
+from engine.flux import speed
 from engine.flux.hub import ProgressCallback, resolve_model_path
 from engine.flux.weights import load_component
+from engine.paths import keep_compiled_gpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ def load_model(name_or_path: str | os.PathLike = "tiny", quantize: int | None = 
 
     if quantize is not None and quantize not in QUANTIZE_BITS:
         raise ModelLoadError(f"quantize = {quantize} is not supported", "use 3, 4, 5, 6 or 8 bits, or none")
+    if speed.on_cuda():  # before the first kernel compiles: loading quantizes on the GPU
+        keep_compiled_gpu_kernels(mx.__version__)
     folder = resolve_model_path(name_or_path, progress=progress, token=token)
     dtype = dtype or default_dtype()
     vae, _ = load_component(folder / "vae", AutoencoderKL, convert_vae, dtype)
