@@ -29,11 +29,12 @@ cd "$root"
 # style's four rows (bf16 and 4-bit, checkpointing off and on), each in its own process, with
 # bench_train.py's extra arguments "$@"; prints the numbers and the losses
 style_rows() {
+    local limit=${FIRST_ROW_TIMEOUT:-140}  # a fresh machine's first process compiles MLX's kernels (>75 s)
     for q in none 4; do
         for c in off on; do
-            OUT=$out timeout 140 python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
+            OUT=$out timeout $limit python bench/bench_train.py --templates style --quantize $q --checkpointing $c \
                 --steps 6 "$@" >"$out/style_q${q}_ckpt_$c.log" 2>&1
-            echo "style quantize=$q checkpointing=$c rc=$?"
+            echo "style quantize=$q checkpointing=$c rc=$?"; limit=140
             mv -f "$out/ours.json" "$out/ours_style_q${q}_ckpt_$c.json" 2>/dev/null &&
                 python -c "import json,sys; r=json.load(open(sys.argv[1]))[0]; print({k: r.get(k) for k in
                 ('s_per_step_median', 'peak_gib', 'estimate_gib', 'losses_finite', 'losses', 'switched_off')})" \

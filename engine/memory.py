@@ -81,8 +81,10 @@ CALIBRATION: dict[str, float] = {
     "cuda_run_ahead_bytes": GIB,
     # CUDA runs without the limit (no checkpointing) with a quantized base also hold the dense
     # copies of the weights the queued work dequantizes: this share of the dense transformer
-    # (bench run 9, H200: 0.28 pets and people, 0.39 style, whose backward crosses the joint blocks)
+    # (bench run 9, H200: 0.28 pets and people; H100 run 12: style 0.39, whose backward crosses
+    # the joint blocks, as run 9 had found)
     "cuda_uncapped_dequantized_fraction": 0.30,
+    "cuda_uncapped_dequantized_fraction_joint": 0.39,
 }
 
 # mlx.optimizers state per parameter, in float32 copies of it (SGD always keeps "v", even without momentum)
@@ -91,8 +93,9 @@ OPTIMIZER_STATE_COPIES = {
 }  # fmt: skip
 FACTORED_OPTIMIZERS = ("adafactor",)  # a row and a column vector per matrix
 
-# heads per piece of our recomputed attention backward (engine/flux/layers.py: ATTENTION_BACKWARD_HEADS)
-ATTENTION_BACKWARD_HEADS = 8
+# (tokens x hidden) tensors the contiguous route adds: copies of q, k, v, the incoming gradient,
+# and the output of the fused forward run again inside the backward
+CONTIGUOUS_BACKWARD_COPIES = 5
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,8 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         run_ahead = settled * CALIBRATION["cuda_run_ahead_fraction"] + CALIBRATION["cuda_run_ahead_bytes"]
         if bits and not _cuda_capped(inputs):
             dense = sum(linear_bytes(i, o, None, dtype) for i, o in linears.values())
-            run_ahead += dense * CALIBRATION["cuda_uncapped_dequantized_fraction"]
+            crosses_joint = trains_joint_blocks(path for path, _ in inputs.lora_targets)
+            run_ahead += dense * CALIBRATION["cuda_uncapped_dequantized_fraction" + ("_joint" if crosses_joint else "")]
         parts["CUDA graph run-ahead"] = int(run_ahead)
         phases[TRAINING] += ("CUDA graph run-ahead",)
     details.update(lora_parameters=lora_parameters,
@@ -297,7 +301,7 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
     backward = _attention_backward(inputs, tokens)
     details = {"image_tokens": image_tokens, "sequence_length": tokens, "stored_joint_blocks": 0,
                "stored_single_blocks": 0, "attention_backward": backward,
-               "attention_backward_fused": backward == "fused"}
+               "attention_backward_fused": backward in ("fused", "contiguous")}
     if not inputs.lora_targets:
         return 0, details
     # Blocks before the first trained one need no backward: they run, hand on their output and
@@ -316,10 +320,9 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
     joint_block = c["joint_block_saved_tensors"] * hidden + c["attention_probabilities_saved"] * probabilities
     single_block = c["single_block_saved_tensors"] * hidden + c["attention_probabilities_saved"] * probabilities
     transient = c["backward_transient_tensors"] * hidden + c["attention_backward_transient"] * probabilities
-    if backward == "recomputed":
-        # one piece of heads at a time: float32 P, dP and P * (dP - row), and dS in the compute dtype
-        piece = inputs.batch_size * min(heads, ATTENTION_BACKWARD_HEADS) * tokens**2
-        transient += piece * (3 * FLOAT32_BYTES + inputs.dtype_bytes)
+    if backward == "contiguous":
+        # contiguous copies of q, k, v and the incoming gradient, and the forward run again
+        transient += CONTIGUOUS_BACKWARD_COPIES * hidden
     if inputs.gradient_checkpointing:
         # only block inputs are kept; the backward recomputes one block at a time
         saved = (stored_joint + stored_single) * c["checkpoint_saved_tensors"] * hidden
@@ -332,19 +335,21 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
 
 
 def _attention_backward(inputs: MemoryInputs, tokens: int) -> str:
-    """How attention's backward runs: "fused" (cuDNN: MLX 0.32 on CUDA, lengths in whole 128-token
-    tiles), "recomputed" (ours, from matmuls: CUDA runs that train joint blocks, where the fused one
-    failed; engine/flux/speed.py) or "autodiff" (the unfused fallback, which keeps the probabilities)."""
+    """How attention's backward runs with the trainer's routes (engine/flux/layers.py: attention):
+    "fused" (cuDNN: MLX 0.32 on CUDA, lengths in whole 128-token tiles), "contiguous" (the fused
+    one on contiguous copies: CUDA runs that train joint blocks, where it failed on the arrays as
+    they come) or "autodiff" (the unfused fallback, which keeps the probabilities). The recomputed
+    backward (speed.CONTIGUOUS_JOINT_ATTENTION off, a bench probe) is not modelled: ~0.26 GB more."""
     if inputs.backend != "cuda":
         return "autodiff"
     if trains_joint_blocks(path for path, _ in inputs.lora_targets):
-        return "recomputed"
+        return "contiguous"
     return "fused" if tokens % 128 == 0 else "autodiff"
 
 
 def _cuda_capped(inputs: MemoryInputs) -> bool:
     """Whether the trainer caps the step's memory at the estimate (engine/memory_limit.py: limits_graph_memory)."""
-    return inputs.gradient_checkpointing or trains_joint_blocks(path for path, _ in inputs.lora_targets)
+    return inputs.gradient_checkpointing
 
 
 def _full_resolution_channels(inputs: MemoryInputs) -> int:

@@ -17,20 +17,18 @@ def graph_memory_limit(estimate: MemoryEstimate) -> int:
 
 
 def limits_graph_memory(cfg, backend: str) -> bool:
-    """Whether the trainer caps the step's memory: on CUDA, for runs with gradient checkpointing
-    and for runs that train joint blocks.
+    """Whether the trainer caps the step's memory: on CUDA, for runs with gradient checkpointing.
 
     The cap holds the step back whenever it binds: it cost 10% (bf16) to 25% (4-bit
     with checkpointing) of the step time on an H200 (bench/NOTES.md). Without
     checkpointing the stored activations dominate and the cap saved little (bf16
-    pets: 38.9 -> 40.7 GiB), so only runs that asked to save memory pay for it, and
-    runs through joint blocks: their attention backward recomputes the softmax
-    (engine/flux/speed.py), ~0.7 GB of temporaries per block that the host would
-    otherwise queue for many blocks ahead of the GPU.
+    pets: 38.9 -> 40.7 GiB), so only runs that asked to save memory pay for it.
+    Runs through joint blocks were capped too while their attention backward
+    recomputed the softmax; on the contiguous route (engine/flux/speed.py) bf16
+    style peaked at 42.2 GiB capped or not, and took 0.133 s capped, 0.118 s not
+    (H100, run 12).
     """
-    if backend != "cuda":
-        return False
-    return bool(cfg.gradient_checkpointing) or cfg.lora_layers.transformer_blocks is not None
+    return backend == "cuda" and bool(cfg.gradient_checkpointing)
 
 
 def apply_graph_memory_limit(cfg, model_config: dict, backend: str) -> int | None:

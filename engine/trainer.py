@@ -135,8 +135,7 @@ class Trainer:
         if resume:
             iterator, loss_history = self._restore(resume, transformer, optimizer, len(dataset))
 
-        switched_off = speed.configure_for_training(bool(cfg.gradient_checkpointing), [path for path, _ in targets],
-                                                    steps=iterator.total_steps - iterator.num_iterations)
+        switched_off = speed.configure_for_training(steps=iterator.total_steps - iterator.num_iterations)
         if switched_off:
             log.info("speed switches off for this run: %s (engine/flux/speed.py)", ", ".join(switched_off))
         self.emit("phase", phase="compile", detail="compiling the training step")

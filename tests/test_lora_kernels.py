@@ -206,19 +206,6 @@ def test_cuda_rope_and_dequantize_equal_the_mlx_routes():
         assert mx.array_equal(dequantize(wq, scales, biases, 64, bits, "affine"), mx.dequantize(wq, scales, biases, 64, bits))
 
 
-def test_checkpointed_joint_block_training_takes_the_mlx_routes():
-    try:
-        assert speed.configure_for_training(True, ["transformer_blocks.5.attn.to_q"]) == list(
-            speed.UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS)
-        assert not speed.LORA_KERNELS and not speed.ROPE_KERNEL and not speed.GELU_SAVES_INPUT
-        assert speed.FUSED_ATTENTION_BACKWARD
-        assert speed.configure_for_training(True, ["single_transformer_blocks.3.proj_out"]) == []
-        assert speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT and speed.FUSED_ATTENTION_BACKWARD
-        assert speed.configure_for_training(False, ["transformer.transformer_blocks.5.attn.to_q"]) == []
-    finally:
-        speed.configure_for_training(False, [])
-
-
 def test_short_runs_on_cuda_skip_kernels_that_would_not_win_back_their_compile_time(monkeypatch):
     # LoRA's kernels: ~25 s to compile, ~10 ms a step saved; RoPE's: ~6 s, ~3 ms
     assert speed.kernels_not_worth_compiling(100) == ["LORA_KERNELS", "ROPE_KERNEL"]
@@ -226,27 +213,27 @@ def test_short_runs_on_cuda_skip_kernels_that_would_not_win_back_their_compile_t
     assert speed.kernels_not_worth_compiling(5000) == []
     try:
         monkeypatch.setattr(speed, "on_cuda", lambda: True)
-        assert speed.configure_for_training(False, ["single_transformer_blocks.3.proj_out"], steps=300) == [
-            "LORA_KERNELS", "ROPE_KERNEL"]
+        assert speed.configure_for_training(steps=300) == ["LORA_KERNELS", "ROPE_KERNEL"]
         assert not speed.LORA_KERNELS and not speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT
-        assert speed.configure_for_training(False, ["single_transformer_blocks.3.proj_out"], steps=3000) == []
+        assert speed.configure_for_training(steps=2200) == ["LORA_KERNELS"]
+        assert not speed.LORA_KERNELS and speed.ROPE_KERNEL  # reset to the default first, then chosen
+        assert speed.configure_for_training(steps=3000) == []
         assert speed.LORA_KERNELS and speed.ROPE_KERNEL
-        # checkpointed joint blocks have them off already: each is named once
-        off = speed.configure_for_training(True, ["transformer_blocks.5.attn.to_q"], steps=300)
-        assert sorted(off) == sorted(speed.UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS)
+        assert speed.configure_for_training() == [] and speed.LORA_KERNELS  # a long run
         monkeypatch.setattr(speed, "on_cuda", lambda: False)  # they never run elsewhere: nothing to report
-        assert speed.configure_for_training(False, ["single_transformer_blocks.3.proj_out"], steps=300) == []
+        assert speed.configure_for_training(steps=300) == [] and speed.LORA_KERNELS
     finally:
-        speed.configure_for_training(False, [])
+        speed.configure_for_training()
 
 
-def test_joint_blocks_on_cuda_take_the_recomputed_attention_backward(monkeypatch):
+def test_joint_blocks_on_cuda_take_the_contiguous_attention_backward(monkeypatch):
     from engine.flux import layers
 
     monkeypatch.setattr(speed, "on_cuda", lambda: True)
-    assert layers._joint_backward() == "recomputed"
-    monkeypatch.setattr(speed, "CONTIGUOUS_JOINT_ATTENTION", True)
+    assert speed.DEFAULTS["CONTIGUOUS_JOINT_ATTENTION"]
     assert layers._joint_backward() == "contiguous"
+    monkeypatch.setattr(speed, "CONTIGUOUS_JOINT_ATTENTION", False)
+    assert layers._joint_backward() == "recomputed"
     monkeypatch.setattr(speed, "FUSED_ATTENTION_BACKWARD", False)
     assert layers._joint_backward() == "recomputed"
     monkeypatch.setattr(speed, "on_cuda", lambda: False)

@@ -182,9 +182,8 @@ def _joint_backward() -> str:
 
     On MLX 0.32.4's CUDA build the fused kernel's own backward (cuDNN) gave NaN gradients in bf16
     for LoRA on FLUX's joint blocks, eager and compiled (bench/NOTES.md, items 14-15); single
-    blocks were never hit. There joint blocks take the recomputed backward, which trained the
-    full-size style template, or with speed.CONTIGUOUS_JOINT_ATTENTION the fused one handed
-    contiguous arrays, which trained a 5-block model of full width but has not run at full size."""
+    blocks were never hit. Handed contiguous arrays it trains them (speed.CONTIGUOUS_JOINT_ATTENTION:
+    full-size style, run 12); without that switch they take the recomputed backward."""
     if not speed.FUSED_ATTENTION_BACKWARD:
         return "recomputed"
     if not speed.on_cuda():

@@ -12,7 +12,6 @@ from functools import cache
 
 import mlx.core as mx
 
-from engine.config import trains_joint_blocks
 
 # GELU's backward from its bf16 input, recomputing the float32 curve, instead
 # of autodiff through the float32 round trip (which keeps a float32 copy of the
@@ -38,10 +37,9 @@ FAST_SDPA = True
 # take the fused one: on CUDA it gave the recomputed one's gradients for them (run 11)
 FUSED_ATTENTION_BACKWARD = True
 # On CUDA, joint blocks' attention through the fused backward handed contiguous arrays, instead
-# of the recomputed backward. It trained a full-width 5-block model with the gradients of the
-# recomputed one (run 11) and would make the style step ~0.05 s faster, but it has not run at
-# full size yet: off until it has
-CONTIGUOUS_JOINT_ATTENTION = False
+# of the recomputed backward (the fused one on the arrays as they come gave NaN there). It trained
+# full-size style to the recomputed one's losses, 0.122 s a step against 0.188 s (runs 11-12)
+CONTIGUOUS_JOINT_ATTENTION = True
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
 
@@ -53,15 +51,6 @@ def on_cuda() -> bool:
         return mx.cuda.is_available() and mx.default_device() == mx.gpu
     except AttributeError:  # an MLX without the CUDA module
         return False
-
-# On an H200, a step that checkpoints joint blocks it trains through (the style template:
-# LoRA on joint blocks 5-15, gradient checkpointing on) hit an illegal memory access twice
-# (run 9). The same runs without checkpointing trained to NaN, and that was traced to the fused
-# attention's backward (runs 10-11; engine/flux/layers.py: _joint_backward), so the crash most
-# likely shares its cause: a style-shaped model at full width then trained checkpointed, with
-# these three on, without fault. Until a full-size run confirms it, checkpointed joint-block
-# runs keep MLX's routes here (on every backend; the RoPE and LoRA kernels only run on CUDA).
-UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS = ("GELU_SAVES_INPUT", "ROPE_KERNEL", "LORA_KERNELS")
 
 
 # Our own CUDA kernels are compiled (NVRTC) afresh in every process: MLX keeps its own compiled
@@ -78,13 +67,11 @@ def kernels_not_worth_compiling(steps: int) -> list[str]:
     return [name for name, seconds in KERNEL_COMPILE_S.items() if steps * KERNEL_SAVING_S_PER_STEP[name] < seconds]
 
 
-def configure_for_training(gradient_checkpointing: bool, lora_paths, steps: int | None = None) -> list[str]:
-    """Reset every switch to its default, then turn off those unproven for this run and, on CUDA,
-    the kernels a run of `steps` more steps (None: a long run) would not win back; returns those."""
+def configure_for_training(steps: int | None = None) -> list[str]:
+    """Reset every switch to its default, then turn off, on CUDA, the kernels a run of `steps` more
+    steps (None: a long run) would not win back; returns those."""
     globals().update(DEFAULTS)
-    off = list(UNPROVEN_WITH_CHECKPOINTED_JOINT_BLOCKS) if gradient_checkpointing and trains_joint_blocks(lora_paths) else []
-    if steps is not None and on_cuda():
-        off += [name for name in kernels_not_worth_compiling(steps) if name not in off]
+    off = kernels_not_worth_compiling(steps) if steps is not None and on_cuda() else []
     for name in off:
         globals()[name] = False
     return off
