@@ -171,13 +171,13 @@ class Trainer:
             noise = mx.array(iterator.draw_noise(tuple(latents.shape)))
             sigma = mx.array(sigmas[t_index])
             guidance = mx.full((len(indices),), cfg.guidance, dtype=mx.float32)
-            queued_at = time.perf_counter()
+            queue_call_began = time.perf_counter()
             queued = _QueuedStep(iterator.num_iterations,
                                  step_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids),
-                                 queued_at=queued_at)
+                                 queued_at=time.perf_counter())
             if not state.first_step_queued:  # the trace (and compile) happen in this first call
                 state.first_step_queued = True
-                log.info("first step traced and queued in %.1f s", time.perf_counter() - queued_at)
+                log.info("first step traced and queued in %.1f s", queued.queued_at - queue_call_began)
             if pending:
                 self._finish_step(pending, state, model, validation, state_is_current=False)
             pending = queued
@@ -326,7 +326,7 @@ class _RunState:
 class _QueuedStep:
     step: int  # the iteration count once this step is done
     loss: mx.array  # not yet evaluated
-    queued_at: float = 0.0  # time.perf_counter() when it was queued
+    queued_at: float = 0.0  # time.perf_counter() when the call that queued it returned
 
 
 def _scheduler(model) -> dict:

@@ -180,6 +180,32 @@ def test_a_second_fresh_run_never_overwrites_the_first(tmp_path, caplog):
     assert first.output_dir != second.output_dir
     assert first.adapter_path.is_file() and second.adapter_path.is_file()
 
+def test_the_first_step_log_splits_queuing_from_running(tmp_path, caplog, monkeypatch):
+    # a queue call that takes 2 s (as tracing and compiling do on CUDA) counts as queuing, not running
+    import time
+
+    from engine import trainer as trainer_module
+
+    make_train_step = trainer_module.make_train_step
+
+    def slow_to_queue(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+
+        def queue(*step_args):
+            time.sleep(2.0)
+            return step(*step_args)
+
+        return queue
+
+    monkeypatch.setattr(trainer_module, "make_train_step", slow_to_queue)
+    config = make_training_folder(tmp_path, count=1, training_loop={"num_epochs": 1, "batch_size": 1})
+    with caplog.at_level(logging.INFO, logger="engine.trainer"):
+        run(config)
+    seconds = {r.getMessage().split(" in ")[0]: float(r.getMessage().split(" in ")[1].split(" s")[0])
+               for r in caplog.records if r.getMessage().startswith("first step")}
+    assert seconds["first step traced and queued"] >= 2.0
+    assert seconds["first step ran"] < 2.0, seconds
+
 
 @pytest.mark.parametrize("template", ["pets", "people", "style", "object"])
 def test_every_template_trains_two_steps_on_tiny(tmp_path, template):
