@@ -11,15 +11,16 @@
 #           to finite losses with the trainer's routes (bf16 and 4-bit, checkpointing off and on;
 #           the run-10 NaN and the run-9 crash), each in its own process              ~6 min
 #   bf16    our bf16 rows (pets, people; style's come from check), then diffusers + peft   ~5 min
-#   q4      our 4-bit rows (pets, people), then mflux 0.15.5 per template                ~8 min
+#   q4      our 4-bit rows (pets, people, style), then mflux 0.15.5 per template          ~9 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~4 min
 #   q8      our 8-bit rows                                                               ~4 min
 #   style   fused attention backward with contiguous inputs (bisect); style's rows     ~8 min
 #   verify  style's rows with the contiguous fused backward (CONTIGUOUS_JOINT_ATTENTION)   ~5 min
 #   verify2 full-size style checkpointed with every kernel; are our kernels cached?    ~5 min
-# Then, here: python bench/make_results.py --run runN --fallback-runs run9 run2 run1
+# Then, here: the flat ours_*/peer_*/ttfs*.json files and a run.json (card, date) in bench/raw/runN/, and
+# python bench/make_results.py --run runN --fallback-runs run12 run11 run9 run2 run1
 set -u
-part=${1:?"which part: check, bf16, q4, ttfs, q8, verify, verify2 or style"}
+part=${1:?"which part: check, bf16, q4, ttfs, q8, verify, verify2, style8 or style"}
 out=${OUT:-/tmp/bench_out}/$part
 mkdir -p "$out"
 export OUT=$out
@@ -64,7 +65,7 @@ bf16)
     timeout 260 python bench/bench_train.py --templates ${TEMPLATES:-pets people} --quantize none --steps 7 | cut -c1-400
     (cd .peers && timeout 200 python peer_diffusers_lora.py pets_r4 people_r8 2>&1 | tail -4) ;;
 q4)
-    timeout 200 python bench/bench_train.py --templates ${TEMPLATES:-pets people} --quantize 4 --steps 5 | cut -c1-400
+    timeout 260 python bench/bench_train.py --templates ${TEMPLATES:-pets people style} --quantize 4 --steps 5 | cut -c1-400
     for template in pets_r4 people_r8 style_r16; do  # the peer script's names
         (cd .peers && QUANTS=4 timeout 95 python peer_mflux_step.py $template 2>&1 | tail -2)
     done ;;
@@ -112,6 +113,8 @@ PY
     style_rows ;;
 q8)
     timeout 400 python bench/bench_train.py --quantize 8 --steps 5 | cut -c1-400 ;;
+style8)
+    timeout 200 python bench/bench_train.py --templates style --quantize 8 --steps 5 | cut -c1-400 ;;
 *)
     echo "unknown part: $part" >&2; exit 2 ;;
 esac
