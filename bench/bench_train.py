@@ -201,7 +201,7 @@ def main() -> None:
                     run_config = load_template(template)
                     run_config.gradient_checkpointing = checkpointing
                     capped = {"estimate": True, "default": False,
-                              "trainer": limits_graph_memory(run_config, "cuda")}[args.memory_limit]
+                              "trainer": limits_graph_memory(run_config, FULL_DEV_CONFIG, "cuda")}[args.memory_limit]
                     limit = limit if capped else None
                     row["memory_limit_gib"] = round(limit / 2**30, 2) if limit else None
                     row.update(measure(transformer, template, checkpointing, args.resolution, args.steps,

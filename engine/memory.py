@@ -115,20 +115,26 @@ class MemoryInputs:
     backend: str = "apple"  # "apple", "cuda" or "cpu": decides whether attention's backward is fused
     num_prompts: int = 1  # distinct prompts cached (training prompts plus the validation prompt)
     num_images: int = 1
+    # what the run may use (the machine's available_for_training). On CUDA the trainer caps a run's
+    # memory with checkpointing always, and without it only where a quantized run would not fit
+    # uncapped (engine/memory_limit.py); None: not known, never capped for that
+    available_bytes: int | None = None
 
 
-def inputs_for_run(cfg, machine=None) -> MemoryInputs:
-    """The inputs for training `cfg` (an engine.config.TrainingConfig) on `machine` (detected when None)."""
+def inputs_for_run(cfg, machine=None, available_bytes: int | None = None) -> MemoryInputs:
+    """The inputs for training `cfg` (an engine.config.TrainingConfig) on `machine` (detected when
+    None), with the machine's available memory unless `available_bytes` says otherwise."""
     if machine is None:
         from engine.machine import detect_machine
 
         machine = detect_machine()
+    available = machine.available_for_training if available_bytes is None else available_bytes
     return inputs_from_config(cfg, model_configs_for(cfg.model, cfg.base_dir), backend=machine.kind,
-                              dtype_bytes=machine.compute_dtype_bytes)
+                              dtype_bytes=machine.compute_dtype_bytes, available_bytes=available)
 
 
 def inputs_from_config(cfg, model: ModelConfigs | dict, *, backend: str = "apple",
-                       dtype_bytes: int = 2) -> MemoryInputs:
+                       dtype_bytes: int = 2, available_bytes: int | None = None) -> MemoryInputs:
     """The estimate's inputs for an engine.config.TrainingConfig and the model's configs (or just its
     transformer config.json dict); raises ConfigError for LoRA blocks the model lacks."""
     from engine.config import lora_targets
@@ -145,7 +151,7 @@ def inputs_from_config(cfg, model: ModelConfigs | dict, *, backend: str = "apple
         batch_size=cfg.training_loop.batch_size, quantize=cfg.quantize, optimizer=cfg.optimizer.name,
         gradient_checkpointing=bool(cfg.gradient_checkpointing), t5_length=model.t5_length,
         dtype_bytes=dtype_bytes, backend=backend, num_prompts=max(1, len(prompts)),
-        num_images=max(1, len(cfg.examples.images)),
+        num_images=max(1, len(cfg.examples.images)), available_bytes=available_bytes,
     )  # fmt: skip
 
 
@@ -242,18 +248,22 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     for phase, names in ((ENCODING, encoding), (TRAINING, training)):
         parts[f"workspace ({phase})"] = _workspace(sum(parts[name] for name in names), inputs.backend)
     phases = {ENCODING: encoding + ("workspace (encoding)",), TRAINING: training + ("workspace (training)",)}
+    details["graph_memory_capped"] = False
     if inputs.backend == "cuda":
         # how far the work MLX has queued runs ahead of the GPU: capped runs (memory_limit.py) are
         # capped this much above the rest (graph_memory_limit) and reach the cap; the others were
         # measured (run 9)
         settled = sum(parts[name] for name in phases[TRAINING])
         run_ahead = settled * CALIBRATION["cuda_run_ahead_fraction"] + CALIBRATION["cuda_run_ahead_bytes"]
-        if bits and not _cuda_capped(inputs):
+        dequantized = 0  # uncapped quantized runs also hold dense copies of the weights queued work dequantized
+        if bits:
             dense = sum(linear_bytes(i, o, None, dtype) for i, o in linears.values())
             crosses_joint = trains_joint_blocks(path for path, _ in inputs.lora_targets)
-            run_ahead += dense * CALIBRATION["cuda_uncapped_dequantized_fraction" + ("_joint" if crosses_joint else "")]
-        parts["CUDA graph run-ahead"] = int(run_ahead)
+            dequantized = dense * CALIBRATION["cuda_uncapped_dequantized_fraction" + ("_joint" if crosses_joint else "")]
+        capped = _cuda_capped(inputs, settled + run_ahead + dequantized, saved_by_cap=dequantized)
+        parts["CUDA graph run-ahead"] = int(run_ahead if capped else run_ahead + dequantized)
         phases[TRAINING] += ("CUDA graph run-ahead",)
+        details["graph_memory_capped"] = capped
     details.update(lora_parameters=lora_parameters,
                    transformer_parameters=transformer_parameter_count(model.transformer))
     return MemoryEstimate(parts, phases, details)
@@ -347,9 +357,14 @@ def _attention_backward(inputs: MemoryInputs, tokens: int) -> str:
     return "fused" if tokens % 128 == 0 else "autodiff"
 
 
-def _cuda_capped(inputs: MemoryInputs) -> bool:
-    """Whether the trainer caps the step's memory at the estimate (engine/memory_limit.py: limits_graph_memory)."""
-    return inputs.gradient_checkpointing
+def _cuda_capped(inputs: MemoryInputs, uncapped_training_peak: float, saved_by_cap: float) -> bool:
+    """Whether the trainer caps the step's memory at the estimate (engine/memory_limit.py): runs with
+    gradient checkpointing, and runs the cap makes smaller (quantized: it saves the dense copies
+    their queued work holds) that would not fit `available_bytes` uncapped. The cap costs speed
+    (bench/NOTES.md), so a run that fits, or that the cap would not shrink, goes without."""
+    if inputs.gradient_checkpointing:
+        return True
+    return saved_by_cap > 0 and inputs.available_bytes is not None and uncapped_training_peak > inputs.available_bytes
 
 
 def _full_resolution_channels(inputs: MemoryInputs) -> int:

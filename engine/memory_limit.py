@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.memory import MemoryEstimate, estimate_memory, inputs_from_config
 
+
 def graph_memory_limit(estimate: MemoryEstimate) -> int:
     """A soft memory limit for the training step: the estimated training peak (on CUDA it includes
     the run-ahead allowance, so the estimate is what the run will use).
@@ -16,28 +17,41 @@ def graph_memory_limit(estimate: MemoryEstimate) -> int:
     return estimate.training_peak
 
 
-def limits_graph_memory(cfg, backend: str) -> bool:
-    """Whether the trainer caps the step's memory: on CUDA, for runs with gradient checkpointing.
+def limits_graph_memory(cfg, model_config, backend: str, available_bytes: int | None = None) -> bool:
+    """Whether the trainer caps the step's memory: on CUDA, for runs with gradient checkpointing,
+    and for runs without it whose uncapped estimate would not fit `available_bytes` (None: unknown)
+    while capping helps (quantized runs: their queued work holds dense copies of dequantized
+    weights; engine/memory.py).
 
     The cap holds the step back whenever it binds: it cost 10% (bf16) to 25% (4-bit
     with checkpointing) of the step time on an H200 (bench/NOTES.md). Without
     checkpointing the stored activations dominate and the cap saved little (bf16
-    pets: 38.9 -> 40.7 GiB), so only runs that asked to save memory pay for it.
-    Runs through joint blocks were capped too while their attention backward
-    recomputed the softmax; on the contiguous route (engine/flux/speed.py) bf16
-    style peaked at 42.2 GiB capped or not, and took 0.133 s capped, 0.118 s not
-    (H100, run 12).
+    pets: 38.9 -> 40.7 GiB), so only runs that asked to save memory pay for it, or
+    that must to fit: 4-bit style without checkpointing took 0.219 s at 22.7 GiB
+    capped, 0.159 s at 30.9 GiB uncapped (H100, run 12). Runs through joint blocks
+    were always capped while their attention backward recomputed the softmax; on
+    the contiguous route (engine/flux/speed.py) bf16 style peaked at 42.2 GiB capped
+    or not, and took 0.133 s capped, 0.118 s not (run 12).
     """
-    return backend == "cuda" and bool(cfg.gradient_checkpointing)
+    if backend != "cuda":
+        return False
+    return graph_memory_estimate(cfg, model_config, backend, available_bytes).details["graph_memory_capped"]
 
 
-def apply_graph_memory_limit(cfg, model_config: dict, backend: str) -> int | None:
+def graph_memory_estimate(cfg, model_config, backend: str, available_bytes: int | None = None) -> MemoryEstimate:
+    """The estimate for training `cfg` with the cap decided as the trainer decides it."""
+    return estimate_memory(inputs_from_config(cfg, model_config, backend=backend, available_bytes=available_bytes))
+
+
+def apply_graph_memory_limit(cfg, model_config, backend: str, available_bytes: int | None = None) -> int | None:
     """Set MLX's memory limit from the estimate for `cfg` where `limits_graph_memory`; returns it (else None)."""
-    if not limits_graph_memory(cfg, backend):
+    if backend != "cuda":
+        return None
+    estimate = graph_memory_estimate(cfg, model_config, backend, available_bytes)
+    if not estimate.details["graph_memory_capped"]:
         return None
     import mlx.core as mx
 
-    estimate = estimate_memory(inputs_from_config(cfg, model_config, backend=backend))
     limit = graph_memory_limit(estimate)
     mx.set_memory_limit(limit)
     return limit

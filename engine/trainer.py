@@ -99,6 +99,9 @@ class Trainer:
             except ValueError:
                 pass
 
+        # what this run may use, measured before it loads anything: it decides whether a run that
+        # would not fit is held to the estimate (engine/memory_limit.py)
+        available = self._available_on_cuda()
         self.emit("phase", phase="load", detail=f"loading {cfg.model}")
         progress = lambda done, total: self.emit("progress", phase="download", done=done, total=total)  # noqa: E731
         # encoders first, transformer after they are freed: T5-XXL and the transformer never share memory
@@ -122,7 +125,7 @@ class Trainer:
         detail = f"quantizing to {cfg.quantize} bits as it loads" if cfg.quantize else "bf16" if model.dtype == mx.bfloat16 else "float32"
         self.emit("phase", phase="load_transformer", detail=detail)
         transformer = model.load_transformer()
-        self._limit_graph_memory(model)
+        self._limit_graph_memory(model, available)
         transformer.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         targets = lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks)
         apply_lora(transformer, targets, key=mx.random.key(cfg.seed))
@@ -201,13 +204,24 @@ class Trainer:
 
     # -- pieces ---------------------------------------------------------------------------------
 
-    def _limit_graph_memory(self, model) -> None:
+    @staticmethod
+    def _available_on_cuda() -> int | None:
+        """The memory a run may use on CUDA (engine/machine.py); None elsewhere."""
         from engine.flux.quantized import prefer_dequantizing
+
+        if not (prefer_dequantizing() and mx.default_device() == mx.gpu):  # CUDA: Metal keeps its own default
+            return None
+        from engine.machine import detect_machine
+
+        return detect_machine().available_for_training
+
+    def _limit_graph_memory(self, model, available: int | None) -> None:
         from engine.memory import ModelConfigs
         from engine.memory_limit import apply_graph_memory_limit
 
-        if prefer_dequantizing() and mx.default_device() == mx.gpu:  # CUDA: Metal keeps its own default
-            limit = apply_graph_memory_limit(self.config, ModelConfigs(transformer=model.transformer_config), "cuda")
+        if available is not None:
+            limit = apply_graph_memory_limit(self.config, ModelConfigs(transformer=model.transformer_config), "cuda",
+                                             available_bytes=available)
             if limit:
                 log.info("graph memory limit %.1f GiB", limit / 2**30)
 

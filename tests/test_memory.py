@@ -304,14 +304,39 @@ def test_estimate_command_reports_config_problems_without_a_traceback(tmp_path, 
     assert "end = 40" in capsys.readouterr().err
 
 
-def test_only_checkpointed_cuda_runs_get_a_graph_memory_limit():
-    from engine.config import load_template
-    from engine.memory_limit import limits_graph_memory
+def test_cuda_runs_are_capped_with_checkpointing_or_where_they_would_not_fit_otherwise(monkeypatch):
+    import mlx.core as mx
 
+    from engine.config import load_template
+    from engine.memory_limit import apply_graph_memory_limit, graph_memory_estimate, limits_graph_memory
+
+    model = dict(FLUX1_DEV_TRANSFORMER)
     pets, style = load_template("pets"), load_template("style")
     pets.gradient_checkpointing = style.gradient_checkpointing = True
-    assert limits_graph_memory(pets, "cuda") and limits_graph_memory(style, "cuda")
-    assert not any(limits_graph_memory(cfg, backend) for cfg in (pets, style) for backend in ("apple", "cpu"))
+    assert limits_graph_memory(pets, model, "cuda") and limits_graph_memory(style, model, "cuda")
+    assert not any(limits_graph_memory(cfg, model, backend, 2**30) for cfg in (pets, style) for backend in ("apple", "cpu"))
     pets.gradient_checkpointing = style.gradient_checkpointing = False
-    # style trains joint blocks: no longer capped for that (their attention backward is the fused one)
-    assert not limits_graph_memory(pets, "cuda") and not limits_graph_memory(style, "cuda")
+    # without checkpointing: not capped while the memory is unknown or enough (style's joint blocks
+    # no longer count: their attention backward is the fused one)
+    assert not limits_graph_memory(pets, model, "cuda") and not limits_graph_memory(style, model, "cuda")
+    assert not limits_graph_memory(style, model, "cuda", available_bytes=200 * GIB)
+
+    # 4-bit style uncapped holds dense copies of dequantized weights (30.9 GiB measured, H100 run 12);
+    # capped it fits in less (22.7 GiB): a card between the two gets the cap, and the estimate says so
+    style.quantize, style.width, style.height, style.training_loop.batch_size = 4, 512, 512, 1  # the bench's run
+    uncapped, capped = (graph_memory_estimate(style, model, "cuda", available) for available in (None, 26 * GIB))
+    assert not uncapped.details["graph_memory_capped"] and capped.details["graph_memory_capped"]
+    assert 29 * GIB < uncapped.training_peak < 33 * GIB and 21 * GIB < capped.training_peak < 24 * GIB
+    assert capped.fits(26 * GIB) and not uncapped.fits(26 * GIB)
+    limits = []
+    monkeypatch.setattr(mx, "set_memory_limit", limits.append)
+    assert apply_graph_memory_limit(style, model, "cuda", available_bytes=26 * GIB) == capped.training_peak
+    assert apply_graph_memory_limit(style, model, "cuda", available_bytes=80 * GIB) is None
+    assert apply_graph_memory_limit(style, model, "cpu", available_bytes=26 * GIB) is None
+    assert limits == [capped.training_peak]
+    # a bf16 run gains nothing from the cap without checkpointing: never capped for not fitting
+    style.quantize = None
+    assert not limits_graph_memory(style, model, "cuda", available_bytes=10 * GIB)
+    # the wizard's fixes see the same rule: turning on checkpointing always caps
+    inputs = inputs_from_config(style, model, backend="cuda", available_bytes=10 * GIB)
+    assert estimate_memory(dataclasses.replace(inputs, gradient_checkpointing=True)).details["graph_memory_capped"]

@@ -302,3 +302,32 @@ def test_trainer_weighs_our_cuda_kernels_compile_time_against_the_steps_it_runs(
         speed.configure_for_training = configure_for_training
         speed.configure_for_training()
     assert speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT
+
+
+def test_trainer_caps_cuda_memory_from_what_was_free_before_it_loaded(tmp_path, monkeypatch):
+    # measured before loading (our own weights would count against the run otherwise), then handed
+    # to the cap decision (engine/memory_limit.py) once the transformer's config is known
+    from engine import memory_limit
+    from engine.trainer import Trainer as TrainerClass
+
+    events, calls = [], []
+    monkeypatch.setattr(TrainerClass, "_available_on_cuda", staticmethod(lambda: events.append("measured") or 7 * 2**30))
+    import engine.flux.loading as loading
+
+    load_model = loading.load_model
+
+    def recording_load_model(*args, **kwargs):
+        events.append("load")
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_model", recording_load_model)
+
+    def apply(cfg, model_config, backend, available_bytes=None):
+        calls.append((backend, available_bytes, model_config.transformer["num_layers"]))
+        return None
+
+    monkeypatch.setattr(memory_limit, "apply_graph_memory_limit", apply)
+    config = make_training_folder(tmp_path, count=1, training_loop={"num_epochs": 1, "batch_size": 1})
+    Trainer(load_config(config), lambda event: None).run()
+    assert events[:2] == ["measured", "load"]
+    assert calls == [("cuda", 7 * 2**30, calls[0][2])] and calls[0][2] > 0

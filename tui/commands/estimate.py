@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.train_config, num_joint_blocks=None, num_single_blocks=None)
     machine = detect_machine()
     available = int(args.memory * GIB) if args.memory is not None else machine.available_for_training
-    inputs = inputs_for_run(cfg, machine)
+    inputs = inputs_for_run(cfg, machine, available_bytes=available)
     estimate = estimate_memory(inputs)
     fits = estimate.fits(available)
     fixes = [] if fits else suggest_fixes(inputs, available)
