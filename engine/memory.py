@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 from engine.config import trains_joint_blocks
+from engine.memory_calibration import CALIBRATION, GIB
 from engine.model_size import (
     FLUX1_VAE,
     ModelConfigs,
@@ -33,59 +34,9 @@ from engine.model_size import (
     vae_parameter_counts,
 )
 
-GIB = 2**30
 FLOAT32_BYTES = 4
 # VAE downsamples 8x, then latents are packed in 2x2 patches (FORMATS.md s.2)
 PIXELS_PER_TOKEN_SIDE = 16
-
-# Every coefficient of the activation and workspace model. The block, attention and transient
-# values were fitted to `mx.get_peak_memory()` of the trainer's compiled LoRA step on CPU (float32,
-# MLX 0.32.4, a 512-wide 2 joint + 4 single block FLUX at 256 and 512 px, 768 and 1536 tokens);
-# the rest are counted by hand. Refit them from bf16 GPU runs: bf16 also keeps GELU's float32 upcast.
-CALIBRATION: dict[str, float] = {
-    # (tokens x hidden) tensors in the compute dtype a block keeps for the backward pass, per sample
-    # (refitted after GELU's backward came to keep only its input, engine/flux/layers.py:
-    # the float32 route's autodiff kept 4x-wide intermediates; earlier fit 25.5 joint, 27.9 single)
-    "joint_block_saved_tensors": 21.0,
-    "single_block_saved_tensors": 22.5,
-    # Where attention's backward is not fused (MLX on Metal and CPU differentiate the unfused
-    # fallback), each stored block also keeps its softmax probabilities, (heads x L x L) per sample
-    # (fitted: 0.96 single, 1.14 joint).
-    "attention_probabilities_saved": 1.0,
-    # the backward pass's temporaries beyond what blocks keep: about one block's worth (fitted 30.6
-    # hidden-wide tensors plus 1.9 probability-sized ones)
-    "backward_transient_tensors": 30.0,
-    "attention_backward_transient": 2.0,
-    # with gradient checkpointing each block keeps its input (both streams together) ...
-    "checkpoint_saved_tensors": 1.0,
-    # ... and the compiled step recomputes about two blocks at once (measured flat from 2 to 6 blocks)
-    "checkpoint_recomputed_blocks": 2.0,
-    # final norm, projection and the float32 MSE loss over image tokens (hidden-wide image tensors)
-    "output_layer_saved_tensors": 3.0,
-    # a preview generation: one inference block's temporaries (hidden-wide tensors, batch 1)
-    "preview_transformer_tensors": 8.0,
-    # VAE over one image: (H x W x widest full-resolution channels) tensors alive at once
-    "vae_encode_tensors": 4.0,
-    "vae_decode_tensors": 4.0,
-    # the VAE mid-block attention over (H/8 x W/8) pixels in one 512-wide head: no fused kernel
-    # takes that head size, so scores and probabilities are materialized
-    "vae_attention_tensors": 2.0,
-    # T5 forward of one prompt: (tokens x d_ff) tensors alive at once
-    "t5_encode_tensors": 4.0,
-    # allocator fragmentation and kernel scratch, a fraction of each phase, plus a floor
-    "workspace_fraction": 0.10,
-    "workspace_minimum_bytes": 4 * 2**20,  # tiny CPU runs: 64 MiB overstated them 2-3x
-    # CUDA: how far the step may run ahead of the GPU before MLX's soft limit holds it back; the trainer
-    # sets the limit to the training peak (bench run 2: peaks within 1% of it, H200)
-    "cuda_run_ahead_fraction": 0.15,
-    "cuda_run_ahead_bytes": GIB,
-    # CUDA runs without the limit (no checkpointing) with a quantized base also hold the dense
-    # copies of the weights the queued work dequantizes: this share of the dense transformer
-    # (bench run 9, H200: 0.28 pets and people; H100 run 12: style 0.39, whose backward crosses
-    # the joint blocks, as run 9 had found)
-    "cuda_uncapped_dequantized_fraction": 0.30,
-    "cuda_uncapped_dequantized_fraction_joint": 0.39,
-}
 
 # mlx.optimizers state per parameter, in float32 copies of it (SGD always keeps "v", even without momentum)
 OPTIMIZER_STATE_COPIES = {
@@ -350,11 +301,11 @@ def _attention_backward(inputs: MemoryInputs, tokens: int) -> str:
     one on contiguous copies: CUDA runs that train joint blocks, where it failed on the arrays as
     they come) or "autodiff" (the unfused fallback, which keeps the probabilities). The recomputed
     backward (speed.CONTIGUOUS_JOINT_ATTENTION off, a bench probe) is not modelled: ~0.26 GB more."""
-    if inputs.backend != "cuda":
+    if inputs.backend != "cuda" or tokens % 128:
+        # on CUDA other lengths take MLX's unfused fallback: single blocks keep its probabilities
+        # (joint blocks' custom backward keeps only q, k and v: counted as if it kept them too)
         return "autodiff"
-    if trains_joint_blocks(path for path, _ in inputs.lora_targets):
-        return "contiguous"
-    return "fused" if tokens % 128 == 0 else "autodiff"
+    return "contiguous" if trains_joint_blocks(path for path, _ in inputs.lora_targets) else "fused"
 
 
 def _cuda_capped(inputs: MemoryInputs, uncapped_training_peak: float, saved_by_cap: float) -> bool:

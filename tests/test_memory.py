@@ -110,6 +110,10 @@ def test_cuda_runs_through_joint_blocks_take_the_contiguous_attention_backward()
     assert style.details["attention_backward"] == "contiguous" and pets.details["attention_backward"] == "fused"
     assert style.details["attention_backward_fused"]
     assert estimate_memory(dev_inputs(backend="apple", lora_targets=joint)).details["attention_backward"] == "autodiff"
+    # 640x640: 1600 + 512 tokens, not whole 128-token tiles: MLX's unfused fallback, probabilities kept
+    odd = estimate_memory(dev_inputs(backend="cuda", lora_targets=joint, width=640, height=640))
+    assert odd.details["attention_backward"] == "autodiff"
+    assert odd.parts["activations"] > style.parts["activations"] + 52 * 24 * 2112**2 * 2  # 52 stored blocks
     # no probabilities kept; contiguous copies of q, k, v, the incoming gradient and the rerun output
     c = memory.CALIBRATION
     # stored from joint block 5 on: each block's saved tensors, no probabilities
