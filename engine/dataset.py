@@ -20,7 +20,8 @@ import numpy as np
 
 from engine.flux.latents import pack_latents
 from engine.errors import ImageError
-from engine.images import CropBox, check_crop, content_hash, crop_and_resize, default_crop, open_image
+from engine.crops import CropBox, check_crop, default_crop
+from engine.images import content_hash, crop_and_resize, open_image
 from engine.paths import cache_dir
 
 log = logging.getLogger(__name__)

@@ -6,24 +6,19 @@ import pytest
 from PIL import Image, ImageCms, ImageDraw, ImageEnhance, ImageFilter
 
 from engine.errors import ImageError, UserError
+from engine.crops import CropBox, check_crop, default_crop, fit_crop, move_crop, scale_crop
 from engine.images import (
     BLUR_THRESHOLD,
-    CropBox,
     blur_score,
-    check_crop,
     check_image,
     check_images,
     content_hash,
     count_advice,
     crop_and_resize,
-    default_crop,
     find_images,
-    fit_crop,
     hash_distance,
-    move_crop,
     open_image,
     perceptual_hash,
-    scale_crop,
 )
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

@@ -77,7 +77,8 @@ async def type_into(pilot, selector: str, text: str, submit: bool = False) -> No
 
 def checked_state(folder: Path, model: str = "dev"):
     """A WizardState holding the good photos of `folder`, as the Images step leaves it."""
-    from engine.images import check_images, default_crop
+    from engine.crops import default_crop
+    from engine.images import check_images
     from tui.state import ImageChoice, WizardState
 
     state = WizardState(model=model)

@@ -80,7 +80,7 @@ def scale_block_range(block_range, limit: int, flux_limit: int):
 
 def examples_section(state: WizardState, folder: Path, with_crops: bool = False) -> dict:
     """mflux's examples; a crop is written only where the user moved it (the centre crop is the default)."""
-    from engine.images import default_crop
+    from engine.crops import default_crop
 
     width, height = int(state.config.get("width") or 512), int(state.config.get("height") or 512)
     images = []

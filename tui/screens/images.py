@@ -12,7 +12,8 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import DataTable, DirectoryTree, Input, Static
 
-from engine.images import IMAGE_SUFFIXES, count_advice, default_crop, find_images, fit_crop
+from engine.crops import default_crop, fit_crop
+from engine.images import IMAGE_SUFFIXES, count_advice, find_images
 from tui.screens.step import StepScreen, display_path, training_size
 from tui.state import ImageChoice
 from tui.widgets.image_tree import ImageTree
@@ -261,7 +262,7 @@ in the list and press **c** (or **Enter**) to move or resize its box. **x** remo
 
         if not image.crop or not image.size:
             return picture
-        from engine.images import CropBox
+        from engine.crops import CropBox
 
         return cropped(picture, CropBox(*image.crop), picture.width / image.size[0])
 
@@ -340,7 +341,7 @@ def short_note(image: ImageChoice, status: str | None) -> str:
 
 def refit_crops(images: list[ImageChoice], width: int, height: int) -> None:
     """Reshape every crop to a new training aspect (the template may change it), about the same region."""
-    from engine.images import CropBox
+    from engine.crops import CropBox
 
     for image in images:
         if image.crop and image.size:

@@ -15,7 +15,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Label, Static
 
-from engine.images import CropBox, default_crop, move_crop, scale_crop
+from engine.crops import CropBox, default_crop, move_crop, scale_crop
 from tui.widgets.thumbnail import Thumbnail
 
 MOVE_FRACTION = 0.05  # of the photo's longer side per arrow press
