@@ -294,6 +294,32 @@ class CheckpointInfo:
     model: str
 
 
+def _read_json_members(path: Path) -> tuple[dict, list, dict]:
+    """A checkpoint's small members (iterator, loss history, config), checked, without the tensors;
+    raises what zipfile, json or _check_shapes raise for a damaged one."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        manifest = json.loads(archive.read("checkpoint.json")) if "checkpoint.json" in names else {}
+        files = _member_names(manifest, names, path)
+        iterator = json.loads(archive.read(files["iterator"]))
+        loss = json.loads(archive.read(files["loss"]))
+        config = json.loads(archive.read(files["config"]))
+    _check_shapes(path, iterator, loss, config)
+    return iterator, loss, config
+
+
+def read_loss_history(path: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every step so far, from a checkpoint's loss member (the resumed run's curve);
+    empty, with a log line, when the checkpoint cannot be read (resuming from it then says why)."""
+    try:
+        _, loss, _ = _read_json_members(Path(path))
+        return [(int(entry["step"]), float(entry["loss"])) for entry in loss]
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, KeyError, ValueError,
+            TypeError, AttributeError, CheckpointError, OSError) as error:
+        log.warning("no loss history from %s: %s", path, error)
+        return []
+
+
 def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
     """Checkpoints under output_dir (its _checkpoints/ or the folder itself), newest step last.
 
@@ -305,14 +331,7 @@ def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
     for folder in folders:
         for path in sorted(folder.glob("*_checkpoint.zip")) if folder.is_dir() else []:
             try:
-                with zipfile.ZipFile(path) as archive:
-                    names = archive.namelist()
-                    manifest = json.loads(archive.read("checkpoint.json")) if "checkpoint.json" in names else {}
-                    files = _member_names(manifest, names, path)
-                    iterator = json.loads(archive.read(files["iterator"]))
-                    loss = json.loads(archive.read(files["loss"]))
-                    config = json.loads(archive.read(files["config"]))
-                _check_shapes(path, iterator, loss, config)
+                iterator, loss, config = _read_json_members(path)
                 images = config.get("examples", {}).get("images", [])
                 base = Path(str(config.get("examples", {}).get("path", ".")))
                 present = bool(images) and all(isinstance(entry, dict) and (base / str(entry.get("image", ""))).is_file()

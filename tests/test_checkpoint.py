@@ -15,6 +15,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from engine.checkpoint import (
+    read_loss_history,
     CheckpointContents,
     list_checkpoints,
     read_checkpoint,
@@ -384,3 +385,22 @@ def test_temporaries_of_dead_runs_are_cleaned_but_not_live_ones(tmp_path):
     write_checkpoint(tmp_path, small_contents(5), datetime.now())
     assert not dead.exists() and live.exists() and unrelated.exists()
     assert remove_stale_partials(folder) == []
+
+
+def test_the_loss_history_of_a_checkpoint_or_none_of_a_damaged_one(trained, tmp_path):
+    # what the wizard's training screen shows of a resumed run's earlier steps
+    folder, result = trained
+    latest = folder / "out" / "_checkpoints" / "0000002_checkpoint.zip"
+    history = read_loss_history(latest)
+    assert [step for step, _ in history] == [1, 2]
+    assert [loss for _, loss in history] == [entry["loss"] for entry in json.loads(members(latest)["0000002_loss.json"])]
+    # members found by the manifest, as a resume finds them, not by a name pattern
+    contents = members(latest)
+    manifest = json.loads(contents["checkpoint.json"])
+    contents["history.json"] = contents.pop(manifest["files"]["loss"])
+    manifest["files"]["loss"] = "history.json"
+    contents["checkpoint.json"] = json.dumps(manifest).encode()
+    assert read_loss_history(rezip(tmp_path / "renamed.zip", contents)) == history
+    (tmp_path / "broken.zip").write_bytes(latest.read_bytes()[:200])
+    assert read_loss_history(tmp_path / "broken.zip") == []
+    assert read_loss_history(tmp_path / "missing.zip") == []

@@ -7,10 +7,8 @@ asking the loop to finish its step and write a checkpoint.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -145,7 +143,9 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
         if checkpoint is not None:
             # a resumed run shows its whole curve and its earlier previews, not only what comes next
             checkpoint = Path(checkpoint)
-            earlier = earlier_losses(checkpoint)
+            from engine.checkpoint import read_loss_history  # imports MLX: not at the wizard's start
+
+            earlier = read_loss_history(checkpoint)
             self._log(f"resuming from {checkpoint.name}")
             self.query_one("#train-loss", LossPlot).show_losses(earlier)
             step = earlier[-1][0] if earlier else None
@@ -382,18 +382,6 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
             f"peak mem  {value('peak_memory_gib', '{:.2f} GiB')}",
         ]
         self.query_one("#train-numbers", Static).update("\n".join(lines))
-
-
-def earlier_losses(checkpoint: Path) -> list[tuple[int, float]]:
-    """(step, loss) so far, from a checkpoint's loss member; empty when unreadable (the trainer says why)."""
-    try:
-        with zipfile.ZipFile(checkpoint) as archive:
-            name = next((n for n in archive.namelist() if n.endswith("_loss.json")), None)
-            entries = json.loads(archive.read(name)) if name else []
-        return [(int(entry["step"]), float(entry["loss"])) for entry in entries]
-    except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError) as error:
-        log.warning("no loss history from %s: %s", checkpoint, error)
-        return []
 
 
 def _log_file() -> str | None:
