@@ -210,7 +210,8 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         if bits:
             dense = sum(linear_bytes(i, o, None, dtype) for i, o in linears.values())
             crosses_joint = trains_joint_blocks(path for path, _ in inputs.lora_targets)
-            dequantized = dense * CALIBRATION["cuda_uncapped_dequantized_fraction" + ("_joint" if crosses_joint else "")]
+            share = CALIBRATION["cuda_uncapped_dequantized_fraction" + ("_8bit" if bits == 8 else "")]
+            dequantized = dense * share * (CALIBRATION["cuda_uncapped_dequantized_joint_factor"] if crosses_joint else 1)
         capped = _cuda_capped(inputs, settled + run_ahead + dequantized, saved_by_cap=dequantized)
         parts["CUDA graph run-ahead"] = int(run_ahead if capped else run_ahead + dequantized)
         phases[TRAINING] += ("CUDA graph run-ahead",)
