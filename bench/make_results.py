@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.bench_train and engine, imported where used
 
 RAW = Path(__file__).resolve().parent / "raw"
 PEER_TEMPLATE = {"pets_r4": "pets", "people_r8": "people", "style_r16": "style"}
@@ -46,13 +49,15 @@ def ours_seconds(row: dict) -> float:
     each = row.get("s_per_step_each")
     if not each:
         return row["s_per_step_median"]
-    return round(statistics.median(each[:-1] if len(each) > 2 else each), 4)
+    from bench.bench_train import steady_intervals
+
+    return round(statistics.median(steady_intervals(each)), 4)
 
 
 # rows measured with routes the engine no longer takes, said in results.json
 ROW_NOTES = {
     ("run12", "style", 8): "joint blocks on the recomputed attention backward (before the contiguous route, "
-                           "0.1 s faster in bf16) and capped at the estimate",
+                           "0.07 s faster in bf16) and capped at the estimate",
     ("run12", "style", 4, True): "our CUDA kernels (LoRA, RoPE, GELU) were off for it then; the engine now keeps "
                                  "them on (run 12 trained bf16 style checkpointed with them)",
 }
@@ -64,9 +69,6 @@ def index(rows: list[dict], source: str) -> dict:
 
 def current_estimate(template: str, quantize, checkpointing: bool) -> float:
     """The estimator's prediction now, for the bench's configuration (transformer + LoRA step, CUDA)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.bench_train import estimate_gib
     from engine.config import load_template
 
