@@ -20,7 +20,7 @@
 # Then, here: the flat ours_*/peer_*/ttfs*.json files and a run.json (card, date) in bench/raw/runN/, and
 # python bench/make_results.py --run runN --fallback-runs run12 run11 run9 run2 run1
 set -u
-part=${1:?"which part: check, bf16, q4, ttfs, q8, verify, verify2, style8 or style"}
+part=${1:?"which part: check, bf16, q4, ttfs, ttfs2, q8, verify, verify2, style8 or style"}
 out=${OUT:-/tmp/bench_out}/$part
 mkdir -p "$out"
 export OUT=$out
@@ -78,6 +78,19 @@ ttfs)
         OUT=$out/$run timeout 300 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
             >"$out/$run/stdout.log" 2>&1
         echo "$run rc=$?"; tail -c 900 "$out/$run/stdout.log"; echo
+    done ;;
+ttfs2)
+    # three more warm runs: the driver's JIT cache as it is, then raised to its 4 GiB maximum twice
+    # (the first fills it); a drop in the third says the driver's PTX compiles were the warm 15 s
+    du -sh ~/.nv/ComputeCache 2>/dev/null; echo "CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-unset}"
+    for run in default big_fill big_warm; do
+        mkdir -p "$out/$run"
+        [[ $run == big* ]] && export CUDA_CACHE_MAXSIZE=4294967296
+        OUT=$out/$run timeout 150 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+            >"$out/$run/stdout.log" 2>&1
+        echo "$run rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*' "$out/$run/ttfs.json" 2>/dev/null
+        grep -h "first step" "$out/$run/train_stderr.log" 2>/dev/null
+        du -sh ~/.nv/ComputeCache 2>/dev/null
     done ;;
 verify)
     # joint blocks' fused attention backward on contiguous arrays: style's rows (losses finite? faster?)
