@@ -199,7 +199,7 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     for phase, names in ((ENCODING, encoding), (TRAINING, training)):
         parts[f"workspace ({phase})"] = _workspace(sum(parts[name] for name in names), inputs.backend)
     phases = {ENCODING: encoding + ("workspace (encoding)",), TRAINING: training + ("workspace (training)",)}
-    details["graph_memory_capped"] = False
+    details["graph_memory_capped"] = details["held_back_to_fit"] = False
     if inputs.backend == "cuda":
         # how far the work MLX has queued runs ahead of the GPU: capped runs (memory_limit.py) are
         # capped this much above the rest (graph_memory_limit) and reach the cap; the others were
@@ -216,6 +216,7 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         parts["CUDA graph run-ahead"] = int(run_ahead if capped else run_ahead + dequantized)
         phases[TRAINING] += ("CUDA graph run-ahead",)
         details["graph_memory_capped"] = capped
+        details["held_back_to_fit"] = capped and not inputs.gradient_checkpointing  # see HELD_BACK_NOTE
     details.update(lora_parameters=lora_parameters,
                    transformer_parameters=transformer_parameter_count(model.transformer))
     return MemoryEstimate(parts, phases, details)
@@ -307,6 +308,11 @@ def _attention_backward(inputs: MemoryInputs, tokens: int) -> str:
         # (joint blocks' custom backward keeps only q, k and v: counted as if it kept them too)
         return "autodiff"
     return "contiguous" if trains_joint_blocks(path for path, _ in inputs.lora_targets) else "fused"
+
+
+# what the wizard and `dreambooth-wizard estimate` say of a run capped only to fit (details["held_back_to_fit"])
+HELD_BACK_NOTE = ("To fit, training is held to this estimate: steps run slower (about 40% for a 4-bit model) "
+                  "than on a GPU with room to spare.")
 
 
 def _cuda_capped(inputs: MemoryInputs, uncapped_training_peak: float, saved_by_cap: float) -> bool:

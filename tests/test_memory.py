@@ -301,6 +301,28 @@ def test_estimate_command_prints_a_table(tmp_path, capsys):
     assert "transformer weights" in out and "training peak" in out and "does not fit" in out
 
 
+def test_estimate_command_says_when_a_run_fits_only_held_back(tmp_path, capsys, monkeypatch):
+    # a 4-bit run without checkpointing on a GPU between its capped and uncapped estimates
+    import engine.machine
+    from engine.config import load_config
+    from engine.machine import MachineInfo
+    from engine.memory import HELD_BACK_NOTE
+    from tui.cli import main
+
+    path = write_config(tmp_path)
+    gpu = MachineInfo("cuda", "Test GPU", 200 * GIB, 190 * GIB)
+    monkeypatch.setattr(engine.machine, "detect_machine", lambda: gpu)
+    inputs = inputs_from_config(load_config(path), model_configs_for("dev"), backend="cuda")
+    uncapped = estimate_memory(inputs)
+    capped = estimate_memory(dataclasses.replace(inputs, available_bytes=uncapped.peak - 1))
+    assert capped.details["held_back_to_fit"] and not uncapped.details["held_back_to_fit"]
+    for memory, held in ((uncapped.peak + GIB, False), ((capped.peak + uncapped.peak) / 2, True)):
+        assert main(["estimate", "--train-config", str(path), "--memory", str(memory / GIB)]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert " fits" in out and "does not fit" not in out
+        assert (HELD_BACK_NOTE in out) is held, out[-300:]
+
+
 def test_estimate_command_reports_config_problems_without_a_traceback(tmp_path, capsys):
     from tui.cli import main
 

@@ -65,6 +65,10 @@ def _print_report(estimate, machine, available: int, fits: bool, fixes) -> None:
         console.print(f"[yellow]note:[/yellow] {note}")
     verdict = "[green]fits[/green]" if fits else "[red]does not fit[/red]"
     console.print(f"{estimate.peak / GIB:.1f} GiB needed, {available / GIB:.1f} GiB available: {verdict}")
+    if fits and estimate.details.get("held_back_to_fit"):
+        from engine.memory import HELD_BACK_NOTE
+
+        console.print(HELD_BACK_NOTE)
     if fixes:
         table = Table(title="Ways to make it fit")
         for column in ("key", "change", "peak GiB", "fits"):

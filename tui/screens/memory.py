@@ -122,10 +122,9 @@ apply it (the template values change too): **4**/**8** quantize, **g** gradient 
         box = self.query_one("#memory-fixes", Static)
         if self.estimate.fits(self.available):
             spare = (self.available - self.estimate.peak) / GIB
-            held = ""
-            if self.estimate.details.get("graph_memory_capped") and not self.inputs.gradient_checkpointing:
-                held = ("\nTo fit, training is held to this estimate: steps run slower (about 40% for a 4-bit "
-                        "model) than on a GPU with room to spare.")
+            from engine.memory import HELD_BACK_NOTE
+
+            held = f"\n{HELD_BACK_NOTE}" if self.estimate.details.get("held_back_to_fit") else ""
             box.update(f"✓ Fits, with {spare:.1f} GiB to spare. Nothing to change.{held}")
             return
         if not self.fixes:
