@@ -294,6 +294,11 @@ class CheckpointInfo:
     model: str
 
 
+# what reading a damaged or foreign zip's small members can raise (see _read_json_members)
+UNREADABLE_CHECKPOINT = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, KeyError,
+                         ValueError, TypeError, AttributeError, CheckpointError, OSError)
+
+
 def _read_json_members(path: Path) -> tuple[dict, list, dict]:
     """A checkpoint's small members (iterator, loss history, config), checked, without the tensors;
     raises what zipfile, json or _check_shapes raise for a damaged one."""
@@ -314,8 +319,7 @@ def read_loss_history(path: Path) -> list[tuple[int, float]]:
     try:
         _, loss, _ = _read_json_members(Path(path))
         return [(int(entry["step"]), float(entry["loss"])) for entry in loss]
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, KeyError, ValueError,
-            TypeError, AttributeError, CheckpointError, OSError) as error:
+    except UNREADABLE_CHECKPOINT as error:
         log.warning("no loss history from %s: %s", path, error)
         return []
 
@@ -341,8 +345,7 @@ def list_checkpoints(output_dir: Path) -> list[CheckpointInfo]:
                     created=datetime.fromtimestamp(path.stat().st_mtime),
                     last_loss=float(loss[-1]["loss"]) if loss else None, config=config,
                     images_present=present, model=str(config.get("model", "?")))
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, KeyError, ValueError,
-                    TypeError, AttributeError, CheckpointError, OSError) as error:
+            except UNREADABLE_CHECKPOINT as error:
                 log.warning("skipping unreadable checkpoint %s (%s)", path, error)
                 continue
             found[path.resolve()] = info

@@ -80,7 +80,7 @@ apply it (the template values change too): **4**/**8** quantize, **g** gradient 
     @work(thread=True, exclusive=True, exit_on_error=False, group="estimate")
     def estimate_run(self) -> None:
         from engine.errors import UserError
-        from engine.memory import estimate_memory, inputs_from_config, model_configs_for
+        from engine.memory import estimate_memory, inputs_for_run
         from engine.memory_fixes import suggest_fixes
         from tui.screens.config_builder import build_config
 
@@ -89,8 +89,7 @@ apply it (the template values change too): **4**/**8** quantize, **g** gradient 
             machine = self.app.machine
             cfg = build_config(state)
             available = machine.available_for_training
-            inputs = inputs_from_config(cfg, model_configs_for(cfg.model, cfg.base_dir), backend=machine.kind,
-                                        dtype_bytes=machine.compute_dtype_bytes, available_bytes=available)
+            inputs = inputs_for_run(cfg, machine)
             estimate = estimate_memory(inputs)
             fixes = suggest_fixes(inputs, available) if not estimate.fits(available) else []
         except UserError as error:
