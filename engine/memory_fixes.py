@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import math
+
 from engine.memory import (
     GIB,
+    PIXELS_PER_TOKEN_SIDE,
     MemoryEstimate,
     MemoryInputs,
     _block_position,
@@ -84,7 +87,7 @@ def _candidate_changes(inputs: MemoryInputs) -> list[tuple[str, str, MemoryInput
         changes.append(("b", f"train only the last {kept} of the {total} blocks",
                         replace(inputs, lora_targets=targets)))
     if max(inputs.width, inputs.height) > MINIMUM_SIDE:
-        width, height = _smaller_size(inputs.width, inputs.height)
+        width, height = _smaller_size(inputs)
         changes.append(("l", f"train at {width}x{height} instead of {inputs.width}x{inputs.height}",
                         replace(inputs, width=width, height=height)))
     return changes
@@ -104,9 +107,48 @@ def _later_half_of_blocks(inputs: MemoryInputs):
     return len(kept), len(positions), targets
 
 
-def _smaller_size(width: int, height: int) -> tuple[int, int]:
-    """Three quarters of each side, on the 64-pixel grid, no side below 256 (aspect ratio roughly kept)."""
-    def shrink(side: int) -> int:
-        return max(MINIMUM_SIDE, min(side, int(side * 0.75) // 64 * 64))
+GRID = 64  # sizes are proposed on a 64-pixel grid (as the 3/4 rule always has)
+ATTENTION_TILE = 128  # cuDNN's fused attention on CUDA takes sequence lengths in whole tiles of this many tokens
+MOST_PIXELS_KEPT = 0.75  # a CUDA size keeps at most this share of the pixels, so the fix clearly lowers the peak
+ASPECT_TOLERANCE = 1.25  # and its aspect ratio is within this factor of the current one
 
-    return shrink(width), shrink(height)
+
+def _smaller_size(inputs: MemoryInputs) -> tuple[int, int]:
+    """The "train at a smaller size" fix: three quarters of each side, on the 64-pixel grid, no side
+    below 256 (aspect ratio roughly kept). On CUDA that size may leave attention's sequence (image
+    tokens plus the T5 tokens) off whole 128-token tiles, which sends its backward to MLX's unfused
+    fallback that keeps the (heads x L x L) probabilities (engine/memory.py: _attention_backward):
+    512x512 (1536 tokens, fused) -> 384x384 (1088, unfused) saves far less than it should. There the
+    size is the nearest whole-tile one instead (_whole_tile_size), or the 3/4 rule if none is."""
+    if inputs.backend == "cuda":
+        size = _whole_tile_size(inputs)
+        if size is not None:
+            return size
+    return _three_quarters(inputs.width), _three_quarters(inputs.height)
+
+
+def _three_quarters(side: int) -> int:
+    return max(MINIMUM_SIDE, min(side, int(side * 0.75) // GRID * GRID))
+
+
+def _whole_tile_size(inputs: MemoryInputs) -> tuple[int, int] | None:
+    """The size on the grid, each side from 256 to the current one, whose sequence is whole 128-token
+    tiles, that keeps at most 3/4 of the pixels (a clear saving) and the aspect ratio within 1.25x,
+    nearest the 3/4 rule's size: the least largest side ratio (in log scale, so 2x too big and 2x too
+    small are as far), ties to the closer aspect ratio, then the larger size. None where none is."""
+    width, height = inputs.width, inputs.height
+    target_width, target_height = _three_quarters(width), _three_quarters(height)
+    aspect = math.log(width / height)
+
+    def tokens(w: int, h: int) -> int:
+        return (h // PIXELS_PER_TOKEN_SIDE) * (w // PIXELS_PER_TOKEN_SIDE) + inputs.t5_length
+
+    def rank(size: tuple[int, int]) -> tuple[float, float, int]:
+        w, h = size
+        distance = max(abs(math.log(w / target_width)), abs(math.log(h / target_height)))
+        return round(distance, 9), round(abs(math.log(w / h) - aspect), 9), -w * h
+
+    sizes = [(w, h) for w in range(MINIMUM_SIDE, width + 1, GRID) for h in range(MINIMUM_SIDE, height + 1, GRID)
+             if tokens(w, h) % ATTENTION_TILE == 0 and w * h <= MOST_PIXELS_KEPT * width * height
+             and abs(math.log(w / h) - aspect) <= math.log(ASPECT_TOLERANCE) + 1e-9]
+    return min(sizes, key=rank, default=None)

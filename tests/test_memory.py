@@ -224,6 +224,47 @@ def test_no_fix_is_offered_for_what_is_already_done():
     assert [fix.key for fix in suggest_fixes(inputs, 1 * GIB)] == []
 
 
+def smaller_size_fix(inputs):
+    """The "l" fix for `inputs` (with room for nothing, so every fix that lowers the peak is offered)."""
+    fix = next(fix for fix in suggest_fixes(inputs, 1 * GIB) if fix.key == "l")
+    assert fix.label == f"train at {fix.inputs.width}x{fix.inputs.height} instead of {inputs.width}x{inputs.height}"
+    return fix
+
+
+def sequence_length(inputs):
+    return (inputs.width // 16) * (inputs.height // 16) + inputs.t5_length
+
+
+def test_smaller_size_on_cuda_keeps_attention_in_whole_128_token_tiles():
+    # 3/4 of 512x512 is 384x384: 576 + 512 tokens, off cuDNN's 128-token tiles, so unfused on CUDA
+    inputs = dev_inputs(backend="cuda")
+    assert estimate_memory(inputs).details["attention_backward"] == "fused"
+    fix = smaller_size_fix(inputs)
+    assert sequence_length(fix.inputs) % 128 == 0
+    assert fix.inputs.width * fix.inputs.height < 512 * 512
+    assert fix.estimate.details["attention_backward"] != "autodiff"
+    assert fix.estimate.peak < estimate_memory(inputs).peak
+
+
+@pytest.mark.parametrize("backend", ["apple", "cpu"])
+def test_smaller_size_elsewhere_is_three_quarters_of_each_side(backend):
+    fix = smaller_size_fix(dev_inputs(backend=backend))
+    assert (fix.inputs.width, fix.inputs.height) == (384, 384)
+    assert fix.label == "train at 384x384 instead of 512x512"
+
+
+@pytest.mark.parametrize("t5_length", [512, 256])  # dev, schnell
+def test_smaller_size_on_cuda_of_a_portrait_run_keeps_it_portrait(t5_length):
+    # 3/4 of 512x768 is 384x576: 864 image tokens, off the tiles with either T5 length
+    inputs = dev_inputs(backend="cuda", width=512, height=768, t5_length=t5_length)
+    fix = smaller_size_fix(inputs)
+    width, height = fix.inputs.width, fix.inputs.height
+    assert (width, height) == (384, 512)
+    assert sequence_length(fix.inputs) % 128 == 0 and fix.estimate.details["attention_backward"] == "fused"
+    assert width % 64 == 0 and height % 64 == 0 and 256 <= width < height <= 768
+    assert width * height <= 0.75 * 512 * 768
+
+
 # ---------------------------------------------------------------- configs
 
 def write_config(folder, model="dev", **changes):
