@@ -167,16 +167,19 @@ def main() -> None:
                         help="trainer: as the trainer does (the estimate, for checkpointed or joint-block runs; "
                              "engine/memory_limit.py: limits_graph_memory); estimate: always; default: MLX's own")
     parser.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
-                        help="set a switch of engine/flux/speed.py after the trainer's own choice (repeatable)")
+                        help="set a switch of engine/flux/speed.py after the trainer's own choice (repeatable; "
+                             "a number for the integer ones: BLOCKWISE_DEPTH=3)")
     args = parser.parse_args()
     from engine.flux import speed
 
     switches = {}
     for text in args.switch:
         name, _, value = text.partition("=")
-        if name not in speed.DEFAULTS or value not in ("0", "1"):
-            parser.error(f"--switch {text}: expected NAME=0 or NAME=1 with NAME one of {', '.join(speed.DEFAULTS)}")
-        switches[name] = value == "1"
+        default = speed.DEFAULTS.get(name)
+        if not isinstance(default, (bool, int)) or not value.isdigit() or (isinstance(default, bool) and value not in "01"):
+            parser.error(f"--switch {text}: expected NAME=0 or NAME=1 (a number for an integer one) with NAME one of "
+                         f"{', '.join(k for k, v in speed.DEFAULTS.items() if isinstance(v, (bool, int)))}")
+        switches[name] = value == "1" if isinstance(default, bool) else int(value)
     rows = []
     device = str(mx.default_device())
     for quant_text in args.quantize:

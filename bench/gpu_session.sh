@@ -7,6 +7,8 @@
 #     export PYTHONPATH=/tmp/site:$PWD && bash bench/gpu_session.sh PART
 #
 # PART:
+#   blockwise  checkpointed rows on the block-by-block step (4-bit at depths 1-3), bf16 rows   ~7 min
+#   peers   diffusers (pets, people) and mflux 4-bit (pets, people, style)              ~8 min
 #   check   pets' LoRA gradients agree between the fused and our attention backward; style trains
 #           to finite losses with the trainer's routes (bf16 and 4-bit, checkpointing off and on;
 #           the run-10 NaN and the run-9 crash), each in its own process              ~6 min
@@ -44,7 +46,37 @@ style_rows() {
     done
 }
 
+# bench_train.py with "$@" after a name and a timeout: ours_NAME.json, one summary line per row
+bench_rows() {
+    local name=$1 limit=$2; shift 2
+    OUT=$out timeout $limit python bench/bench_train.py "$@" >"$out/$name.log" 2>&1
+    echo "$name rc=$?"
+    mv -f "$out/ours.json" "$out/ours_$name.json" 2>/dev/null && python - "$out/ours_$name.json" <<'PY' || tail -c 600 "$out/$name.log"
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    print(r["template"], r["quantize"], "ckpt" if r["checkpointing"] else "no-ckpt",
+          {k: r.get(k) for k in ("s_per_step_median", "s_per_step_mean", "peak_gib", "estimate_gib",
+                                 "memory_limit_gib", "losses_finite", "switches_set", "error")})
+PY
+}
+
 case $part in
+blockwise)
+    # gradient checkpointing as the block-by-block step (engine/blockwise_step.py, uncapped): 4-bit
+    # (people's 8-GiB target) at depths 2 (the default), 1 and 3; bf16 with and without checkpointing
+    # (the 1.5x reference, same card); people 4-bit on the whole-graph checkpoint, capped at the estimate
+    bench_rows q4_ckpt ${FIRST_ROW_TIMEOUT:-300} --templates people pets style --quantize 4 --checkpointing on --steps 6
+    bench_rows q4_ckpt_depth1 120 --templates people --quantize 4 --checkpointing on --steps 6 --switch BLOCKWISE_DEPTH=1
+    bench_rows q4_ckpt_depth3 120 --templates people --quantize 4 --checkpointing on --steps 6 --switch BLOCKWISE_DEPTH=3
+    bench_rows bf16 200 --templates people pets style --quantize none --checkpointing off on --steps 6
+    bench_rows q4_ckpt_whole_graph 120 --templates people --quantize 4 --checkpointing on --steps 6 \
+        --switch BLOCKWISE_CHECKPOINTING=0 --memory-limit estimate ;;
+peers)
+    # the peers on this card: diffusers + peft (bf16), mflux 0.15.5 (4-bit) per template
+    (cd .peers && timeout 200 python peer_diffusers_lora.py pets_r4 people_r8 2>&1 | tail -4)
+    for template in pets_r4 people_r8 style_r16; do  # the peer script's names
+        (cd .peers && QUANTS=4 timeout 95 python peer_mflux_step.py $template 2>&1 | tail -2)
+    done ;;
 check)
     # does the fused attention backward give pets' single-block LoRA the same gradients as ours?
     timeout 200 python bench/bisect_joint_ckpt.py --timeout 120 --variants "all:nockpt:randomB:pets" \

@@ -207,7 +207,13 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         settled = sum(parts[name] for name in phases[TRAINING])
         run_ahead = settled * CALIBRATION["cuda_run_ahead_fraction"] + CALIBRATION["cuda_run_ahead_bytes"]
         dequantized = 0  # uncapped quantized runs also hold dense copies of the weights queued work dequantized
-        if bits:
+        if inputs.gradient_checkpointing:
+            # the block-by-block step (engine/blockwise_step.py) bounds its own queue: a few stages,
+            # with the dense copies of their weights where they are quantized
+            run_ahead = CALIBRATION["blockwise_run_ahead_bytes"]
+            if bits:
+                dequantized = CALIBRATION["blockwise_queued_blocks"] * _largest_block_dense_bytes(linears, dtype)
+        elif bits:
             dense = sum(linear_bytes(i, o, None, dtype) for i, o in linears.values())
             crosses_joint = trains_joint_blocks(path for path, _ in inputs.lora_targets)
             share = CALIBRATION["cuda_uncapped_dequantized_fraction" + ("_8bit" if bits == 8 else "")]
@@ -220,6 +226,17 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     details.update(lora_parameters=lora_parameters,
                    transformer_parameters=transformer_parameter_count(model.transformer))
     return MemoryEstimate(parts, phases, details)
+
+
+def _largest_block_dense_bytes(linears: dict[str, tuple[int, int]], dtype_bytes: int) -> int:
+    """The dense copy of one block's dequantized linears (modulations excluded: their one row takes
+    the quantized matmul, engine/flux/quantized.py), for the largest block."""
+    blocks: dict[str, int] = {}
+    for path, (i, o) in linears.items():
+        match = re.match(r"^((?:single_)?transformer_blocks\.\d+)\.(.+)$", path)
+        if match and not match.group(2).startswith("norm"):
+            blocks[match.group(1)] = blocks.get(match.group(1), 0) + linear_bytes(i, o, None, dtype_bytes)
+    return max(blocks.values(), default=0)
 
 
 def _workspace(phase_bytes: int, backend: str) -> int:
@@ -320,8 +337,8 @@ def _cuda_capped(inputs: MemoryInputs, uncapped_training_peak: float, saved_by_c
     gradient checkpointing, and runs the cap makes smaller (quantized: it saves the dense copies
     their queued work holds) that would not fit `available_bytes` uncapped. The cap costs speed
     (bench/NOTES.md), so a run that fits, or that the cap would not shrink, goes without."""
-    if inputs.gradient_checkpointing:
-        return True
+    if inputs.gradient_checkpointing:  # the block-by-block step bounds its own queue
+        return False
     return saved_by_cap > 0 and inputs.available_bytes is not None and uncapped_training_peak > inputs.available_bytes
 
 

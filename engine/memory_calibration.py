@@ -54,4 +54,10 @@ CALIBRATION: dict[str, float] = {
     "cuda_uncapped_dequantized_fraction": 0.30,
     "cuda_uncapped_dequantized_fraction_8bit": 0.23,
     "cuda_uncapped_dequantized_joint_factor": 1.3,
+    # CUDA runs with gradient checkpointing take the block-by-block step (engine/blockwise_step.py),
+    # uncapped: it queues speed.BLOCKWISE_DEPTH stages ahead of the GPU. Beyond the activations above
+    # they hold this much, and quantized runs the dense copies of this many blocks' weights
+    # (not yet measured: guesses from the depth of 2 plus the stage the GPU runs)
+    "blockwise_run_ahead_bytes": GIB // 2,
+    "blockwise_queued_blocks": 3.0,
 }

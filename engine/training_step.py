@@ -17,7 +17,14 @@ def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, 
     """Returns step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids) -> loss.
 
     The step is queued for evaluation (model and optimizer state included) and
-    its loss returned unevaluated; reading it waits for the step."""
+    its loss returned unevaluated; reading it waits for the step. With the transformer's
+    gradient checkpointing on, the step runs block by block (engine/blockwise_step.py)."""
+    from engine.flux import speed
+
+    if transformer.gradient_checkpointing and speed.BLOCKWISE_CHECKPOINTING:
+        from engine.blockwise_step import make_blockwise_step
+
+        return make_blockwise_step(transformer, optimizer, compute_dtype, has_guidance)
 
     def loss_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
         s = sigma[:, None, None]

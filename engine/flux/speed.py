@@ -40,6 +40,12 @@ FUSED_ATTENTION_BACKWARD = True
 # of the recomputed backward (the fused one on the arrays as they come gave NaN there). It trained
 # full-size style to the recomputed one's losses, 0.122 s a step against 0.188 s (runs 11-12)
 CONTIGUOUS_JOINT_ATTENTION = True
+# Gradient checkpointing as a stage-by-stage step with a bounded queue (engine/blockwise_step.py)
+# rather than nn.utils.checkpoint inside one compiled step, whose queued work held 17.8 GiB for a
+# 4-bit people step uncapped, 10.5 GiB capped at the cost of speed (bench/NOTES.md items 3, 6)
+BLOCKWISE_CHECKPOINTING = True
+# how many stages that step queues ahead of the GPU before the host waits (an int, not a switch)
+BLOCKWISE_DEPTH = 2
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
 

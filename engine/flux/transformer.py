@@ -121,6 +121,20 @@ class FluxTransformer(nn.Module):
         txt_ids: mx.array,
         guidance: mx.array | None = None,
     ) -> mx.array:
+        hidden, context, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance)
+        rope = self.rope(img_ids, txt_ids)
+        for block in self.transformer_blocks:
+            hidden, context = self._run_block(block, hidden, context, temb, rope)
+        text_length = context.shape[1]
+        joined = join_streams(hidden, context)
+        for block in self.single_transformer_blocks:
+            joined = self._run_block(block, joined, temb, rope)
+        return self.head(joined, temb, text_length)
+
+    # The pieces of a call, in order; engine/blockwise_step.py runs them one at a time.
+
+    def embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance=None):
+        """(image stream, text stream, silu(temb)) in the compute dtype."""
         if self.guidance_embeds and guidance is None:
             raise ValueError("this model has a guidance embedder: pass guidance (B,)")
         dtype = self.dtype
@@ -128,17 +142,15 @@ class FluxTransformer(nn.Module):
         context = self.context_embedder(encoder_hidden_states.astype(dtype))
         # every block's modulation starts with silu(temb): computed once here, not 57 times
         temb = nn.silu(self.time_text_embed(timestep, guidance, pooled_projections.astype(dtype)))
-        rope = rope_rotation(_join_ids(txt_ids, img_ids), self._rope_frequencies, self._rope_axis_of_pair)
+        return hidden, context, temb
 
-        for block in self.transformer_blocks:
-            hidden, context = self._run_block(block, hidden, context, temb, rope)
-        text_length = context.shape[1]
-        # joined once for all single blocks rather than per block as diffusers does
-        joined = mx.concatenate([context, hidden], axis=1)
-        for block in self.single_transformer_blocks:
-            joined = self._run_block(block, joined, temb, rope)
+    def rope(self, img_ids: mx.array, txt_ids: mx.array):
+        """The rotary angles of the joined [text, image] sequence, shared by every block."""
+        return rope_rotation(_join_ids(txt_ids, img_ids), self._rope_frequencies, self._rope_axis_of_pair)
+
+    def head(self, joined: mx.array, temb: mx.array, text_length: int) -> mx.array:
+        """The prediction for the image tokens of the single blocks' output."""
         hidden = joined[:, text_length:]
-
         scale, shift = self.norm_out(temb)
         return self.proj_out(modulate(hidden, shift, scale))
 
@@ -148,6 +160,11 @@ class FluxTransformer(nn.Module):
             # block's trainable parameters (LoRA or full)
             return nn.utils.checkpoint(block)(*arrays)
         return block(*arrays)
+
+
+def join_streams(hidden: mx.array, context: mx.array) -> mx.array:
+    """The single blocks' sequence: [text, image], joined once for all of them (diffusers joins per block)."""
+    return mx.concatenate([context, hidden], axis=1)
 
 
 def _join_ids(txt_ids: mx.array, img_ids: mx.array) -> mx.array:

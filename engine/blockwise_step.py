@@ -1,0 +1,246 @@
+"""Gradient checkpointing as a block-by-block backward with a bounded queue.
+
+With `nn.utils.checkpoint` the whole step is one graph, and on CUDA the host
+queues it far ahead of the GPU: MLX keeps every queued op's temporaries (the
+dense copies of dequantized weights among them) until the GPU has run it, so a
+checkpointed 4-bit people step held 17.8 GiB for 6.25 GiB of weights. Capping
+MLX's memory held it to 10.5 GiB at a cost in speed (bench/NOTES.md items 3, 6).
+
+Here the step is run as stages (the embedders, each block, the output layer
+and loss), each one compiled and queued on its own, and the host waits whenever
+more than `depth` stages are queued. So what is alive is: the weights, the
+input of every block from the first trained one on (the checkpoints), and the
+temporaries of at most `depth` stages. The backward walks the trained stages in
+reverse, recomputing each from its saved input inside one compiled
+vector-Jacobian product. Numbers are the same as `nn.value_and_grad` over the
+whole model (tests/test_blockwise_step.py).
+
+A stage is traced once per layout (its parameters' names, shapes and dtypes,
+which are trained, and its modules' settings), not once per block: blocks
+sharing a layout share one compiled function, which takes the block's
+parameters as inputs.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
+
+from engine.flux import speed
+from engine.flux.transformer import join_streams
+
+
+
+@dataclass
+class _Stage:
+    """One piece of the model's call: `run(holder, carry, temb, rope) -> carry`, with the parameters
+    of `holder` under `prefix` in the transformer's parameter tree."""
+
+    prefix: str
+    holder: nn.Module
+    run: Callable
+
+    def parameters(self) -> list[tuple[str, mx.array]]:
+        return tree_flatten(self.holder.parameters())
+
+    def trainable(self) -> list[str]:
+        return [name for name, _ in tree_flatten(self.holder.trainable_parameters())]
+
+    def layout(self) -> tuple:
+        """What a compiled function of this stage depends on besides its arrays' values."""
+        settings = tuple((path, type(module).__name__, tuple(sorted(
+            (k, v) for k, v in vars(module).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None))))))
+            for path, module in self.holder.named_modules())
+        arrays = tuple((name, tuple(a.shape), str(a.dtype)) for name, a in self.parameters())
+        return self.run, settings, arrays, tuple(self.trainable())
+
+
+def _container(**modules: nn.Module) -> nn.Module:
+    holder = nn.Module()
+    for name, module in modules.items():
+        setattr(holder, name, module)
+    return holder
+
+
+def _stages(transformer) -> tuple[_Stage, list[_Stage], _Stage]:
+    """(embedders, the blocks in order with the join of the two streams as a stage, output layer and loss).
+
+    Each stage runs the transformer's own pieces (engine/flux/transformer.py); a holder only
+    gathers the modules whose parameters a compiled function takes as inputs."""
+    dtype = transformer.dtype
+
+    def run_embed(holder, inputs, temb, rope):
+        latents, noise, sigma, encoder_hidden, pooled, guidance = inputs
+        s = sigma[:, None, None]
+        noisy = ((1 - s) * latents + s * noise).astype(dtype)
+        hidden, context, temb = transformer.embed(noisy, encoder_hidden, pooled, sigma.astype(dtype),
+                                                  None if guidance is None else guidance.astype(dtype))
+        return hidden, context, temb
+
+    def run_head(holder, carry, temb, rope):
+        joined, latents, noise, text_length = carry
+        prediction = transformer.head(joined, temb, text_length)
+        # rectified flow: the transformer predicts the velocity noise - x0
+        return mx.mean(mx.square(prediction.astype(mx.float32) - (noise - latents)))
+
+    embed = _Stage("", _container(x_embedder=transformer.x_embedder, context_embedder=transformer.context_embedder,
+                                  time_text_embed=transformer.time_text_embed), run_embed)
+    blocks = [_Stage(f"transformer_blocks.{i}", block, _run_joint)
+              for i, block in enumerate(transformer.transformer_blocks)]
+    blocks.append(_Stage("", nn.Module(), _run_join))
+    blocks += [_Stage(f"single_transformer_blocks.{i}", block, _run_single)
+               for i, block in enumerate(transformer.single_transformer_blocks)]
+    head = _Stage("", _container(norm_out=transformer.norm_out, proj_out=transformer.proj_out), run_head)
+    return embed, blocks, head
+
+
+def _run_joint(block, carry, temb, rope):
+    return block(*carry, temb, rope)
+
+
+def _run_join(holder, carry, temb, rope):
+    return (join_streams(*carry),)
+
+
+def _run_single(block, carry, temb, rope):
+    return (block(carry[0], temb, rope),)
+
+
+def _with_parameters(template: nn.Module, parameters: dict, compute: Callable):
+    """compute() with `template`'s parameters swapped for `parameters` (tracers while compiling)."""
+    saved = template.parameters()
+    template.update(parameters)
+    try:
+        return compute()
+    finally:
+        template.update(saved)
+
+
+def _forward(template, run, parameters, carry, temb, rope):
+    return _with_parameters(template, parameters, lambda: run(template, carry, temb, rope))
+
+
+def _backward(template, run, trainable: tuple, carry_grads: int, temb_grad: bool,
+              parameters, carry, temb, rope, cotangents):
+    """The stage's outputs and the gradients of (its trainable parameters, its first `carry_grads`
+    carry arrays, temb if `temb_grad`), recomputing the stage from its inputs."""
+    flat = dict(tree_flatten(parameters))
+    primals = [flat[name] for name in trainable] + list(carry[:carry_grads]) + ([temb] if temb_grad else [])
+
+    def stage(*arrays):
+        values = dict(flat)
+        values.update(zip(trainable, arrays))
+        given = list(arrays[len(trainable):len(trainable) + carry_grads]) + list(carry[carry_grads:])
+        out = _with_parameters(template, tree_unflatten(list(values.items())),
+                               lambda: run(template, tuple(given), arrays[-1] if temb_grad else temb, rope))
+        return list(out) if isinstance(out, tuple) else [out]
+
+    return mx.vjp(stage, primals, cotangents)
+
+
+class _Functions:
+    """One compiled forward and backward per stage layout, traced on the first stage that has it."""
+
+    def __init__(self):
+        self._compiled: dict = {}
+
+    def _get(self, key, make):
+        if key not in self._compiled:
+            self._compiled[key] = mx.compile(make())
+        return self._compiled[key]
+
+    def forward(self, stage: _Stage, layout: tuple):
+        return self._get(("forward", layout), lambda: partial(_forward, stage.holder, stage.run))
+
+    def backward(self, stage: _Stage, layout: tuple, carry_grads: int, temb_grad: bool):
+        trainable = tuple(stage.trainable())
+        return self._get(("backward", layout, carry_grads, temb_grad),
+                         lambda: partial(_backward, stage.holder, stage.run, trainable, carry_grads, temb_grad))
+
+
+class _Queue:
+    """Keeps at most `depth` queued stages ahead of the GPU: past that the host waits for the oldest."""
+
+    def __init__(self, depth: int):
+        self.depth, self.pending = max(1, depth), deque()
+
+    def push(self, arrays) -> None:
+        mx.async_eval(arrays)
+        self.pending.append(arrays)
+        while len(self.pending) > self.depth:
+            mx.eval(self.pending.popleft())
+
+
+def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_guidance: bool,
+                        depth: int | None = None):
+    """A training step with the signature and numbers of engine.training_step.make_train_step's,
+    run stage by stage (module docstring). The trained layers must stay as they are while the step
+    is in use (which parameters train decides how each stage is compiled). `depth`: stages queued
+    ahead of the GPU (None: speed.BLOCKWISE_DEPTH; two keep it busy while the host builds the next
+    one: a full-size block's backward runs for milliseconds, its graph takes the host far less)."""
+    depth = speed.BLOCKWISE_DEPTH if depth is None else depth
+    del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
+    embed, blocks, head = _stages(transformer)
+    stages = [embed, *blocks, head]
+    layouts = [stage.layout() for stage in stages]
+    trained = [i for i, stage in enumerate(stages) if stage.trainable()]
+    first = trained[0] if trained else len(stages) - 1  # nothing trained: the loss alone
+    temb_grad = bool(embed.trainable())  # only the embedders lie behind temb
+    functions = _Functions()
+    state = [transformer.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def update(grads):
+        optimizer.update(transformer, grads)
+
+    def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
+        queue = _Queue(depth)
+        rope = transformer.rope(img_ids, txt_ids)
+        inputs = (latents, noise, sigma, hidden, pooled) + ((guidance,) if has_guidance else ())
+        params = [stage.holder.parameters() for stage in stages]
+        saved = {}  # the input of every stage the backward recomputes (the checkpoints)
+
+        # forward: the embedders, then each block; the head's forward runs inside its backward
+        if first == 0:
+            saved[0] = inputs
+        *carry, temb = functions.forward(embed, layouts[0])(params[0], inputs, None, rope)
+        carry = tuple(carry)
+        queue.push([*carry, temb])
+        for i in range(1, len(stages) - 1):
+            if i >= first:
+                saved[i] = carry
+            carry = tuple(functions.forward(stages[i], layouts[i])(params[i], carry, temb, rope))
+            queue.push(list(carry))
+
+        # backward, last stage first; each recomputes its stage from the saved input
+        grads: dict[str, mx.array] = {}
+        last = len(stages) - 1
+        head_carry = (carry[0], latents, noise, hidden.shape[1])
+        cotangents, d_temb, loss = [mx.array(1.0, dtype=mx.float32)], None, None
+        for i in range(last, first - 1, -1):
+            stage = stages[i]
+            carry_grads = 0 if i == first else (1 if i == last else len(saved[i]))
+            takes_temb = temb_grad and i > 0  # the embedders make temb; their cotangent for it is the sum
+            if i == 0:
+                cotangents = cotangents + [d_temb]
+            outputs, vjps = functions.backward(stage, layouts[i], carry_grads, takes_temb)(
+                params[i], head_carry if i == last else saved.pop(i), None if i == 0 else temb, rope, cotangents)
+            loss = outputs[0] if i == last else loss
+            names = stage.trainable()
+            grads.update((f"{stage.prefix}.{name}" if stage.prefix else name, grad) for name, grad in zip(names, vjps))
+            cotangents = list(vjps[len(names):len(names) + carry_grads])
+            if takes_temb:
+                d_temb = vjps[-1] if d_temb is None else d_temb + vjps[-1]
+            queue.push(list(vjps) + [loss])
+        if grads:
+            update(tree_map_with_path(lambda path, _: grads[path], transformer.trainable_parameters()))
+        mx.async_eval(loss, state)
+        return loss
+
+    return step
