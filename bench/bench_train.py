@@ -112,7 +112,7 @@ def steady_intervals(intervals: list[float]) -> list[float]:
 
 
 def measure(transformer, template: str, checkpointing: bool, resolution: int, steps: int, warmup: int = 3,
-            memory_limit: int | None = None, switches: dict | None = None) -> dict:
+            memory_limit: int | None = None, switches: dict | None = None, phase_peaks: bool = False) -> dict:
     from engine.flux import speed
 
     dtype = mx.float32 if SMALL else mx.bfloat16
@@ -144,7 +144,12 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
     active_before = mx.get_active_memory()
     mx.reset_peak_memory()
     losses = []
+    from engine import blockwise_step
+
+    blockwise_step.PHASE_PEAKS = [] if phase_peaks else None  # makes each step wait for its end
     intervals = step_intervals(one_step, warmup, steps, losses)
+    peaks_by_phase = blockwise_step.PHASE_PEAKS
+    blockwise_step.PHASE_PEAKS = None
     steady = steady_intervals(intervals)
     n_lora = sum(v.size for _, v in tree_flatten(transformer.trainable_parameters()))
     return {"s_per_step_median": round(statistics.median(steady), 4), "s_per_step_min": round(min(steady), 4),
@@ -152,7 +157,9 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
             # in order: a step held back by the memory cap shows here, not in the median
             "s_per_step_each": [round(t, 4) for t in intervals],
             "peak_gib": round(mx.get_peak_memory() / 2**30, 2), "active_before_gib": round(active_before / 2**30, 2),
-            "lora_params": int(n_lora), "switched_off": switched_off, "losses": [round(v, 4) for v in losses],
+            "lora_params": int(n_lora), "switched_off": switched_off,
+            "phase_peaks_gib": {phase: round(max(b for p, b in peaks_by_phase if p == phase) / 2**30, 2)
+                                for phase in ("forward", "backward")} if peaks_by_phase else None, "losses": [round(v, 4) for v in losses],
             "losses_finite": all(math.isfinite(v) for v in losses)}
 
 
@@ -166,6 +173,9 @@ def main() -> None:
     parser.add_argument("--memory-limit", choices=["trainer", "estimate", "default"], default="trainer",
                         help="trainer: as the trainer does (the estimate, for checkpointed or joint-block runs; "
                              "engine/memory_limit.py: limits_graph_memory); estimate: always; default: MLX's own")
+    parser.add_argument("--memory-limit-gib", type=float, help="set MLX's memory limit to this instead")
+    parser.add_argument("--phase-peaks", action="store_true",
+                        help="the block-by-block step's forward and backward peaks (each step then waits for its end)")
     parser.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
                         help="set a switch of engine/flux/speed.py after the trainer's own choice (repeatable; "
                              "a number for the integer ones: BLOCKWISE_DEPTH=3)")
@@ -206,9 +216,11 @@ def main() -> None:
                     capped = {"estimate": True, "default": False,
                               "trainer": limits_graph_memory(run_config, FULL_DEV_CONFIG, "cuda")}[args.memory_limit]
                     limit = limit if capped else None
+                    if args.memory_limit_gib:
+                        limit = int(args.memory_limit_gib * 2**30)
                     row["memory_limit_gib"] = round(limit / 2**30, 2) if limit else None
                     row.update(measure(transformer, template, checkpointing, args.resolution, args.steps,
-                                       memory_limit=limit, switches=switches))
+                                       memory_limit=limit, switches=switches, phase_peaks=args.phase_peaks))
                     row["estimate_gib"], row["estimate_parts_gib"] = estimate, parts
                 except Exception as error:  # keep measuring the others
                     row["error"] = repr(error)[:300]

@@ -71,6 +71,18 @@ blockwise)
     bench_rows bf16 200 --templates people pets style --quantize none --checkpointing off on --steps 6
     bench_rows q4_ckpt_whole_graph 120 --templates people --quantize 4 --checkpointing on --steps 6 \
         --switch BLOCKWISE_CHECKPOINTING=0 --memory-limit estimate ;;
+blockwise2)
+    # the block-by-block step, 4-bit, checkpointed: one dense copy per layer in its backward (the
+    # default) or two; where its peak is (forward or backward); depth 1; MLX's cap on top of it
+    bench_rows q4_ckpt ${FIRST_ROW_TIMEOUT:-300} --templates people pets style --quantize 4 --checkpointing on --steps 6
+    bench_rows q4_ckpt_dense_twice 100 --templates people --quantize 4 --checkpointing on --steps 6 \
+        --switch BLOCKWISE_KEEPS_DENSE=0
+    bench_rows q4_ckpt_phases 100 --templates people --quantize 4 --checkpointing on --steps 6 --phase-peaks
+    bench_rows q4_ckpt_depth1 100 --templates people --quantize 4 --checkpointing on --steps 6 --switch BLOCKWISE_DEPTH=1
+    bench_rows q4_ckpt_cap7.6 100 --templates people --quantize 4 --checkpointing on --steps 6 --memory-limit-gib 7.6
+    bench_rows q4_ckpt_cap7.6_depth3 100 --templates people --quantize 4 --checkpointing on --steps 6 \
+        --memory-limit-gib 7.6 --switch BLOCKWISE_DEPTH=3
+    bench_rows bf16_people 100 --templates people --quantize none --checkpointing off --steps 6 ;;
 peers)
     # the peers on this card: diffusers + peft (bf16), mflux 0.15.5 (4-bit) per template
     (cd .peers && timeout 200 python peer_diffusers_lora.py pets_r4 people_r8 2>&1 | tail -4)

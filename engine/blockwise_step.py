@@ -23,6 +23,7 @@ parameters as inputs.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -32,8 +33,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from engine.flux import speed
+from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
 
+
+
+# bench/bench_train.py sets a list here to get (phase, peak bytes) per step: the forward, then the
+# backward and update (the peak is reset between them, and each step waits for its own end)
+PHASE_PEAKS: list | None = None
 
 
 @dataclass
@@ -137,8 +144,9 @@ def _backward(template, run, trainable: tuple, carry_grads: int, temb_grad: bool
         values = dict(flat)
         values.update(zip(trainable, arrays))
         given = list(arrays[len(trainable):len(trainable) + carry_grads]) + list(carry[carry_grads:])
-        out = _with_parameters(template, tree_unflatten(list(values.items())),
-                               lambda: run(template, tuple(given), arrays[-1] if temb_grad else temb, rope))
+        with keeping_dense_weights() if speed.BLOCKWISE_KEEPS_DENSE else nullcontext():
+            out = _with_parameters(template, tree_unflatten(list(values.items())),
+                                   lambda: run(template, tuple(given), arrays[-1] if temb_grad else temb, rope))
         return list(out) if isinstance(out, tuple) else [out]
 
     return mx.vjp(stage, primals, cotangents)
@@ -169,6 +177,10 @@ class _Queue:
 
     def __init__(self, depth: int):
         self.depth, self.pending = max(1, depth), deque()
+
+    def drain(self) -> None:
+        while self.pending:
+            mx.eval(self.pending.popleft())
 
     def push(self, arrays) -> None:
         mx.async_eval(arrays)
@@ -218,6 +230,10 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             carry = tuple(functions.forward(stages[i], layouts[i])(params[i], carry, temb, rope))
             queue.push(list(carry))
 
+        if PHASE_PEAKS is not None:  # a bench probe: the forward's peak, then the backward's
+            queue.drain()
+            PHASE_PEAKS.append(("forward", mx.get_peak_memory()))
+            mx.reset_peak_memory()
         # backward, last stage first; each recomputes its stage from the saved input
         grads: dict[str, mx.array] = {}
         last = len(stages) - 1
@@ -241,6 +257,9 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         if grads:
             update(tree_map_with_path(lambda path, _: grads[path], transformer.trainable_parameters()))
         mx.async_eval(loss, state)
+        if PHASE_PEAKS is not None:
+            mx.eval(loss, state)
+            PHASE_PEAKS.append(("backward", mx.get_peak_memory()))
         return loss
 
     return step

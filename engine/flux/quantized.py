@@ -9,6 +9,7 @@ kernels for quantized matmul are fast, so there the stock layer stays.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from functools import cache
 
 import mlx.core as mx
@@ -93,6 +94,22 @@ def dequantized_matmul(group_size: int, bits: int, mode: str):
     return matmul
 
 
+_keep_dense = False  # set by `keeping_dense_weights` while a stage's backward is traced
+
+
+@contextmanager
+def keeping_dense_weights():
+    """Inside it, DequantizingLinear dequantizes once and lets autodiff keep the dense weight for the
+    backward: for engine/blockwise_step.py, whose backward recomputes one block at a time, so only
+    that block's dense weights are kept, and the second dequantize of each layer is saved."""
+    global _keep_dense
+    before, _keep_dense = _keep_dense, True
+    try:
+        yield
+    finally:
+        _keep_dense = before
+
+
 class DequantizingLinear(nn.QuantizedLinear):
     """An nn.QuantizedLinear (same parameters, same files) computed by dequantize + matmul."""
 
@@ -113,7 +130,10 @@ class DequantizingLinear(nn.QuantizedLinear):
         rows = x.size // x.shape[-1]
         if biases is None or getattr(self, "mode", "affine") != "affine" or rows < self.MIN_ROWS:
             return super().__call__(x)
-        y = dequantized_matmul(self.group_size, self.bits, self.mode)(x, self["weight"], self["scales"], biases)
+        if _keep_dense:
+            y = x @ dequantize(self["weight"], self["scales"], biases, self.group_size, self.bits, self.mode).astype(x.dtype).T
+        else:
+            y = dequantized_matmul(self.group_size, self.bits, self.mode)(x, self["weight"], self["scales"], biases)
         if "bias" in self:
             y = y + self["bias"]
         return y

@@ -44,6 +44,9 @@ CONTIGUOUS_JOINT_ATTENTION = True
 # rather than nn.utils.checkpoint inside one compiled step, whose queued work held 17.8 GiB for a
 # 4-bit people step uncapped, 10.5 GiB capped at the cost of speed (bench/NOTES.md items 3, 6)
 BLOCKWISE_CHECKPOINTING = True
+# In that step's backward, each quantized layer dequantized once, its dense weight kept for the
+# block's backward (engine/flux/quantized.py: keeping_dense_weights), rather than dequantized again
+BLOCKWISE_KEEPS_DENSE = True
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch)
 BLOCKWISE_DEPTH = 2
 
