@@ -48,7 +48,7 @@ BLOCKWISE_CHECKPOINTING = True
 # block's backward (engine/flux/quantized.py: keeping_dense_weights), rather than dequantized again
 BLOCKWISE_KEEPS_DENSE = True
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch)
-BLOCKWISE_DEPTH = 2
+BLOCKWISE_DEPTH = 1
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
 
