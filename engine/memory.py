@@ -196,8 +196,11 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
                 "encoding activations", "cached encodings")
     training = ("transformer weights", "VAE decoder", "cached encodings", "LoRA weights", "LoRA gradients",
                 "optimizer state", "activations")
+    blockwise_cuda = inputs.backend == "cuda" and inputs.gradient_checkpointing
     for phase, names in ((ENCODING, encoding), (TRAINING, training)):
-        parts[f"workspace ({phase})"] = _workspace(sum(parts[name] for name in names), inputs.backend)
+        # the block-by-block step's stage volume (below) was fitted with the allocator's overhead in it
+        backend = "cpu" if blockwise_cuda and phase == TRAINING else inputs.backend
+        parts[f"workspace ({phase})"] = _workspace(sum(parts[name] for name in names), backend)
     phases = {ENCODING: encoding + ("workspace (encoding)",), TRAINING: training + ("workspace (training)",)}
     details["graph_memory_capped"] = details["held_back_to_fit"] = False
     if inputs.backend == "cuda":
@@ -207,12 +210,13 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         settled = sum(parts[name] for name in phases[TRAINING])
         run_ahead = settled * CALIBRATION["cuda_run_ahead_fraction"] + CALIBRATION["cuda_run_ahead_bytes"]
         dequantized = 0  # uncapped quantized runs also hold dense copies of the weights queued work dequantized
-        if inputs.gradient_checkpointing:
-            # the block-by-block step (engine/blockwise_step.py) bounds its own queue: a few stages,
-            # with the dense copies of their weights where they are quantized
-            run_ahead = CALIBRATION["blockwise_run_ahead_bytes"]
+        if blockwise_cuda:
+            # the block-by-block step (engine/blockwise_step.py) bounds its own queue: its depth plus the
+            # stage the GPU runs, each holding every buffer it allocates until the GPU is done with it
+            stage = CALIBRATION["blockwise_stage_tensors"] * details["hidden_tensor_bytes"]
             if bits:
-                dequantized = CALIBRATION["blockwise_queued_blocks"] * _largest_block_dense_bytes(linears, dtype)
+                stage += CALIBRATION["blockwise_stage_dense_share"] * _largest_block_dense_bytes(linears, dtype)
+            run_ahead = (_blockwise_depth() + 1) * stage
         elif bits:
             dense = sum(linear_bytes(i, o, None, dtype) for i, o in linears.values())
             crosses_joint = trains_joint_blocks(path for path, _ in inputs.lora_targets)
@@ -226,6 +230,12 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     details.update(lora_parameters=lora_parameters,
                    transformer_parameters=transformer_parameter_count(model.transformer))
     return MemoryEstimate(parts, phases, details)
+
+
+def _blockwise_depth() -> int:
+    from engine.flux import speed
+
+    return speed.BLOCKWISE_DEPTH
 
 
 def _largest_block_dense_bytes(linears: dict[str, tuple[int, int]], dtype_bytes: int) -> int:
@@ -303,6 +313,10 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
     if backward == "contiguous":
         # contiguous copies of q, k, v and the incoming gradient, and the forward run again
         transient += CONTIGUOUS_BACKWARD_COPIES * hidden
+    details["hidden_tensor_bytes"] = hidden
+    if inputs.gradient_checkpointing and inputs.backend == "cuda":
+        # only block inputs are kept; the stages in flight are the run-ahead (estimate_memory)
+        return int((stored_joint + stored_single) * c["checkpoint_saved_tensors"] * hidden), details
     if inputs.gradient_checkpointing:
         # only block inputs are kept; the backward recomputes one block at a time
         saved = (stored_joint + stored_single) * c["checkpoint_saved_tensors"] * hidden
@@ -374,7 +388,8 @@ def _preview_activations(inputs: MemoryInputs) -> int:
     transformer = CALIBRATION["preview_transformer_tensors"] * tokens * dim * inputs.dtype_bytes
     if inputs.backend == "cpu":  # the CPU has no fused attention even for inference
         transformer += config.get("num_attention_heads", 24) * tokens**2 * inputs.dtype_bytes
-    decode = (CALIBRATION["vae_decode_tensors"] * inputs.height * inputs.width * _full_resolution_channels(inputs)
+    tensors = CALIBRATION["vae_decode_tensors_cpu" if inputs.backend == "cpu" else "vae_decode_tensors"]
+    decode = (tensors * inputs.height * inputs.width * _full_resolution_channels(inputs)
               * inputs.dtype_bytes + _vae_attention(inputs))
     return int(max(transformer, decode))
 

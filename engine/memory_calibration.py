@@ -33,6 +33,9 @@ CALIBRATION: dict[str, float] = {
     # VAE over one image: (H x W x widest full-resolution channels) tensors alive at once
     "vae_encode_tensors": 4.0,
     "vae_decode_tensors": 4.0,
+    # ... measured on the CPU (MLX 0.32.4, float32, the tiny VAE at 64-256 px): 2440 bytes a pixel,
+    # 38 of those tensors (its convolutions' buffers); Metal and CUDA are not measured, so they keep 4
+    "vae_decode_tensors_cpu": 38.0,
     # the VAE mid-block attention over (H/8 x W/8) pixels in one 512-wide head: no fused kernel
     # takes that head size, so scores and probabilities are materialized
     "vae_attention_tensors": 2.0,
@@ -55,9 +58,12 @@ CALIBRATION: dict[str, float] = {
     "cuda_uncapped_dequantized_fraction_8bit": 0.23,
     "cuda_uncapped_dequantized_joint_factor": 1.3,
     # CUDA runs with gradient checkpointing take the block-by-block step (engine/blockwise_step.py),
-    # uncapped: it queues speed.BLOCKWISE_DEPTH stages ahead of the GPU. Beyond the activations above
-    # they hold this much, and quantized runs the dense copies of this many blocks' weights
-    # (not yet measured: guesses from the depth of 2 plus the stage the GPU runs)
-    "blockwise_run_ahead_bytes": GIB // 2,
-    "blockwise_queued_blocks": 3.0,
+    # uncapped. Beyond the weights, the LoRA state and the saved block inputs, each stage in flight
+    # (speed.BLOCKWISE_DEPTH queued plus the one running) holds every buffer it allocated until the
+    # GPU is done with it: this many (tokens x hidden) tensors, plus this share of the largest
+    # block's dense weights when quantized. Fitted to run 13 (bench/raw/run13*): bf16 depth 2 (H100)
+    # 0.82 GiB a stage at 512x512; 4-bit depths 1 and 2 (H200) 1.07 and 1.04 GiB, of which the
+    # dense copies 0.24 (one dequantize per layer, speed.BLOCKWISE_KEEPS_DENSE).
+    "blockwise_stage_tensors": 93.0,
+    "blockwise_stage_dense_share": 0.56,
 }

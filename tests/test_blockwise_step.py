@@ -1,0 +1,131 @@
+"""The block-by-block checkpointed step (engine/blockwise_step.py) against the whole-model step."""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from engine import blockwise_step
+from engine.flux import speed
+from engine.flux.latents import latent_image_ids, text_ids
+from engine.flux.loading import load_model, quantize_module
+from engine.flux.quantized import DequantizingLinear
+from engine.lora import apply_lora
+from engine.training_step import make_train_step
+
+LAYOUTS = {
+    # the templates' shapes: single blocks only from block 10 (people); joint q/k/v then single blocks (style)
+    "people": [(f"single_transformer_blocks.{b}.{layer}", 4) for b in range(10, 38)
+               for layer in ("proj_out", "proj_mlp", "attn.to_q")],
+    "style": [(f"transformer_blocks.{b}.attn.{layer}", 8) for b in range(5, 16) for layer in ("to_q", "to_k", "to_v")]
+             + [(f"single_transformer_blocks.{b}.proj_out", 4) for b in range(20, 38)],
+    # the embedders (so temb's gradient sums over every block), modulations, the output layer, and two
+    # blocks whose layouts differ only in which same-shaped layer is trained
+    "everywhere": [("x_embedder", 2), ("time_text_embed.timestep_embedder.linear_1", 2),
+                   ("transformer_blocks.3.norm1.linear", 2), ("single_transformer_blocks.5.norm.linear", 2),
+                   ("single_transformer_blocks.6.attn.to_q", 2), ("single_transformer_blocks.7.attn.to_k", 2),
+                   ("proj_out", 2)],
+}
+
+
+def train(targets, checkpointing: bool, steps: int = 3, bits: int | None = None, scales: dict | None = None):
+    """Losses and trained parameters after `steps` AdamW steps of the tiny model (float32, CPU);
+    `scales`: {LoRA layer path: its scale}."""
+    transformer = load_model("tiny", text_encoders=False).transformer
+    if bits:
+        quantize_module(transformer, bits)
+    apply_lora(transformer, targets, key=mx.random.key(0))
+    for path, scale in (scales or {}).items():
+        dict(transformer.named_modules())[path].scale = scale
+    transformer.gradient_checkpointing = checkpointing
+    optimizer = optim.AdamW(learning_rate=1e-2)
+    optimizer.init(transformer.trainable_parameters())
+    step = make_train_step(transformer, optimizer, mx.float32, has_guidance=True)
+    keys = mx.random.split(mx.random.key(3), 4)
+    latents, noise = mx.random.normal((1, 16, 64), key=keys[0]), mx.random.normal((1, 16, 64), key=keys[1])
+    arguments = (latents, noise, mx.random.normal((1, 32, 32), key=keys[2]), mx.random.normal((1, 32), key=keys[3]),
+                 mx.array([0.5]), mx.array([3.0]), latent_image_ids(8, 8), text_ids(32))
+    losses = [float(step(*arguments)) for _ in range(steps)]
+    return losses, dict(tree_flatten(transformer.trainable_parameters()))
+
+
+def assert_same_training(reference, blockwise, rtol=1e-5):
+    (losses, params), (block_losses, block_params) = reference, blockwise
+    assert losses[-1] < losses[0]  # it trained
+    np.testing.assert_allclose(block_losses, losses, rtol=rtol)
+    assert set(block_params) == set(params)
+    for name, value in params.items():
+        np.testing.assert_allclose(np.array(block_params[name]), np.array(value), rtol=rtol, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_blockwise_step_trains_as_the_whole_model_step(layout):
+    assert speed.BLOCKWISE_CHECKPOINTING
+    assert_same_training(train(LAYOUTS[layout], checkpointing=False), train(LAYOUTS[layout], checkpointing=True))
+
+
+def test_blocks_whose_adapters_differ_only_in_scale_are_compiled_apart():
+    # same names, shapes and trained arrays; the scale is a Python float a compiled function bakes in
+    scales = {"single_transformer_blocks.12.proj_out": 0.25, "single_transformer_blocks.30.proj_out": 3.0}
+    targets = LAYOUTS["people"]
+    assert_same_training(train(targets, checkpointing=False, scales=scales),
+                         train(targets, checkpointing=True, scales=scales))
+
+
+@pytest.mark.parametrize("keeps_dense", [True, False])
+def test_blockwise_step_over_a_quantized_base_dequantizing_once_or_twice(monkeypatch, keeps_dense):
+    # every quantized linear through dequantize + matmul (the CUDA route), not only the long ones
+    monkeypatch.setattr(DequantizingLinear, "MIN_ROWS", 1)
+    monkeypatch.setattr(speed, "BLOCKWISE_KEEPS_DENSE", keeps_dense)
+    kept = []
+    real = blockwise_step.keeping_dense_weights
+    monkeypatch.setattr(blockwise_step, "keeping_dense_weights", lambda: kept.append(1) or real())
+    targets = LAYOUTS["style"]
+    assert_same_training(train(targets, checkpointing=False, bits=4), train(targets, checkpointing=True, bits=4))
+    assert bool(kept) == keeps_dense
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_blockwise_step_keeps_at_most_its_depth_queued(monkeypatch, depth):
+    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", depth)
+    queued, most = [], [0]  # ids of what was queued and not yet waited for; the most at once
+    real_async_eval, real_eval = mx.async_eval, mx.eval
+
+    def async_eval(*arrays):
+        queued.append(id(arrays[0]))
+        most[0] = max(most[0], len(queued))
+        return real_async_eval(*arrays)
+
+    def evaluate(*arrays):
+        if arrays and id(arrays[0]) in queued:  # waiting for a queued stage retires it
+            queued.remove(id(arrays[0]))
+        return real_eval(*arrays)
+
+    monkeypatch.setattr(mx, "async_eval", async_eval)
+    monkeypatch.setattr(mx, "eval", evaluate)
+    train(LAYOUTS["people"], checkpointing=True, steps=1)
+    # right after a push, before the host waits: `depth` queued stages plus the new one
+    assert most[0] == depth + 1
+
+
+def test_blocks_sharing_a_layout_share_one_compiled_function(monkeypatch):
+    traced = set()
+    real_forward, real_backward = blockwise_step._forward, blockwise_step._backward
+
+    def forward(template, *args):
+        traced.add(("forward", id(template)))
+        return real_forward(template, *args)
+
+    def backward(template, *args):
+        traced.add(("backward", id(template)))
+        return real_backward(template, *args)
+
+    monkeypatch.setattr(blockwise_step, "_forward", forward)
+    monkeypatch.setattr(blockwise_step, "_backward", backward)
+    train(LAYOUTS["people"], checkpointing=True, steps=1)
+    # embedders, joint blocks, the join, single blocks 0-9, 10-37: five forwards; the head, trained
+    # single blocks and the first trained one (no input gradient): three backwards, not 57 + 29
+    assert len({t for t in traced if t[0] == "forward"}) == 5
+    assert len({t for t in traced if t[0] == "backward"}) == 3
