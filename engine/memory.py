@@ -226,7 +226,7 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         parts["CUDA graph run-ahead"] = int(run_ahead if capped else run_ahead + dequantized)
         phases[TRAINING] += ("CUDA graph run-ahead",)
         details["graph_memory_capped"] = capped
-        details["held_back_to_fit"] = capped and not inputs.gradient_checkpointing  # see HELD_BACK_NOTE
+        details["held_back_to_fit"] = capped  # see HELD_BACK_NOTE
     details.update(lora_parameters=lora_parameters,
                    transformer_parameters=transformer_parameter_count(model.transformer))
     return MemoryEstimate(parts, phases, details)
@@ -347,10 +347,11 @@ HELD_BACK_NOTE = ("To fit, training is held to this estimate: steps run slower (
 
 
 def _cuda_capped(inputs: MemoryInputs, uncapped_training_peak: float, saved_by_cap: float) -> bool:
-    """Whether the trainer caps the step's memory at the estimate (engine/memory_limit.py): runs with
-    gradient checkpointing, and runs the cap makes smaller (quantized: it saves the dense copies
-    their queued work holds) that would not fit `available_bytes` uncapped. The cap costs speed
-    (bench/NOTES.md), so a run that fits, or that the cap would not shrink, goes without."""
+    """Whether the trainer caps the step's memory at the estimate (engine/memory_limit.py): runs the
+    cap makes smaller (quantized, without checkpointing: it saves the dense copies their queued work
+    holds) that would not fit `available_bytes` uncapped. The cap costs speed (bench/NOTES.md), so a
+    run that fits, or that the cap would not shrink, goes without. Checkpointed runs take the
+    block-by-block step, which bounds its own queue (engine/blockwise_step.py)."""
     if inputs.gradient_checkpointing:  # the block-by-block step bounds its own queue
         return False
     return saved_by_cap > 0 and inputs.available_bytes is not None and uncapped_training_peak > inputs.available_bytes

@@ -18,20 +18,16 @@ def graph_memory_limit(estimate: MemoryEstimate) -> int:
 
 
 def limits_graph_memory(cfg, model_config, backend: str, available_bytes: int | None = None) -> bool:
-    """Whether the trainer caps the step's memory: on CUDA, for runs with gradient checkpointing,
-    and for runs without it whose uncapped estimate would not fit `available_bytes` (None: unknown)
-    while capping helps (quantized runs: their queued work holds dense copies of dequantized
-    weights; engine/memory.py).
+    """Whether the trainer caps the step's memory: on CUDA, for runs without checkpointing whose
+    uncapped estimate would not fit `available_bytes` (None: unknown) while capping helps (quantized
+    runs: their queued work holds dense copies of dequantized weights; engine/memory.py).
 
-    The cap holds the step back whenever it binds: it cost 10% (bf16) to 25% (4-bit
-    with checkpointing) of the step time on an H200 (bench/NOTES.md). Without
-    checkpointing the stored activations dominate and the cap saved little (bf16
-    pets: 38.9 -> 40.7 GiB), so only runs that asked to save memory pay for it, or
-    that must to fit: 4-bit style without checkpointing took 0.219 s at 22.7 GiB
-    capped, 0.159 s at 30.9 GiB uncapped (H100, run 12). Runs through joint blocks
-    were always capped while their attention backward recomputed the softmax; on
-    the contiguous route (engine/flux/speed.py) bf16 style peaked at 42.2 GiB capped
-    or not, and took 0.133 s capped, 0.118 s not (run 12).
+    The cap holds the step back whenever it binds: 4-bit style took 0.219 s at 22.7 GiB capped,
+    0.159 s at 30.9 GiB uncapped (H100, run 12), and bf16 gains nothing from it (style 42.2 GiB
+    capped or not). Checkpointed runs were always capped while they were one graph (people 4-bit:
+    17.8 GiB uncapped, 10.5 capped); the block-by-block step (engine/blockwise_step.py) bounds its
+    own queue: 8.67 GiB uncapped at 0.157 s, where MLX's cap at 7.6 GiB on top of it held 8.52 GiB
+    at 0.204 s (H200, run 13), so they go uncapped.
     """
     if backend != "cuda":
         return False
