@@ -1,6 +1,6 @@
 """Build bench/results.json from the raw rows of a GPU run (bench/raw/<run>/).
 
-    python bench/make_results.py [--run run12] [--fallback-runs run11 run9 run2 run1]
+    python bench/make_results.py [--run run13] [--fallback-runs run13_h100 run12 run11 run9 run2 run1]
 
 Ours, diffusers+peft and mflux rows are joined on (template, quantize,
 checkpointing). Peer rows come from the same run wherever that run measured
@@ -60,25 +60,50 @@ ROW_NOTES = {
                            "0.07 s faster in bf16) and capped at the estimate",
     ("run12", "style", 4, True): "our CUDA kernels (LoRA, RoPE, GELU) were off for it then; the engine now keeps "
                                  "them on (run 12 trained bf16 style checkpointed with them)",
+    ("run12", "pets", 8, True): "checkpointing as one graph capped at the estimate, before the block-by-block step",
+    ("run12", "people", 8, True): "checkpointing as one graph capped at the estimate, before the block-by-block step",
+    ("run12", "style", 8, True): "checkpointing as one graph capped at the estimate, before the block-by-block step; "
+                                 "joint blocks on the recomputed attention backward",
+    ("run13", "pets", 4, True): "block-by-block step queueing 2 stages ahead (the default is now 1: people held "
+                                "0.96 GiB less with 1, run 13); estimates for the depth it ran at",
+    ("run13", "style", 4, True): "block-by-block step queueing 2 stages ahead (the default is now 1: people held "
+                                 "0.96 GiB less with 1, run 13); estimates for the depth it ran at",
+    **{("run13_h100", template, None, True): "block-by-block step queueing 2 stages ahead (the default is now 1); "
+                                             "estimates for that depth; on an H100 that ran bf16 without "
+                                             "checkpointing 10-25% slower than run 12's"
+       for template in ("pets", "people", "style")},
 }
+# the block-by-block step's depth (engine/flux/speed.py: BLOCKWISE_DEPTH) where a run's rows did not set it
+DEPTH_AT_RUN = {"run13": 2, "run13_h100": 2}
 
 
 def index(rows: list[dict], source: str) -> dict:
     return {key(row): dict(row, source=source) for row in rows}
 
 
-def current_estimate(template: str, quantize, checkpointing: bool) -> float:
-    """The estimator's prediction now, for the bench's configuration (transformer + LoRA step, CUDA)."""
+def current_estimate(template: str, quantize, checkpointing: bool, depth: int | None = None) -> float:
+    """The estimator's prediction now, for the bench's configuration (transformer + LoRA step, CUDA),
+    with the block-by-block step queueing `depth` stages (None: the engine's default)."""
     from bench.bench_train import estimate_gib
     from engine.config import load_template
+    from engine.flux import speed
 
-    return estimate_gib(load_template(template), quantize, checkpointing, 512)[0]
+    default = speed.BLOCKWISE_DEPTH
+    speed.BLOCKWISE_DEPTH = depth or default
+    try:
+        return estimate_gib(load_template(template), quantize, checkpointing, 512)[0]
+    finally:
+        speed.BLOCKWISE_DEPTH = default
+
+
+def row_depth(row: dict) -> int | None:
+    return (row.get("switches_set") or {}).get("BLOCKWISE_DEPTH") or DEPTH_AT_RUN.get(row["source"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run", default="run12")
-    parser.add_argument("--fallback-runs", nargs="*", default=["run11", "run9", "run2", "run1"],
+    parser.add_argument("--run", default="run13")
+    parser.add_argument("--fallback-runs", nargs="*", default=["run13_h100", "run12", "run11", "run9", "run2", "run1"],
                         help="raw folders for what the main run did not measure, first = preferred")
     args = parser.parse_args()
     ours, diffusers, mflux = {}, {}, {}
@@ -102,15 +127,15 @@ def main() -> None:
             "ours_peak_gib": mine["peak_gib"],
             "peer_peak_gib": peer["peak_gib"] if peer else None,
             "mflux_peak_gib": other["peak_gib"] if other else None,
-            "estimate_gib": current_estimate(template, quantize, checkpointing),
+            "estimate_gib": current_estimate(template, quantize, checkpointing, row_depth(mine)),
             "estimate_gib_at_run": mine.get("estimate_gib"),
             "peer_source": peer["source"] if peer else None,
             "mflux_source": other["source"] if other else None,
             "ours_source": mine["source"],
             "ours_losses_finite": mine.get("losses_finite"),  # None: that run did not record its losses
         })
-        note = ROW_NOTES.get((mine["source"], template, quantize)) or ROW_NOTES.get(
-            (mine["source"], template, quantize, checkpointing))
+        note = ROW_NOTES.get((mine["source"], template, quantize, checkpointing)) or ROW_NOTES.get(
+            (mine["source"], template, quantize))
         if note:
             rows[-1]["ours_note"] = note
         for name, other_row in (("peer", peer), ("mflux", other)):
