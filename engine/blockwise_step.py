@@ -83,7 +83,8 @@ def _stages(transformer) -> tuple[_Stage, list[_Stage], _Stage]:
     dtype = transformer.dtype
 
     def run_embed(holder, inputs, temb, rope):
-        latents, noise, sigma, encoder_hidden, pooled, guidance = inputs
+        latents, noise, sigma, encoder_hidden, pooled, *guidance = inputs  # schnell has no guidance
+        guidance = guidance[0] if guidance else None
         s = sigma[:, None, None]
         noisy = ((1 - s) * latents + s * noise).astype(dtype)
         hidden, context, temb = transformer.embed(noisy, encoder_hidden, pooled, sigma.astype(dtype),

@@ -12,6 +12,8 @@ from engine.flux import speed
 from engine.flux.latents import latent_image_ids, text_ids
 from engine.flux.loading import load_model, quantize_module
 from engine.flux.quantized import DequantizingLinear
+from engine.flux.tiny import TRANSFORMER_CONFIG
+from engine.flux.transformer import FluxTransformer
 from engine.lora import apply_lora
 from engine.training_step import make_train_step
 
@@ -72,6 +74,29 @@ def test_blocks_whose_adapters_differ_only_in_scale_are_compiled_apart():
     targets = LAYOUTS["people"]
     assert_same_training(train(targets, checkpointing=False, scales=scales),
                          train(targets, checkpointing=True, scales=scales))
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_blockwise_step_for_dev_and_schnell_at_batch_two(guidance):
+    # schnell has no guidance embedder (the step then gets no guidance input); two samples a step
+    def run(checkpointing):
+        mx.random.seed(0)
+        transformer = FluxTransformer(dict(TRANSFORMER_CONFIG, guidance_embeds=guidance, num_layers=3,
+                                           num_single_layers=4))
+        transformer.freeze()
+        apply_lora(transformer, [("transformer_blocks.2.attn.to_q", 4), ("single_transformer_blocks.1.proj_out", 4)],
+                   key=mx.random.key(0))
+        transformer.gradient_checkpointing = checkpointing
+        optimizer = optim.AdamW(learning_rate=1e-2)
+        optimizer.init(transformer.trainable_parameters())
+        step = make_train_step(transformer, optimizer, mx.float32, has_guidance=guidance)
+        keys = mx.random.split(mx.random.key(3), 4)
+        arguments = (mx.random.normal((2, 16, 64), key=keys[0]), mx.random.normal((2, 16, 64), key=keys[1]),
+                     mx.random.normal((2, 32, 32), key=keys[2]), mx.random.normal((2, 32), key=keys[3]),
+                     mx.array([0.5, 0.2]), mx.array([3.0, 3.0]), latent_image_ids(8, 8), text_ids(32))
+        return [float(step(*arguments)) for _ in range(3)], dict(tree_flatten(transformer.trainable_parameters()))
+
+    assert_same_training(run(False), run(True))
 
 
 @pytest.mark.parametrize("keeps_dense", [True, False])
