@@ -6,14 +6,18 @@ dense copies of dequantized weights among them) until the GPU has run it, so a
 checkpointed 4-bit people step held 17.8 GiB for 6.25 GiB of weights. Capping
 MLX's memory held it to 10.5 GiB at a cost in speed (bench/NOTES.md items 3, 6).
 
-Here the step is run as stages (the embedders, each block, the output layer
-and loss), each one compiled and queued on its own, and the host waits whenever
-more than `depth` stages are queued. So what is alive is: the weights, the
-input of every block from the first trained one on (the checkpoints), and the
-temporaries of at most `depth` stages. The backward walks the trained stages in
-reverse, recomputing each from its saved input inside one compiled
-vector-Jacobian product. Numbers are the same as `nn.value_and_grad` over the
-whole model (tests/test_blockwise_step.py).
+Here the step is run as stages (the embedders, each block, the join of the two
+streams, the output layer and loss), each one compiled and queued on its own,
+and the host waits whenever more than `depth` stages are queued. So what is
+alive is: the weights, the input of every stage from the first trained one on
+(the checkpoints), and every buffer of at most depth + 1 stages (MLX frees a
+queued op's buffers only once the GPU has run it: ~0.8 GiB a full-size stage in
+bf16, ~1.05 GiB over a 4-bit base). The backward walks the stages from the last
+to the first trained one, recomputing each from its saved input inside one
+compiled vector-Jacobian product. Numbers are the same as `nn.value_and_grad`
+over the whole model (tests/test_blockwise_step.py). People over a 4-bit base,
+checkpointed, on an H200: 8.67 GiB at 0.157 s a step, where the one graph held
+10.5 GiB capped at 0.215 s (bench/NOTES.md items 23-27).
 
 A stage is traced once per layout (its parameters' names, shapes and dtypes,
 which are trained, and its modules' settings), not once per block: blocks
@@ -35,8 +39,6 @@ from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from engine.flux import speed
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
-
-
 
 # bench/bench_train.py sets a list here to get (phase, peak bytes) per step: the forward, then the
 # backward and update (the peak is reset between them, and each step waits for its own end)
@@ -195,16 +197,17 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     """A training step with the signature and numbers of engine.training_step.make_train_step's,
     run stage by stage (module docstring). The trained layers must stay as they are while the step
     is in use (which parameters train decides how each stage is compiled). `depth`: stages queued
-    ahead of the GPU (None: speed.BLOCKWISE_DEPTH; two keep it busy while the host builds the next
-    one: a full-size block's backward runs for milliseconds, its graph takes the host far less)."""
+    ahead of the GPU (None: speed.BLOCKWISE_DEPTH, 1: the GPU runs one stage while the host builds
+    the next; on an H200 a second bought 2% speed for 0.96 GiB, bench/NOTES.md item 24)."""
     depth = speed.BLOCKWISE_DEPTH if depth is None else depth
     del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
     embed, blocks, head = _stages(transformer)
     stages = [embed, *blocks, head]
     layouts = [stage.layout() for stage in stages]
-    trained = [i for i, stage in enumerate(stages) if stage.trainable()]
+    trainable = [stage.trainable() for stage in stages]
+    trained = [i for i, names in enumerate(trainable) if names]
     first = trained[0] if trained else len(stages) - 1  # nothing trained: the loss alone
-    temb_grad = bool(embed.trainable())  # only the embedders lie behind temb
+    temb_grad = bool(trainable[0])  # only the embedders lie behind temb
     functions = _Functions()
     state = [transformer.state, optimizer.state]
 
@@ -249,7 +252,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             outputs, vjps = functions.backward(stage, layouts[i], carry_grads, takes_temb)(
                 params[i], head_carry if i == last else saved.pop(i), None if i == 0 else temb, rope, cotangents)
             loss = outputs[0] if i == last else loss
-            names = stage.trainable()
+            names = trainable[i]
             grads.update((f"{stage.prefix}.{name}" if stage.prefix else name, grad) for name, grad in zip(names, vjps))
             cotangents = list(vjps[len(names):len(names) + carry_grads])
             if takes_temb:

@@ -42,12 +42,15 @@ FUSED_ATTENTION_BACKWARD = True
 CONTIGUOUS_JOINT_ATTENTION = True
 # Gradient checkpointing as a stage-by-stage step with a bounded queue (engine/blockwise_step.py)
 # rather than nn.utils.checkpoint inside one compiled step, whose queued work held 17.8 GiB for a
-# 4-bit people step uncapped, 10.5 GiB capped at the cost of speed (bench/NOTES.md items 3, 6)
+# 4-bit people step uncapped, 10.5 GiB capped at 0.215 s; this one 8.67 GiB at 0.157 s (H200,
+# bench/NOTES.md items 3, 6, 23)
 BLOCKWISE_CHECKPOINTING = True
 # In that step's backward, each quantized layer dequantized once, its dense weight kept for the
-# block's backward (engine/flux/quantized.py: keeping_dense_weights), rather than dequantized again
+# block's backward (engine/flux/quantized.py: keeping_dense_weights), rather than dequantized again:
+# 9.63 vs 10.04 GiB, but 0.160 vs 0.141 s, not understood (H200, depth 2; NOTES.md item 25)
 BLOCKWISE_KEEPS_DENSE = True
-# how many stages that step queues ahead of the GPU before the host waits (an int, not a switch)
+# how many stages that step queues ahead of the GPU before the host waits (an int, not a switch):
+# people 4-bit held 8.67 GiB at 0.157 s with 1, 9.63 GiB at 0.160 s with 2 (H200, item 24)
 BLOCKWISE_DEPTH = 1
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
