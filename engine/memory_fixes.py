@@ -8,9 +8,8 @@ them in turn until the run fits. The wizard offers them as keys and
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 from engine.memory import (
     GIB,
