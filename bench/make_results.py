@@ -70,7 +70,7 @@ ROW_NOTES = {
                                  "0.96 GiB less with 1, run 13); estimates for the depth it ran at",
     **{("run13_h100", template, None, True): "block-by-block step queueing 2 stages ahead (the default is now 1); "
                                              "estimates for that depth; on an H100 that ran bf16 without "
-                                             "checkpointing 10-25% slower than run 12's"
+                                             "checkpointing 9-25% slower than run 12's"
        for template in ("pets", "people", "style")},
 }
 # the block-by-block step's depth (engine/flux/speed.py: BLOCKWISE_DEPTH) where a run's rows did not set it
