@@ -39,6 +39,7 @@ from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from engine.flux import speed
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
+from engine.training_step import flow_loss, noisy_latents
 
 # bench/bench_train.py sets a list here to get (phase, peak bytes) per step: the forward, then the
 # backward and update (the peak is reset between them, and each step waits for its own end)
@@ -87,17 +88,14 @@ def _stages(transformer) -> tuple[_Stage, list[_Stage], _Stage]:
     def run_embed(holder, inputs, temb, rope):
         latents, noise, sigma, encoder_hidden, pooled, *guidance = inputs  # schnell has no guidance
         guidance = guidance[0] if guidance else None
-        s = sigma[:, None, None]
-        noisy = ((1 - s) * latents + s * noise).astype(dtype)
+        noisy = noisy_latents(latents, noise, sigma, dtype)
         hidden, context, temb = transformer.embed(noisy, encoder_hidden, pooled, sigma.astype(dtype),
                                                   None if guidance is None else guidance.astype(dtype))
         return hidden, context, temb
 
     def run_head(holder, carry, temb, rope):
         joined, latents, noise, text_length = carry
-        prediction = transformer.head(joined, temb, text_length)
-        # rectified flow: the transformer predicts the velocity noise - x0
-        return mx.mean(mx.square(prediction.astype(mx.float32) - (noise - latents)))
+        return flow_loss(transformer.head(joined, temb, text_length), latents, noise)
 
     embed = _Stage("", _container(x_embedder=transformer.x_embedder, context_embedder=transformer.context_embedder,
                                   time_text_embed=transformer.time_text_embed), run_embed)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from engine.config import trains_joint_blocks
 from engine.memory_calibration import CALIBRATION, GIB
+from engine.memory_cuda import HELD_BACK_NOTE, cuda_run_ahead  # noqa: F401  (HELD_BACK_NOTE: said by the wizard)
 from engine.model_size import (
     FLUX1_VAE,
     ModelConfigs,
@@ -204,49 +205,15 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     phases = {ENCODING: encoding + ("workspace (encoding)",), TRAINING: training + ("workspace (training)",)}
     details["graph_memory_capped"] = details["held_back_to_fit"] = False
     if inputs.backend == "cuda":
-        # how far the work MLX has queued runs ahead of the GPU: capped runs (memory_limit.py) are
-        # capped this much above the rest (graph_memory_limit) and reach the cap; the others were
-        # measured (run 9)
-        settled = sum(parts[name] for name in phases[TRAINING])
-        run_ahead = settled * CALIBRATION["cuda_run_ahead_fraction"] + CALIBRATION["cuda_run_ahead_bytes"]
-        dequantized = 0  # uncapped quantized runs also hold dense copies of the weights queued work dequantized
-        if blockwise_cuda:
-            # the block-by-block step (engine/blockwise_step.py) bounds its own queue: its depth plus the
-            # stage the GPU runs, each holding every buffer it allocates until the GPU is done with it
-            stage = CALIBRATION["blockwise_stage_tensors"] * details["hidden_tensor_bytes"]
-            if bits:
-                stage += CALIBRATION["blockwise_stage_dense_share"] * _largest_block_dense_bytes(linears, dtype)
-            run_ahead = (_blockwise_depth() + 1) * stage
-        elif bits:
-            dense = sum(linear_bytes(i, o, None, dtype) for i, o in linears.values())
-            crosses_joint = trains_joint_blocks(path for path, _ in inputs.lora_targets)
-            share = CALIBRATION["cuda_uncapped_dequantized_fraction" + ("_8bit" if bits == 8 else "")]
-            dequantized = dense * share * (CALIBRATION["cuda_uncapped_dequantized_joint_factor"] if crosses_joint else 1)
-        capped = _cuda_capped(inputs, settled + run_ahead + dequantized, saved_by_cap=dequantized)
-        parts["CUDA graph run-ahead"] = int(run_ahead if capped else run_ahead + dequantized)
+        run_ahead, capped = cuda_run_ahead(inputs, linears, sum(parts[name] for name in phases[TRAINING]),
+                                           details["hidden_tensor_bytes"])
+        parts["CUDA graph run-ahead"] = run_ahead
         phases[TRAINING] += ("CUDA graph run-ahead",)
         details["graph_memory_capped"] = capped
         details["held_back_to_fit"] = capped  # see HELD_BACK_NOTE
     details.update(lora_parameters=lora_parameters,
                    transformer_parameters=transformer_parameter_count(model.transformer))
     return MemoryEstimate(parts, phases, details)
-
-
-def _blockwise_depth() -> int:
-    from engine.flux import speed
-
-    return speed.BLOCKWISE_DEPTH
-
-
-def _largest_block_dense_bytes(linears: dict[str, tuple[int, int]], dtype_bytes: int) -> int:
-    """The dense copy of one block's dequantized linears (modulations excluded: their one row takes
-    the quantized matmul, engine/flux/quantized.py), for the largest block."""
-    blocks: dict[str, int] = {}
-    for path, (i, o) in linears.items():
-        match = re.match(r"^((?:single_)?transformer_blocks\.\d+)\.(.+)$", path)
-        if match and not match.group(2).startswith("norm"):
-            blocks[match.group(1)] = blocks.get(match.group(1), 0) + linear_bytes(i, o, None, dtype_bytes)
-    return max(blocks.values(), default=0)
 
 
 def _workspace(phase_bytes: int, backend: str) -> int:
@@ -289,9 +256,10 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
     image_tokens = (inputs.height // PIXELS_PER_TOKEN_SIDE) * (inputs.width // PIXELS_PER_TOKEN_SIDE)
     tokens = image_tokens + inputs.t5_length
     backward = _attention_backward(inputs, tokens)
+    hidden = inputs.batch_size * tokens * dim * inputs.dtype_bytes  # one (tokens x hidden) tensor
     details = {"image_tokens": image_tokens, "sequence_length": tokens, "stored_joint_blocks": 0,
                "stored_single_blocks": 0, "attention_backward": backward,
-               "attention_backward_fused": backward in ("fused", "contiguous")}
+               "attention_backward_fused": backward in ("fused", "contiguous"), "hidden_tensor_bytes": hidden}
     if not inputs.lora_targets:
         return 0, details
     # Blocks before the first trained one need no backward: they run, hand on their output and
@@ -303,7 +271,6 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
     details.update(stored_joint_blocks=stored_joint, stored_single_blocks=stored_single)
 
     c = CALIBRATION
-    hidden = inputs.batch_size * tokens * dim * inputs.dtype_bytes
     probabilities = inputs.batch_size * heads * tokens**2 * inputs.dtype_bytes
     if backward != "autodiff":  # the fused backward and ours keep no probabilities
         probabilities = 0
@@ -313,7 +280,6 @@ def _training_activations(inputs: MemoryInputs, linears: dict) -> tuple[int, dic
     if backward == "contiguous":
         # contiguous copies of q, k, v and the incoming gradient, and the forward run again
         transient += CONTIGUOUS_BACKWARD_COPIES * hidden
-    details["hidden_tensor_bytes"] = hidden
     if inputs.gradient_checkpointing and inputs.backend == "cuda":
         # only block inputs are kept; the stages in flight are the run-ahead (estimate_memory)
         return int((stored_joint + stored_single) * c["checkpoint_saved_tensors"] * hidden), details
@@ -339,22 +305,6 @@ def _attention_backward(inputs: MemoryInputs, tokens: int) -> str:
         # (joint blocks' custom backward keeps only q, k and v: counted as if it kept them too)
         return "autodiff"
     return "contiguous" if trains_joint_blocks(path for path, _ in inputs.lora_targets) else "fused"
-
-
-# what the wizard and `dreambooth-wizard estimate` say of a run capped only to fit (details["held_back_to_fit"])
-HELD_BACK_NOTE = ("To fit, training is held to this estimate: steps run slower (about 40% for a 4-bit model) "
-                  "than on a GPU with room to spare.")
-
-
-def _cuda_capped(inputs: MemoryInputs, uncapped_training_peak: float, saved_by_cap: float) -> bool:
-    """Whether the trainer caps the step's memory at the estimate (engine/memory_limit.py): runs the
-    cap makes smaller (quantized, without checkpointing: it saves the dense copies their queued work
-    holds) that would not fit `available_bytes` uncapped. The cap costs speed (bench/NOTES.md), so a
-    run that fits, or that the cap would not shrink, goes without. Checkpointed runs take the
-    block-by-block step, which bounds its own queue (engine/blockwise_step.py)."""
-    if inputs.gradient_checkpointing:  # the block-by-block step bounds its own queue
-        return False
-    return saved_by_cap > 0 and inputs.available_bytes is not None and uncapped_training_peak > inputs.available_bytes
 
 
 def _full_resolution_channels(inputs: MemoryInputs) -> int:

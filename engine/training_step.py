@@ -13,6 +13,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def noisy_latents(latents: mx.array, noise: mx.array, sigma: mx.array, dtype: mx.Dtype) -> mx.array:
+    """The transformer's input at noise level sigma (B,): (1 - sigma) x0 + sigma noise."""
+    s = sigma[:, None, None]
+    return ((1 - s) * latents + s * noise).astype(dtype)
+
+
+def flow_loss(prediction: mx.array, latents: mx.array, noise: mx.array) -> mx.array:
+    """Rectified flow's loss in float32: the transformer predicts the velocity noise - x0."""
+    return mx.mean(mx.square(prediction.astype(mx.float32) - (noise - latents)))
+
+
 def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, has_guidance: bool):
     """Returns step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids) -> loss.
 
@@ -27,12 +38,10 @@ def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, 
         return make_blockwise_step(transformer, optimizer, compute_dtype, has_guidance)
 
     def loss_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
-        s = sigma[:, None, None]
-        noisy = ((1 - s) * latents + s * noise).astype(compute_dtype)
-        prediction = transformer(noisy, hidden, pooled, sigma.astype(compute_dtype), img_ids, txt_ids,
+        prediction = transformer(noisy_latents(latents, noise, sigma, compute_dtype), hidden, pooled,
+                                 sigma.astype(compute_dtype), img_ids, txt_ids,
                                  guidance.astype(compute_dtype) if has_guidance else None)
-        # rectified flow: the transformer predicts the velocity noise - x0
-        return mx.mean(mx.square(prediction.astype(mx.float32) - (noise - latents)))
+        return flow_loss(prediction, latents, noise)
 
     loss_and_grad = nn.value_and_grad(transformer, loss_fn)
     state = [transformer.state, optimizer.state]

@@ -104,12 +104,13 @@ def test_cuda_checkpointed_runs_hold_the_block_by_block_steps_stages_in_flight(m
     # (tokens x hidden) tensors plus, when quantized, a share of the largest block's dense weights
     from engine import memory
     from engine.flux import speed
+    from engine.memory_cuda import largest_block_dense_bytes
 
     c, hidden = memory.CALIBRATION, 1536 * 3072 * 2
     largest_dense = (3 * 3072 * 3072 + 3072 * 12288 + 15360 * 3072 + 3072 * 3072 + 3072 + 3 * 3072) * 2  # a single block
     joint_dense = (8 * (3072 * 3072 + 3072) + 2 * (3072 * 12288 + 12288 + 12288 * 3072 + 3072)) * 2
     largest_dense = max(largest_dense, joint_dense)
-    assert memory._largest_block_dense_bytes(memory.transformer_linears(FLUX1_DEV_TRANSFORMER), 2) == largest_dense
+    assert largest_block_dense_bytes(memory.transformer_linears(FLUX1_DEV_TRANSFORMER), 2) == largest_dense
     estimates = {}
     for depth in (1, 2):
         monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", depth)
