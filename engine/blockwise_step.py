@@ -26,6 +26,8 @@ parameters as inputs.
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,6 +42,8 @@ from engine.flux import speed
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
 from engine.training_step import flow_loss, noisy_latents
+
+log = logging.getLogger(__name__)
 
 # bench/bench_train.py sets a list here to get (phase, peak bytes) per step: the forward, then the
 # backward and update (the peak is reset between them, and each step waits for its own end)
@@ -159,6 +163,10 @@ class _Functions:
     def __init__(self):
         self._compiled: dict = {}
 
+    @property
+    def count(self) -> int:
+        return len(self._compiled)
+
     def _get(self, key, make):
         if key not in self._compiled:
             self._compiled[key] = mx.compile(make())
@@ -213,7 +221,10 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     def update(grads):
         optimizer.update(transformer, grads)
 
+    first_call = [True]
+
     def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
+        started = time.perf_counter()
         queue = _Queue(depth)
         rope = transformer.rope(img_ids, txt_ids)
         inputs = (latents, noise, sigma, hidden, pooled) + ((guidance,) if has_guidance else ())
@@ -232,6 +243,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             carry = tuple(functions.forward(stages[i], layouts[i])(params[i], carry, temb, rope))
             queue.push(list(carry))
 
+        forward_done = time.perf_counter()
         if PHASE_PEAKS is not None:  # a bench probe: the forward's peak, then the backward's
             queue.drain()
             PHASE_PEAKS.append(("forward", mx.get_peak_memory()))
@@ -259,6 +271,11 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         if grads:
             update(tree_map_with_path(lambda path, _: grads[path], transformer.trainable_parameters()))
         mx.async_eval(loss, state)
+        if first_call[0]:  # where a first step's time goes: tracing, compiling kernels, running
+            first_call[0] = False
+            log.info("first block-by-block step: forward traced and queued in %.1f s, backward and update in "
+                     "%.1f s (%d stage functions compiled)", forward_done - started,
+                     time.perf_counter() - forward_done, functions.count)
         if PHASE_PEAKS is not None:
             mx.eval(loss, state)
             PHASE_PEAKS.append(("backward", mx.get_peak_memory()))

@@ -135,6 +135,14 @@ def test_blockwise_step_keeps_at_most_its_depth_queued(monkeypatch, depth):
     assert most[0] == depth + 1
 
 
+def test_blockwise_step_logs_where_its_first_call_went(caplog):
+    # for a time to first step: the trainer's --verbose log says how long the trace took, once
+    with caplog.at_level("INFO", logger="engine.blockwise_step"):
+        train(LAYOUTS["people"], checkpointing=True, steps=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "engine.blockwise_step"]
+    assert len(lines) == 1 and "8 stage functions compiled" in lines[0], lines
+
+
 def test_blocks_sharing_a_layout_share_one_compiled_function(monkeypatch):
     traced = set()
     real_forward, real_backward = blockwise_step._forward, blockwise_step._backward
