@@ -9,7 +9,7 @@ kernels for quantized matmul are fast, so there the stock layer stays.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import cache
 
 import mlx.core as mx
