@@ -14,6 +14,10 @@
 #           the run-10 NaN and the run-9 crash), each in its own process              ~6 min
 #   bf16    our bf16 rows (pets, people; style's come from check), then diffusers + peft   ~5 min
 #   q4      our 4-bit rows (pets, people, style), then mflux 0.15.5 per template          ~9 min
+#   ttfs_cold  time to first step, every kernel cache emptied first (a user's first run)   ~5-8 min
+#   ttfs_warm  the same, kernels cached, five steps (whole-run peak); twice more with the driver's
+#              JIT cache at its 4 GiB maximum                                            ~3 min
+#   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
 #   style   fused attention backward with contiguous inputs (bisect); style's rows     ~8 min
@@ -113,6 +117,47 @@ q4)
     for template in pets_r4 people_r8 style_r16; do  # the peer script's names
         (cd .peers && QUANTS=4 timeout 95 python peer_mflux_step.py $template 2>&1 | tail -2)
     done ;;
+ttfs_cold)
+    # a user's first run on a fresh machine: MLX's kernel caches and the driver's emptied, every
+    # kernel compiles (the random model is written first if missing: not timed, inside the timeout)
+    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
+    mkdir -p "$out/cold"
+    OUT=$out/cold timeout ${COLD_TIMEOUT:-500} python bench/time_to_first_step.py --template people --quantize 4 \
+        --checkpointing >"$out/cold/stdout.log" 2>&1
+    echo "cold rc=$?"; tail -c 1500 "$out/cold/stdout.log"; echo
+    grep -h "first block-by-block step" "$out/cold/train_stderr.log" ;;
+ttfs_warm)
+    # after ttfs_cold: the same run again (every kernel cached), five steps (the whole run's peak);
+    # then twice with the driver's JIT cache raised to its 4 GiB maximum (the first fills it)
+    for run in warm big_fill big_warm; do
+        mkdir -p "$out/$run"
+        [[ $run == big* ]] && export CUDA_CACHE_MAXSIZE=4294967296
+        OUT=$out/$run timeout 130 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+            --steps 5 >"$out/$run/stdout.log" 2>&1
+        echo "$run rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*\|"whole_run_peak_gib": [0-9.]*\|"kernel_cache_files": [0-9]*' \
+            "$out/$run/ttfs.json" 2>/dev/null || tail -c 600 "$out/$run/stdout.log"
+        grep -h "first block-by-block step\|first step" "$out/$run/train_stderr.log" | cut -c1-200
+    done
+    # the whole run's peak with a preview (the template's 25 steps at 512, then the VAE decode)
+    # made after step 2: step 3's peak holds it
+    mkdir -p "$out/preview"
+    OUT=$out/preview timeout 150 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+        --steps 3 --preview-every 2 >"$out/preview/stdout.log" 2>&1
+    echo "preview rc=$?"; tail -c 700 "$out/preview/stdout.log" ;;
+s14)
+    # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
+    # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
+    # (the 1.5x reference and the diffusers comparison). Kernels from the ttfs parts' cache.
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    bench_rows q4_ckpt ${FIRST_ROW_TIMEOUT:-200} --templates people pets style --quantize 4 --checkpointing on --steps 6
+    bench_rows q4_ckpt_depth0 150 --templates people pets style --quantize 4 --checkpointing on --steps 6 \
+        --switch BLOCKWISE_DEPTH=0
+    bench_rows q4_ckpt_depth0_dense_twice 70 --templates people --quantize 4 --checkpointing on --steps 6 \
+        --switch BLOCKWISE_DEPTH=0 --switch BLOCKWISE_KEEPS_DENSE=0
+    bench_rows q4_ckpt_dense_twice 70 --templates people --quantize 4 --checkpointing on --steps 6 \
+        --switch BLOCKWISE_KEEPS_DENSE=0
+    bench_rows bf16 120 --templates people pets --quantize none --checkpointing off --steps 6
+    bench_rows q8_ckpt 150 --templates people pets style --quantize 8 --checkpointing on --steps 6 ;;
 ttfs)
     # a user's first run (MLX's CUDA kernel cache, /tmp/mlx, emptied: every kernel compiles), then a
     # second one (cache warm); each from an empty run folder and encodings cache

@@ -89,7 +89,7 @@ def current_estimate(template: str, quantize, checkpointing: bool, depth: int | 
     from engine.flux import speed
 
     default = speed.BLOCKWISE_DEPTH
-    speed.BLOCKWISE_DEPTH = depth or default
+    speed.BLOCKWISE_DEPTH = default if depth is None else depth
     try:
         return estimate_gib(load_template(template), quantize, checkpointing, 512)[0]
     finally:
@@ -97,7 +97,8 @@ def current_estimate(template: str, quantize, checkpointing: bool, depth: int | 
 
 
 def row_depth(row: dict) -> int | None:
-    return (row.get("switches_set") or {}).get("BLOCKWISE_DEPTH") or DEPTH_AT_RUN.get(row["source"])
+    depth = (row.get("switches_set") or {}).get("BLOCKWISE_DEPTH")
+    return DEPTH_AT_RUN.get(row["source"]) if depth is None else depth
 
 
 def main() -> None:

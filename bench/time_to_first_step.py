@@ -91,7 +91,8 @@ def write_random_model(folder: Path) -> None:
     _write_json(folder / "model_index.json", MODEL_INDEX)
 
 
-def make_run_folder(folder: Path, model_dir: Path, template: str, quantize: int | None, checkpointing: bool) -> Path:
+def make_run_folder(folder: Path, model_dir: Path, template: str, quantize: int | None, checkpointing: bool,
+                    preview_every: int | None = None) -> Path:
     from engine.config import config_to_dict, load_template
     from tests.helpers import draw_subject
 
@@ -106,7 +107,11 @@ def make_run_folder(folder: Path, model_dir: Path, template: str, quantize: int 
                 examples={"path": "images/", "images": entries},
                 save={"output_path": str(folder / "out"), "checkpoint_frequency": 1000},
                 training_loop={"num_epochs": 1, "batch_size": 1})
-    data.pop("instrumentation", None)
+    if preview_every:  # the template's preview (its prompt, 25 steps at 512) this often
+        data["instrumentation"] = dict(data.get("instrumentation") or {"validation_prompt": "photo of sks toy"},
+                                       generate_image_frequency=preview_every, plot_frequency=preview_every)
+    else:
+        data.pop("instrumentation", None)
     path = folder / "config.json"
     path.write_text(json.dumps(data, indent=2))
     return path
@@ -119,6 +124,11 @@ def main() -> None:
     parser.add_argument("--template", default="people")
     parser.add_argument("--quantize", type=int, default=4)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="steps to wait for before stopping the trainer (each one's time and peak is kept: "
+                             "the last one's peak is the whole run's so far, encoding included)")
+    parser.add_argument("--preview-every", type=int,
+                        help="make the template's preview image every this many steps (default: none)")
     args = parser.parse_args()
     model_dir = Path(args.model_dir)
     write_s = None
@@ -128,7 +138,8 @@ def main() -> None:
         write_s = round(time.perf_counter() - start, 1)
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # a user's first run: no encodings cached yet
-    config = make_run_folder(run_dir, model_dir, args.template, args.quantize or None, args.checkpointing)
+    config = make_run_folder(run_dir, model_dir, args.template, args.quantize or None, args.checkpointing,
+                             args.preview_every)
     log_path = Path(os.environ.get("OUT", run_dir), "train_stderr.log")
     launched = time.time()
     # the trainer's own home (encodings cache, logs) in the fresh run folder; --verbose logs where
@@ -141,7 +152,7 @@ def main() -> None:
         # stopped from outside (a timeout's SIGTERM): take the trainer down too, or it keeps the GPU
         # and holds any pipe this script's output goes into open
         signal.signal(signal.SIGTERM, lambda *_: (process.kill(), sys.exit(143)))
-        phases, first_step = {}, None
+        phases, steps = {}, []
         try:
             for line in process.stdout:
                 try:
@@ -150,19 +161,27 @@ def main() -> None:
                     continue
                 if event["type"] == "phase":
                     phases[event["phase"]] = round(event["time"] - launched, 2)
+                    # as it happens, so a run cut by its timeout still says how far it got
+                    print(f"phase {event['phase']} at {phases[event['phase']]} s", file=sys.stderr, flush=True)
                 if event["type"] == "step":
-                    first_step = {"s": round(event["time"] - launched, 2), "peak_gib": round(event["peak_memory_gib"], 2)}
-                    process.terminate()  # SIGTERM: the trainer checkpoints and exits
+                    steps.append({"s": round(event["time"] - launched, 2), "peak_gib": round(event["peak_memory_gib"], 2)})
+                    print(f"step {len(steps)} at {steps[-1]['s']} s, peak {steps[-1]['peak_gib']} GiB", file=sys.stderr,
+                          flush=True)
+                    if len(steps) == args.steps:
+                        process.terminate()  # SIGTERM: the trainer checkpoints and exits
             process.wait(timeout=600)
         finally:
             if process.poll() is None:
                 process.kill()
     first_step_log = [line.split(": ", 1)[-1].strip() for line in log_path.read_text().splitlines()
                       if "first step" in line]
+    first_step = steps[0] if steps else None
+    kernels = sum(len(files) for _, _, files in os.walk(KERNEL_CACHE))
     row = {"template": args.template, "quantize": args.quantize, "checkpointing": args.checkpointing,
-           "model_write_s": write_s, "phases_s_from_launch": phases, "first_step": first_step,
+           "preview_every": args.preview_every, "model_write_s": write_s, "phases_s_from_launch": phases, "first_step": first_step,
            "time_to_first_step_s": first_step["s"] if first_step else None, "first_step_log": first_step_log,
-           "exit_code": process.returncode}
+           "steps": steps, "whole_run_peak_gib": steps[-1]["peak_gib"] if steps else None,
+           "kernel_cache_files": kernels, "exit_code": process.returncode}
     print(json.dumps(row), flush=True)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "ttfs.json").write_text(json.dumps(row, indent=1))

@@ -182,20 +182,25 @@ class _Functions:
 
 
 class _Queue:
-    """Keeps at most `depth` queued stages ahead of the GPU: past that the host waits for the oldest."""
+    """Queues a stage once at most `depth` others are still queued, waiting for the oldest first.
+
+    A stage arrives traced (a lazy graph, which holds no buffers yet), so the host traces the next
+    stage while the GPU runs the queued ones, and waits only before queueing it: at most depth + 1
+    stages hold their buffers at once. With depth 0 the GPU idles while the host queues each stage
+    (its kernels' launches), and only one stage's buffers are ever held."""
 
     def __init__(self, depth: int):
-        self.depth, self.pending = max(1, depth), deque()
+        self.depth, self.pending = max(0, depth), deque()
 
     def drain(self) -> None:
         while self.pending:
             mx.eval(self.pending.popleft())
 
     def push(self, arrays) -> None:
-        mx.async_eval(arrays)
-        self.pending.append(arrays)
         while len(self.pending) > self.depth:
             mx.eval(self.pending.popleft())
+        mx.async_eval(arrays)
+        self.pending.append(arrays)
 
 
 def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_guidance: bool,
@@ -203,8 +208,9 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     """A training step with the signature and numbers of engine.training_step.make_train_step's,
     run stage by stage (module docstring). The trained layers must stay as they are while the step
     is in use (which parameters train decides how each stage is compiled). `depth`: stages queued
-    ahead of the GPU (None: speed.BLOCKWISE_DEPTH, 1: the GPU runs one stage while the host builds
-    the next; on an H200 a second bought 2% speed for 0.96 GiB, bench/NOTES.md item 24)."""
+    ahead of the GPU (None: speed.BLOCKWISE_DEPTH; 0: one stage at a time, the least memory; 1: the
+    GPU runs one stage while the host queues the next; on an H200 a second bought 2% speed for
+    0.96 GiB, bench/NOTES.md item 24)."""
     depth = speed.BLOCKWISE_DEPTH if depth is None else depth
     del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
     embed, blocks, head = _stages(transformer)
@@ -270,7 +276,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             queue.push(list(vjps) + [loss])
         if grads:
             update(tree_map_with_path(lambda path, _: grads[path], transformer.trainable_parameters()))
-        mx.async_eval(loss, state)
+        queue.push([loss, state])  # the update is the last stage
         if first_call[0]:  # where a first step's time goes: tracing, compiling kernels, running
             first_call[0] = False
             log.info("first block-by-block step: forward traced and queued in %.1f s, backward and update in "

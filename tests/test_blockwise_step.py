@@ -112,7 +112,7 @@ def test_blockwise_step_over_a_quantized_base_dequantizing_once_or_twice(monkeyp
     assert bool(kept) == keeps_dense
 
 
-@pytest.mark.parametrize("depth", [1, 3])
+@pytest.mark.parametrize("depth", [0, 1, 3])
 def test_blockwise_step_keeps_at_most_its_depth_queued(monkeypatch, depth):
     monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", depth)
     queued, most = [], [0]  # ids of what was queued and not yet waited for; the most at once
