@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +38,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from engine.flux import speed
+from engine.flux.bounded_queue import BoundedQueue
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
 from engine.training_step import flow_loss, noisy_latents
@@ -181,28 +181,6 @@ class _Functions:
                          lambda: partial(_backward, stage.holder, stage.run, trainable, carry_grads, temb_grad))
 
 
-class _Queue:
-    """Queues a stage once at most `depth` others are still queued, waiting for the oldest first.
-
-    A stage arrives traced (a lazy graph, which holds no buffers yet), so the host traces the next
-    stage while the GPU runs the queued ones, and waits only before queueing it: at most depth + 1
-    stages hold their buffers at once. With depth 0 the GPU idles while the host queues each stage
-    (its kernels' launches), and only one stage's buffers are ever held."""
-
-    def __init__(self, depth: int):
-        self.depth, self.pending = max(0, depth), deque()
-
-    def drain(self) -> None:
-        while self.pending:
-            mx.eval(self.pending.popleft())
-
-    def push(self, arrays) -> None:
-        while len(self.pending) > self.depth:
-            mx.eval(self.pending.popleft())
-        mx.async_eval(arrays)
-        self.pending.append(arrays)
-
-
 def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_guidance: bool,
                         depth: int | None = None):
     """A training step with the signature and numbers of engine.training_step.make_train_step's,
@@ -231,7 +209,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
 
     def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
         started = time.perf_counter()
-        queue = _Queue(depth)
+        queue = BoundedQueue(depth)
         rope = transformer.rope(img_ids, txt_ids)
         inputs = (latents, noise, sigma, hidden, pooled) + ((guidance,) if has_guidance else ())
         params = [stage.holder.parameters() for stage in stages]

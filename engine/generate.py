@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from engine.flux import speed
 from engine.flux.latents import latent_image_ids, latent_size, pack_latents, text_ids, unpack_latents
 from engine.flux.sampler import DEV_SCHEDULER, SCHNELL_SCHEDULER, euler_sample, sampling_sigmas
 
@@ -58,7 +59,9 @@ def denoise_latents(model, prompt_embeds: mx.array, pooled: mx.array, width: int
     sigmas = sampling_sigmas(steps, img_ids.shape[0], scheduler_for(model))
 
     def velocity(x, sigma):
-        return model.transformer(x, prompt_embeds, pooled, sigma, img_ids, txt_ids, guidance_vector)
+        # block by block: a call queued whole holds every block's temporaries (engine/flux/bounded_queue.py)
+        return model.transformer.forward_in_stages(x, prompt_embeds, pooled, sigma, img_ids, txt_ids, guidance_vector,
+                                                   depth=speed.INFERENCE_DEPTH)
 
     return euler_sample(velocity, latents, sigmas, on_step=on_step)
 
@@ -67,7 +70,7 @@ def decode_latents(model, packed: mx.array, width: int, height: int) -> list[np.
     """Packed latents -> uint8 RGB images (H, W, 3)."""
     latent_h, latent_w = latent_size(height, width, model.vae.scale_factor)
     latents = model.vae.denormalize(unpack_latents(packed, latent_h, latent_w))
-    images = model.vae.decode(latents.astype(model.dtype)).astype(mx.float32)
+    images = model.vae.decode(latents.astype(model.dtype), depth=speed.INFERENCE_DEPTH).astype(mx.float32)
     images = mx.clip(images / 2 + 0.5, 0.0, 1.0)
     return [np.array((image * 255).round().astype(mx.uint8)) for image in images]
 

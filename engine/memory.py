@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from engine.config import trains_joint_blocks
 from engine.memory_calibration import CALIBRATION, GIB
-from engine.memory_cuda import HELD_BACK_NOTE, cuda_run_ahead  # noqa: F401  (HELD_BACK_NOTE: said by the wizard)
+from engine.memory_cuda import HELD_BACK_NOTE, cuda_preview_run_ahead, cuda_run_ahead  # noqa: F401  (HELD_BACK_NOTE: said by the wizard)
 from engine.model_size import (
     FLUX1_VAE,
     ModelConfigs,
@@ -190,7 +190,8 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         "LoRA weights": lora_parameters * FLOAT32_BYTES,
         "LoRA gradients": lora_parameters * FLOAT32_BYTES,
         "optimizer state": _optimizer_state_bytes(inputs, linears),
-        "activations": max(activations, _preview_activations(inputs)),
+        # on CUDA the preview is weighed against the step's activations and run-ahead together (below)
+        "activations": activations if inputs.backend == "cuda" else max(activations, _preview_activations(inputs, linears)),
     }
     # the trainer loads the transformer only after the encoders are freed (engine/trainer.py)
     encoding = ("VAE decoder", "VAE encoder", "T5 encoder", "CLIP encoder",
@@ -209,6 +210,10 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
                                            details["hidden_tensor_bytes"])
         parts["CUDA graph run-ahead"] = run_ahead
         phases[TRAINING] += ("CUDA graph run-ahead",)
+        # a preview runs between steps: the phase holds the larger of a step and a preview
+        preview_excess = _preview_activations(inputs, linears) - parts["activations"] - run_ahead
+        details["preview_sets_peak"] = preview_excess > 0
+        parts["activations"] += max(preview_excess, 0)
         details["graph_memory_capped"] = capped
         details["held_back_to_fit"] = capped  # see HELD_BACK_NOTE
     details.update(lora_parameters=lora_parameters,
@@ -331,15 +336,19 @@ def _encoding_activations(inputs: MemoryInputs) -> int:
     return int(max(vae, t5_bytes))
 
 
-def _preview_activations(inputs: MemoryInputs) -> int:
+def _preview_activations(inputs: MemoryInputs, linears: dict[str, tuple[int, int]]) -> int:
     """A preview image during training: batch-1 inference, then a VAE decode at the training size."""
     config = inputs.model.transformer
     dim = config.get("num_attention_heads", 24) * config.get("attention_head_dim", 128)
     tokens = (inputs.height // PIXELS_PER_TOKEN_SIDE) * (inputs.width // PIXELS_PER_TOKEN_SIDE) + inputs.t5_length
-    transformer = CALIBRATION["preview_transformer_tensors"] * tokens * dim * inputs.dtype_bytes
+    if inputs.backend == "cuda":  # queued block by block: a few blocks' buffers, dense copies included
+        transformer = cuda_preview_run_ahead(inputs, linears, tokens * dim * inputs.dtype_bytes)
+    else:
+        transformer = CALIBRATION["preview_transformer_tensors"] * tokens * dim * inputs.dtype_bytes
     if inputs.backend == "cpu":  # the CPU has no fused attention even for inference
         transformer += config.get("num_attention_heads", 24) * tokens**2 * inputs.dtype_bytes
-    tensors = CALIBRATION["vae_decode_tensors_cpu" if inputs.backend == "cpu" else "vae_decode_tensors"]
+    tensors = CALIBRATION[{"cpu": "vae_decode_tensors_cpu", "cuda": "vae_decode_tensors_cuda"}.get(
+        inputs.backend, "vae_decode_tensors")]
     decode = (tensors * inputs.height * inputs.width * _full_resolution_channels(inputs)
               * inputs.dtype_bytes + _vae_attention(inputs))
     return int(max(transformer, decode))

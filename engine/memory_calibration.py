@@ -36,6 +36,13 @@ CALIBRATION: dict[str, float] = {
     # ... measured on the CPU (MLX 0.32.4, float32, the tiny VAE at 64-256 px): 2440 bytes a pixel,
     # 38 of those tensors (its convolutions' buffers); Metal and CUDA are not measured, so they keep 4
     "vae_decode_tensors_cpu": 38.0,
+    # ... and on CUDA, queued piece by piece (engine/flux/bounded_queue.py): 0.84 and 1.06 GiB above
+    # the weights at 512x512 on an H200 (bench/raw/run14/preview; queued whole: 1.35 and 2.22)
+    "vae_decode_tensors_cuda": 8.0,
+    # a preview's transformer call on CUDA, queued block by block: per block in flight, beyond its
+    # dense copies (4-bit people at 512: 1.29-1.37 GiB above the weights for two joint blocks in
+    # flight, 0.84 GiB of them dense; queued whole: 7.5-12.1 GiB, run 14)
+    "preview_stage_tensors": 26.0,
     # the VAE mid-block attention over (H/8 x W/8) pixels in one 512-wide head: no fused kernel
     # takes that head size, so scores and probabilities are materialized
     "vae_attention_tensors": 2.0,

@@ -43,6 +43,17 @@ def cuda_run_ahead(inputs, linears: dict[str, tuple[int, int]], settled: int, hi
     return int(run_ahead if capped else run_ahead + dequantized), capped
 
 
+def cuda_preview_run_ahead(inputs, linears: dict[str, tuple[int, int]], hidden_tensor_bytes: int) -> int:
+    """A preview's transformer call, queued block by block (engine/flux/bounded_queue.py): the blocks
+    in flight, each holding its temporaries and, over a quantized base, its layers' dense copies."""
+    from engine.flux import speed
+
+    block = CALIBRATION["preview_stage_tensors"] * hidden_tensor_bytes
+    if inputs.quantize:
+        block += largest_block_dense_bytes(linears, inputs.dtype_bytes)
+    return int((speed.INFERENCE_DEPTH + 1) * block)
+
+
 def _capped_to_fit(inputs, uncapped_training_peak: float, saved_by_cap: float) -> bool:
     """Whether the trainer caps the step's memory at the estimate (engine/memory_limit.py): runs
     without checkpointing that the cap makes smaller (quantized: it saves the dense copies their

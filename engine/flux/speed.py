@@ -52,6 +52,10 @@ BLOCKWISE_KEEPS_DENSE = True
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch):
 # people 4-bit held 8.67 GiB at 0.157 s with 1, 9.63 GiB at 0.160 s with 2 (H200, item 24)
 BLOCKWISE_DEPTH = 1
+# Inference (previews, `generate`) queues the transformer block by block and the VAE decoder piece by
+# piece, this many pieces ahead of the GPU (engine/flux/bounded_queue.py): queued whole, a 4-bit
+# preview took people's whole-run peak from 8.9 to 17.8 GiB (H200, bench/NOTES.md item 30)
+INFERENCE_DEPTH = 1
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
 

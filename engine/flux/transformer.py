@@ -9,6 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.flux.bounded_queue import BoundedQueue
 from engine.flux.layers import (
     AdaptiveModulation,
     FeedForward,
@@ -129,6 +130,25 @@ class FluxTransformer(nn.Module):
         joined = join_streams(hidden, context)
         for block in self.single_transformer_blocks:
             joined = self._run_block(block, joined, temb, rope)
+        return self.head(joined, temb, text_length)
+
+    def forward_in_stages(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+                          txt_ids, guidance=None, depth: int = 1) -> mx.array:
+        """The call's result, for inference: each block queued on its own, at most `depth` ahead of the
+        GPU (engine/flux/bounded_queue.py), so only that many blocks' temporaries are held at once
+        rather than every block's (over a quantized base: each layer's dense copy). Not for use
+        inside `mx.compile` or a gradient transform, which cannot queue."""
+        queue = BoundedQueue(depth)
+        hidden, context, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance)
+        rope = self.rope(img_ids, txt_ids)
+        for block in self.transformer_blocks:
+            hidden, context = block(hidden, context, temb, rope)
+            queue.push([hidden, context])
+        text_length = context.shape[1]
+        joined = join_streams(hidden, context)
+        for block in self.single_transformer_blocks:
+            joined = block(joined, temb, rope)
+            queue.push([joined])
         return self.head(joined, temb, text_length)
 
     # The pieces of a call, in order; engine/blockwise_step.py runs them one at a time.

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.errors import ModelLoadError
+from engine.flux.bounded_queue import BoundedQueue
 
 # diffusers hard-codes this epsilon for every norm of the VAE, whatever the config says
 NORM_EPS = 1e-6
@@ -223,11 +224,24 @@ class Decoder(nn.Module):
         self.conv_norm_out = group_norm(channels[-1], groups)
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
-    def __call__(self, z: mx.array) -> mx.array:
-        x = self.mid_block(self.conv_in(z))
+    def pieces(self):
+        """The call as a sequence of functions, each resnet and upsampler its own."""
+        yield lambda z: self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+            yield from block.resnets
+            yield from block.get("upsamplers", [])
+        yield lambda x: self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+    def __call__(self, z: mx.array, depth: int | None = None) -> mx.array:
+        """`depth`: queue each piece on its own, at most that many ahead of the GPU, so only their
+        temporaries are held at once (engine/flux/bounded_queue.py); not inside `mx.compile`."""
+        queue = None if depth is None else BoundedQueue(depth)
+        x = z
+        for piece in self.pieces():
+            x = piece(x)
+            if queue is not None:
+                queue.push([x])
+        return x
 
 
 class AutoencoderKL(nn.Module):
@@ -261,11 +275,12 @@ class AutoencoderKL(nn.Module):
             moments = self.quant_conv(moments)
         return moments[..., : self.config.latent_channels]
 
-    def decode(self, latents: mx.array) -> mx.array:
+    def decode(self, latents: mx.array, depth: int | None = None) -> mx.array:
+        """`depth`: queued piece by piece (Decoder.__call__), for inference."""
         z = latents.astype(self.dtype)
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.decoder(z, depth)
 
     def normalize(self, latents: mx.array) -> mx.array:
         """VAE latents -> the distribution the transformer was trained on."""
