@@ -1,6 +1,6 @@
 """Build bench/results.json from the raw rows of a GPU run (bench/raw/<run>/).
 
-    python bench/make_results.py [--run run13] [--fallback-runs run13_h100 run12 run11 run9 run2 run1]
+    python bench/make_results.py [--run run14] [--fallback-runs run13 run13_h100 run12 run11 run9 run2 run1]
 
 Ours, diffusers+peft and mflux rows are joined on (template, quantize,
 checkpointing). Peer rows come from the same run wherever that run measured
@@ -72,6 +72,10 @@ ROW_NOTES = {
                                              "estimates for that depth; on an H100 that ran bf16 without "
                                              "checkpointing 9-25% slower than run 12's"
        for template in ("pets", "people", "style")},
+    **{("run14", template, quantize, True): "block-by-block step at depth 1 waiting before it queued each stage "
+                                            "(changed back after this run: people 4-bit held 9.09-9.58 GiB that way, "
+                                            "8.67 GiB at 0.157 s waiting after, run 13)"
+       for template in ("pets", "people", "style") for quantize in (None, 4, 8)},
 }
 # the block-by-block step's depth (engine/flux/speed.py: BLOCKWISE_DEPTH) where a run's rows did not set it
 DEPTH_AT_RUN = {"run13": 2, "run13_h100": 2}
@@ -103,8 +107,9 @@ def row_depth(row: dict) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run", default="run13")
-    parser.add_argument("--fallback-runs", nargs="*", default=["run13_h100", "run12", "run11", "run9", "run2", "run1"],
+    parser.add_argument("--run", default="run14")
+    parser.add_argument("--fallback-runs", nargs="*",
+                        default=["run13", "run13_h100", "run12", "run11", "run9", "run2", "run1"],
                         help="raw folders for what the main run did not measure, first = preferred")
     args = parser.parse_args()
     ours, diffusers, mflux = {}, {}, {}
