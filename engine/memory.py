@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 
 from engine.config import trains_joint_blocks
 from engine.memory_calibration import CALIBRATION, GIB
-from engine.memory_cuda import HELD_BACK_NOTE, cuda_preview_run_ahead, cuda_run_ahead  # noqa: F401  (HELD_BACK_NOTE: said by the wizard)
+from engine.memory_cuda import (  # noqa: F401  (HELD_BACK_NOTE: said by the wizard)
+    HELD_BACK_NOTE,
+    blockwise_default_depth,
+    cuda_preview_run_ahead,
+    cuda_run_ahead,
+)
 from engine.model_size import (
     FLUX1_VAE,
     ModelConfigs,
@@ -206,8 +211,9 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     phases = {ENCODING: encoding + ("workspace (encoding)",), TRAINING: training + ("workspace (training)",)}
     details["graph_memory_capped"] = details["held_back_to_fit"] = False
     if inputs.backend == "cuda":
-        run_ahead, capped = cuda_run_ahead(inputs, linears, sum(parts[name] for name in phases[TRAINING]),
-                                           details["hidden_tensor_bytes"])
+        run_ahead, capped, depth = cuda_run_ahead(inputs, linears, sum(parts[name] for name in phases[TRAINING]),
+                                                  details["hidden_tensor_bytes"])
+        details["blockwise_depth"] = depth  # what the trainer runs the block-by-block step at (None: not it)
         parts["CUDA graph run-ahead"] = run_ahead
         phases[TRAINING] += ("CUDA graph run-ahead",)
         # a preview runs between steps: the phase holds the larger of a step and a preview
@@ -215,7 +221,7 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         details["preview_sets_peak"] = preview_excess > 0
         parts["activations"] += max(preview_excess, 0)
         details["graph_memory_capped"] = capped
-        details["held_back_to_fit"] = capped  # see HELD_BACK_NOTE
+        details["held_back_to_fit"] = capped or depth == 0 < blockwise_default_depth()  # see HELD_BACK_NOTE
     details.update(lora_parameters=lora_parameters,
                    transformer_parameters=transformer_parameter_count(model.transformer))
     return MemoryEstimate(parts, phases, details)

@@ -13,15 +13,18 @@ from engine.config import trains_joint_blocks
 from engine.memory_calibration import CALIBRATION
 from engine.model_size import linear_bytes
 
-# what the wizard and `dreambooth-wizard estimate` say of a run capped only to fit (details["held_back_to_fit"])
-HELD_BACK_NOTE = ("To fit, training is held to this estimate: steps run slower (about 40% for a 4-bit model) "
+# what the wizard and `dreambooth-wizard estimate` say of a run capped, or run one block at a time,
+# only to fit (details["held_back_to_fit"])
+HELD_BACK_NOTE = ("To fit, training is held to this estimate: steps run slower (40-70% for a 4-bit model) "
                   "than on a GPU with room to spare.")
 
 
-def cuda_run_ahead(inputs, linears: dict[str, tuple[int, int]], settled: int, hidden_tensor_bytes: int) -> tuple[int, bool]:
-    """(bytes the queued work holds beyond `settled`, whether the trainer caps the run) for
-    `inputs` (engine.memory.MemoryInputs) with the transformer's `linears`; `hidden_tensor_bytes`
-    is one (tokens x hidden) tensor of the step."""
+def cuda_run_ahead(inputs, linears: dict[str, tuple[int, int]], settled: int,
+                   hidden_tensor_bytes: int) -> tuple[int, bool, int | None]:
+    """(bytes the queued work holds beyond `settled`, whether the trainer caps the run, the
+    block-by-block step's depth or None where the run does not take that step) for `inputs`
+    (engine.memory.MemoryInputs) with the transformer's `linears`; `hidden_tensor_bytes` is one
+    (tokens x hidden) tensor of the step."""
     bits, dtype = inputs.quantize, inputs.dtype_bytes
     if inputs.gradient_checkpointing:
         # the block-by-block step (engine/blockwise_step.py) bounds its own queue: its depth plus the
@@ -29,7 +32,8 @@ def cuda_run_ahead(inputs, linears: dict[str, tuple[int, int]], settled: int, hi
         stage = CALIBRATION["blockwise_stage_tensors"] * hidden_tensor_bytes
         if bits:
             stage += CALIBRATION["blockwise_stage_dense_share"] * largest_block_dense_bytes(linears, dtype)
-        return int((_blockwise_depth() + 1) * stage), False
+        depth = blockwise_depth_to_fit(inputs, settled, int(stage))
+        return int((depth + 1) * stage), False, depth
     # one graph a step: capped runs (memory_limit.py) are capped this much above the rest
     # (graph_memory_limit) and reach the cap; the others were measured (run 9)
     run_ahead = settled * CALIBRATION["cuda_run_ahead_fraction"] + CALIBRATION["cuda_run_ahead_bytes"]
@@ -40,7 +44,19 @@ def cuda_run_ahead(inputs, linears: dict[str, tuple[int, int]], settled: int, hi
         share = CALIBRATION["cuda_uncapped_dequantized_fraction" + ("_8bit" if bits == 8 else "")]
         dequantized = dense * share * (CALIBRATION["cuda_uncapped_dequantized_joint_factor"] if crosses_joint else 1)
     capped = _capped_to_fit(inputs, settled + run_ahead + dequantized, saved_by_cap=dequantized)
-    return int(run_ahead if capped else run_ahead + dequantized), capped
+    return int(run_ahead if capped else run_ahead + dequantized), capped, None
+
+
+def blockwise_depth_to_fit(inputs, settled: int, stage: int) -> int:
+    """The block-by-block step's depth for `inputs`: speed.BLOCKWISE_DEPTH, or 0 (one stage at a
+    time, each stage's buffers alone) where that depth's peak would not fit `available_bytes`.
+    People over a 4-bit base, checkpointed, at 512 on an H200: 8.67 GiB at 0.157 s with depth 1
+    (run 13), 7.94 GiB at 0.213 s with 0 (run 14); pets and style 1.4-1.7x slower at 0
+    (bench/NOTES.md item 31), so only a run that needs it goes one stage at a time."""
+    depth = blockwise_default_depth()
+    if depth and inputs.available_bytes is not None and settled + (depth + 1) * stage > inputs.available_bytes:
+        return 0
+    return depth
 
 
 def cuda_preview_run_ahead(inputs, linears: dict[str, tuple[int, int]], hidden_tensor_bytes: int) -> int:
@@ -63,7 +79,7 @@ def _capped_to_fit(inputs, uncapped_training_peak: float, saved_by_cap: float) -
     return saved_by_cap > 0 and inputs.available_bytes is not None and uncapped_training_peak > inputs.available_bytes
 
 
-def _blockwise_depth() -> int:
+def blockwise_default_depth() -> int:
     from engine.flux import speed
 
     return speed.BLOCKWISE_DEPTH

@@ -39,6 +39,14 @@ def graph_memory_estimate(cfg, model_config, backend: str, available_bytes: int 
     return estimate_memory(inputs_from_config(cfg, model_config, backend=backend, available_bytes=available_bytes))
 
 
+def blockwise_depth(cfg, model_config, backend: str, available_bytes: int | None = None) -> int | None:
+    """The depth the block-by-block step runs `cfg` at (engine/memory_cuda.py: blockwise_depth_to_fit):
+    on CUDA, 0 where the default depth would not fit `available_bytes`; None: the engine's default."""
+    if backend != "cuda" or available_bytes is None:
+        return None
+    return graph_memory_estimate(cfg, model_config, backend, available_bytes).details.get("blockwise_depth")
+
+
 def apply_graph_memory_limit(cfg, model_config, backend: str, available_bytes: int | None = None) -> int | None:
     """Set MLX's memory limit from the estimate for `cfg` where `limits_graph_memory`; returns it (else None)."""
     if backend != "cuda":

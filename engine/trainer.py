@@ -142,7 +142,8 @@ class Trainer:
         if switched_off:
             log.info("speed switches off for this run: %s (engine/flux/speed.py)", ", ".join(switched_off))
         self.emit("phase", phase="compile", detail="compiling the training step")
-        step_fn = make_train_step(transformer, optimizer, model.dtype, model.has_guidance)
+        step_fn = make_train_step(transformer, optimizer, model.dtype, model.has_guidance,
+                                  blockwise_depth=self._blockwise_depth(model, available))
         latent_h, latent_w = latent_size(cfg.height, cfg.width, model.vae.scale_factor)
         img_ids, txt_ids = latent_image_ids(latent_h, latent_w), text_ids(model.t5_max_length)
         sigmas = sigma_grid(cfg.steps, img_ids.shape[0], _scheduler(model)).astype(np.float32)
@@ -224,6 +225,16 @@ class Trainer:
                                              available_bytes=available)
             if limit:
                 log.info("graph memory limit %.1f GiB", limit / 2**30)
+
+    def _blockwise_depth(self, model, available: int | None) -> int | None:
+        """On CUDA, the block-by-block step one stage at a time where its default depth would not fit."""
+        from engine.memory import ModelConfigs
+        from engine.memory_limit import blockwise_depth
+
+        depth = blockwise_depth(self.config, ModelConfigs(transformer=model.transformer_config), "cuda", available)
+        if depth == 0 and depth < speed.BLOCKWISE_DEPTH:
+            log.info("the checkpointed step runs one block at a time to fit %.1f GiB (slower steps)", available / 2**30)
+        return depth
 
     def _wants_state(self, step: int) -> bool:
         """Whether step `step` ends with a checkpoint or a preview (both read the model)."""

@@ -24,18 +24,20 @@ def flow_loss(prediction: mx.array, latents: mx.array, noise: mx.array) -> mx.ar
     return mx.mean(mx.square(prediction.astype(mx.float32) - (noise - latents)))
 
 
-def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, has_guidance: bool):
+def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, has_guidance: bool,
+                    blockwise_depth: int | None = None):
     """Returns step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids) -> loss.
 
     The step is queued for evaluation (model and optimizer state included) and
     its loss returned unevaluated; reading it waits for the step. With the transformer's
-    gradient checkpointing on, the step runs block by block (engine/blockwise_step.py)."""
+    gradient checkpointing on, the step runs block by block (engine/blockwise_step.py), at
+    `blockwise_depth` (None: speed.BLOCKWISE_DEPTH)."""
     from engine.flux import speed
 
     if transformer.gradient_checkpointing and speed.BLOCKWISE_CHECKPOINTING:
         from engine.blockwise_step import make_blockwise_step
 
-        return make_blockwise_step(transformer, optimizer, compute_dtype, has_guidance)
+        return make_blockwise_step(transformer, optimizer, compute_dtype, has_guidance, depth=blockwise_depth)
 
     def loss_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
         prediction = transformer(noisy_latents(latents, noise, sigma, compute_dtype), hidden, pooled,
