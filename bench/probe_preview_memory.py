@@ -3,7 +3,7 @@
     python bench/probe_preview_memory.py [--resolution 512]
 
 Full-size random FLUX.1-dev transformer over a 4-bit base (bench_train.build_transformer) and the
-full-size VAE decoder: one denoising call (`transformer(...)` against `forward_in_stages`) and one
+full-size VAE decoder: one denoising call (`transformer(...)` without and with `depth`) and one
 decode (`vae.decode` without and with `depth`), each twice, alternating; for each, the peak above
 what was allocated before it and its seconds (the first of each compiles kernels). Prints a JSON
 row per call; with $OUT set, writes $OUT/preview_memory.json. Run 14 found a preview taking the
@@ -65,7 +65,7 @@ def main() -> None:
     for _ in range(2):
         rows.append(measure("transformer, whole", lambda: transformer(*call)))
         rows.append(measure("transformer, block by block",
-                            lambda: transformer.forward_in_stages(*call, depth=speed.INFERENCE_DEPTH)))
+                            lambda: transformer(*call, depth=speed.INFERENCE_DEPTH)))
         rows.append(measure("VAE decode, whole", lambda: vae.decode(latents)))
         rows.append(measure("VAE decode, piece by piece", lambda: vae.decode(latents, depth=speed.INFERENCE_DEPTH)))
     result = {"resolution": args.resolution, "quantize": args.quantize, "device": str(mx.default_device()),

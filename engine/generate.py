@@ -60,8 +60,8 @@ def denoise_latents(model, prompt_embeds: mx.array, pooled: mx.array, width: int
 
     def velocity(x, sigma):
         # block by block: a call queued whole holds every block's temporaries (engine/flux/bounded_queue.py)
-        return model.transformer.forward_in_stages(x, prompt_embeds, pooled, sigma, img_ids, txt_ids, guidance_vector,
-                                                   depth=speed.INFERENCE_DEPTH)
+        return model.transformer(x, prompt_embeds, pooled, sigma, img_ids, txt_ids, guidance_vector,
+                                 depth=speed.INFERENCE_DEPTH)
 
     return euler_sample(velocity, latents, sigmas, on_step=on_step)
 

@@ -121,34 +121,25 @@ class FluxTransformer(nn.Module):
         img_ids: mx.array,
         txt_ids: mx.array,
         guidance: mx.array | None = None,
+        depth: int | None = None,
     ) -> mx.array:
+        """`depth`, for inference: queue each block on its own, at most that many ahead of the GPU
+        (engine/flux/bounded_queue.py), so only their temporaries (over a quantized base, each
+        layer's dense copy) are held at once rather than every block's; not inside `mx.compile`
+        or a gradient transform, which cannot queue."""
+        queue = None if depth is None else BoundedQueue(depth)
         hidden, context, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance)
         rope = self.rope(img_ids, txt_ids)
         for block in self.transformer_blocks:
             hidden, context = self._run_block(block, hidden, context, temb, rope)
+            if queue is not None:
+                queue.push([hidden, context])
         text_length = context.shape[1]
         joined = join_streams(hidden, context)
         for block in self.single_transformer_blocks:
             joined = self._run_block(block, joined, temb, rope)
-        return self.head(joined, temb, text_length)
-
-    def forward_in_stages(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
-                          txt_ids, guidance=None, depth: int = 1) -> mx.array:
-        """The call's result, for inference: each block queued on its own, at most `depth` ahead of the
-        GPU (engine/flux/bounded_queue.py), so only that many blocks' temporaries are held at once
-        rather than every block's (over a quantized base: each layer's dense copy). Not for use
-        inside `mx.compile` or a gradient transform, which cannot queue."""
-        queue = BoundedQueue(depth)
-        hidden, context, temb = self.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance)
-        rope = self.rope(img_ids, txt_ids)
-        for block in self.transformer_blocks:
-            hidden, context = block(hidden, context, temb, rope)
-            queue.push([hidden, context])
-        text_length = context.shape[1]
-        joined = join_streams(hidden, context)
-        for block in self.single_transformer_blocks:
-            joined = block(joined, temb, rope)
-            queue.push([joined])
+            if queue is not None:
+                queue.push([joined])
         return self.head(joined, temb, text_length)
 
     # The pieces of a call, in order; engine/blockwise_step.py runs them one at a time.
