@@ -221,7 +221,7 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         details["preview_sets_peak"] = preview_excess > 0
         parts["activations"] += max(preview_excess, 0)
         details["graph_memory_capped"] = capped
-        details["held_back_to_fit"] = capped or depth == 0 < blockwise_default_depth()  # see HELD_BACK_NOTE
+        details["held_back_to_fit"] = capped or (depth == 0 and blockwise_default_depth() > 0)  # see HELD_BACK_NOTE
     details.update(lora_parameters=lora_parameters,
                    transformer_parameters=transformer_parameter_count(model.transformer))
     return MemoryEstimate(parts, phases, details)
