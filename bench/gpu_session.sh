@@ -17,6 +17,8 @@
 #   ttfs_cold  time to first step, every kernel cache emptied first (a user's first run)   ~5-8 min
 #   ttfs_warm  the same, kernels cached, five steps (whole-run peak); twice more with the driver's
 #              JIT cache at its 4 GiB maximum                                            ~3 min
+#   s15     run 15: MLX's CUDA graph settings against people 4-bit ckpt at depth 1 and 0     ~8 min
+#   s15b    run 15: bf16 references alone, two dense copies, combinations, a run with a preview ~8 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -61,6 +63,23 @@ for r in json.load(open(sys.argv[1])):
     print(r["template"], r["quantize"], "ckpt" if r["checkpointing"] else "no-ckpt",
           {k: r.get(k) for k in ("s_per_step_median", "s_per_step_mean", "peak_gib", "estimate_gib",
                                  "memory_limit_gib", "losses_finite", "switches_set", "error")})
+PY
+}
+
+# bench_rows with environment variables for MLX first: env_rows NAME LIMIT "VAR=VALUE ..." ARGS...
+# (MLX reads its MLX_* variables once per process, so each setting is a process of its own)
+env_rows() {
+    local name=$1 limit=$2 vars=$3; shift 3
+    local started=$SECONDS
+    OUT=$out env $vars timeout $limit python bench/bench_train.py "$@" >"$out/$name.log" 2>&1
+    echo "$name [$vars] rc=$? $((SECONDS - started)) s"
+    grep -h -i "thrash" "$out/$name.log" | sort | uniq -c | head -3
+    mv -f "$out/ours.json" "$out/ours_$name.json" 2>/dev/null && python - "$out/ours_$name.json" <<'PY' || tail -c 600 "$out/$name.log"
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    print("   ", r["template"], r["quantize"], "ckpt" if r["checkpointing"] else "no-ckpt",
+          {k: r.get(k) for k in ("s_per_step_median", "s_per_step_min", "peak_gib", "estimate_gib", "losses_finite",
+                                 "switches_set", "error")})
 PY
 }
 
@@ -143,6 +162,42 @@ ttfs_warm)
     # made after step 2: step 3's peak holds it
     mkdir -p "$out/preview"
     OUT=$out/preview timeout 150 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+        --steps 3 --preview-every 2 >"$out/preview/stdout.log" 2>&1
+    echo "preview rc=$?"; tail -c 700 "$out/preview/stdout.log" ;;
+s15)
+    # run 15: how MLX's CUDA backend groups kernels into CUDA graphs, against the people 4-bit
+    # checkpointed step at depth 1 and 0 (NOTES item 33). MLX commits a graph every
+    # MLX_MAX_OPS_PER_BUFFER ops (20), keeps MLX_CUDA_GRAPH_CACHE_SIZE instantiated graphs (100,
+    # all dropped when full) and can launch without graphs (MLX_USE_CUDA_GRAPHS=0).
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    q4="--templates people --quantize 4 --checkpointing on --steps 6"
+    env_rows d1 ${FIRST_ROW_TIMEOUT:-300} "" $q4
+    env_rows d0 90 "" $q4 --switch BLOCKWISE_DEPTH=0
+    env_rows d1_thrash 90 "MLX_ENABLE_CACHE_THRASHING_CHECK=1" $q4
+    env_rows d0_ops5 90 "MLX_MAX_OPS_PER_BUFFER=5" $q4 --switch BLOCKWISE_DEPTH=0
+    env_rows d0_ops10 90 "MLX_MAX_OPS_PER_BUFFER=10" $q4 --switch BLOCKWISE_DEPTH=0
+    env_rows d0_cache 90 "MLX_CUDA_GRAPH_CACHE_SIZE=100000" $q4 --switch BLOCKWISE_DEPTH=0
+    env_rows d0_nographs 90 "MLX_USE_CUDA_GRAPHS=0" $q4 --switch BLOCKWISE_DEPTH=0
+    env_rows d1_cache 90 "MLX_CUDA_GRAPH_CACHE_SIZE=100000" $q4
+    env_rows d1_nographs 90 "MLX_USE_CUDA_GRAPHS=0" $q4
+    env_rows d1_ops60 90 "MLX_MAX_OPS_PER_BUFFER=60 MLX_CUDA_GRAPH_CACHE_SIZE=100000" $q4
+    env_rows d0_bfs1 90 "MLX_BFS_MAX_WIDTH=1" $q4 --switch BLOCKWISE_DEPTH=0
+    env_rows d1_bfs1 90 "MLX_BFS_MAX_WIDTH=1" $q4 ;;
+s15b)
+    # run 15, second part: bf16 references alone (pets, then people), the same with a large graph
+    # cache; two dense copies on the current queue order; combinations; the whole run with a preview
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    q4="--templates people --quantize 4 --checkpointing on --steps 6"
+    env_rows bf16_pets 150 "" --templates pets --quantize none --checkpointing off --steps 6
+    env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6
+    env_rows bf16_pets_cache 90 "MLX_CUDA_GRAPH_CACHE_SIZE=100000" --templates pets --quantize none --checkpointing off --steps 6
+    env_rows bf16_people_cache 90 "MLX_CUDA_GRAPH_CACHE_SIZE=100000" --templates people --quantize none --checkpointing off --steps 6
+    env_rows d1_dense_twice 90 "" $q4 --switch BLOCKWISE_KEEPS_DENSE=0
+    env_rows d0_ops5_cache 90 "MLX_MAX_OPS_PER_BUFFER=5 MLX_CUDA_GRAPH_CACHE_SIZE=100000" $q4 --switch BLOCKWISE_DEPTH=0
+    env_rows d1_ops10_cache 90 "MLX_MAX_OPS_PER_BUFFER=10 MLX_CUDA_GRAPH_CACHE_SIZE=100000" $q4
+    env_rows d1_again 90 "" $q4
+    mkdir -p "$out/preview"
+    OUT=$out/preview timeout 170 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
         --steps 3 --preview-every 2 >"$out/preview/stdout.log" 2>&1
     echo "preview rc=$?"; tail -c 700 "$out/preview/stdout.log" ;;
 s14)
