@@ -190,6 +190,10 @@ def main() -> None:
             parser.error(f"--switch {text}: expected NAME=0 or NAME=1 (a number for an integer one) with NAME one of "
                          f"{', '.join(k for k, v in speed.DEFAULTS.items() if isinstance(v, (bool, int)))}")
         switches[name] = value == "1" if isinstance(default, bool) else int(value)
+    # MLX's CUDA-graph settings as the trainer chooses them, before the first kernel (read once a
+    # process): small graphs where the checkpointed step runs one stage at a time
+    one_stage = switches.get("BLOCKWISE_DEPTH", speed.BLOCKWISE_DEPTH) == 0 and args.checkpointing == ["on"]
+    graph_settings = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage)
     rows = []
     device = str(mx.default_device())
     for quant_text in args.quantize:
@@ -205,7 +209,9 @@ def main() -> None:
             for checkpointing in (c == "on" for c in args.checkpointing):
                 row = {"template": template, "quantize": quantize, "checkpointing": checkpointing,
                        "resolution": args.resolution, "device": device, "mlx": mx.__version__,
-                       "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1), "switches_set": switches}
+                       "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1), "switches_set": switches,
+                       "mlx_env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
+                       "graph_settings_set": graph_settings}
                 try:
                     estimate, parts, limit = estimate_gib(load_template(template), quantize, checkpointing,
                                                           args.resolution)

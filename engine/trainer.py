@@ -104,6 +104,7 @@ class Trainer:
         available = self._available_on_cuda()
         self.emit("phase", phase="load", detail=f"loading {cfg.model}")
         progress = lambda done, total: self.emit("progress", phase="download", done=done, total=total)  # noqa: E731
+        depth = self._settle_cuda_graphs(cfg.model, available, progress)
         # encoders first, transformer after they are freed: T5-XXL and the transformer never share memory
         model = self.model = load_model(cfg.model, quantize=cfg.quantize, transformer=False, progress=progress)
         # the block limits come from the model's config (a custom model may have fewer blocks than FLUX.1)
@@ -143,7 +144,7 @@ class Trainer:
             log.info("speed switches off for this run: %s (engine/flux/speed.py)", ", ".join(switched_off))
         self.emit("phase", phase="compile", detail="compiling the training step")
         step_fn = make_train_step(transformer, optimizer, model.dtype, model.has_guidance,
-                                  blockwise_depth=self._blockwise_depth(model, available))
+                                  blockwise_depth=depth)
         latent_h, latent_w = latent_size(cfg.height, cfg.width, model.vae.scale_factor)
         img_ids, txt_ids = latent_image_ids(latent_h, latent_w), text_ids(model.t5_max_length)
         sigmas = sigma_grid(cfg.steps, img_ids.shape[0], _scheduler(model)).astype(np.float32)
@@ -226,14 +227,26 @@ class Trainer:
             if limit:
                 log.info("graph memory limit %.1f GiB", limit / 2**30)
 
-    def _blockwise_depth(self, model, available: int | None) -> int | None:
-        """On CUDA, the block-by-block step one stage at a time where its default depth would not fit."""
+    def _settle_cuda_graphs(self, model_name: str, available: int | None, progress) -> int | None:
+        """On CUDA, before the first kernel runs: the depth the checkpointed step will run at (one stage at
+        a time where its default depth would not fit what is free), and MLX's CUDA-graph settings for it
+        (engine/flux/speed.py: configure_cuda_graphs). None elsewhere: the engine's default depth."""
+        if available is None:
+            return None
+        from engine.flux.hub import resolve_model_path
+        from engine.flux.weights import read_config
         from engine.memory import ModelConfigs
         from engine.memory_limit import blockwise_depth
 
-        depth = blockwise_depth(self.config, ModelConfigs(transformer=model.transformer_config), "cuda", available)
-        if depth == 0 and depth < speed.BLOCKWISE_DEPTH:
+        folder = resolve_model_path(model_name, progress=progress)  # load_model finds it there again
+        transformer_config = read_config(folder / "transformer")
+        depth = blockwise_depth(self.config, ModelConfigs(transformer=transformer_config), "cuda", available)
+        one_stage = bool(self.config.gradient_checkpointing) and depth == 0 and depth < speed.BLOCKWISE_DEPTH
+        if one_stage:
             log.info("the checkpointed step runs one block at a time to fit %.1f GiB (slower steps)", available / 2**30)
+        chosen = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage)
+        if chosen:
+            log.info("MLX CUDA graph settings: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))
         return depth
 
     def _wants_state(self, step: int) -> bool:

@@ -338,6 +338,7 @@ def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_mu
                                                                                    available, depth):
     # on CUDA a checkpointed run whose default depth would not fit what was free goes one stage at a
     # time (engine/memory_cuda.py: blockwise_depth_to_fit): 7.94 instead of 8.67 GiB, 1.36x the time
+    import engine.flux.loading as loading
     from engine import blockwise_step
     from engine.flux import speed
     from engine.trainer import Trainer as TrainerClass
@@ -347,9 +348,17 @@ def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_mu
     depths, real = [], blockwise_step.make_blockwise_step
     monkeypatch.setattr(blockwise_step, "make_blockwise_step",
                         lambda *args, depth=None, **kwargs: depths.append(depth) or real(*args, depth=depth, **kwargs))
+    # MLX's CUDA-graph settings follow the depth, chosen before the model loads (MLX reads them at its
+    # first kernel launch): five kernels a graph one stage at a time
+    order = []
+    monkeypatch.setattr(speed, "configure_cuda_graphs",
+                        lambda one_stage_at_a_time=False: order.append(("graphs", one_stage_at_a_time)) or {})
+    real_load = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: order.append("load") or real_load(*args, **kwargs))
     config = make_training_folder(tmp_path, count=1, gradient_checkpointing=True,
                                   training_loop={"num_epochs": 1, "batch_size": 1})
     with caplog.at_level("INFO", logger="engine.trainer"):
         _, result, _ = run(config)
     assert depths == [depth] and result.step == 1
     assert any("one block at a time" in r.getMessage() for r in caplog.records) == (depth == 0)
+    assert order[:2] == [("graphs", depth == 0), "load"]
