@@ -19,6 +19,7 @@
 #              JIT cache at its 4 GiB maximum                                            ~3 min
 #   s15     run 15: MLX's CUDA graph settings against people 4-bit ckpt at depth 1 and 0     ~8 min
 #   s15b    run 15: bf16 references alone, two dense copies, combinations, a run with a preview ~8 min
+#   s15c    run 15: a fresh machine's first run with the kernel warm-up, then without    ~9 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -200,6 +201,28 @@ s15b)
     OUT=$out/preview timeout 170 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
         --steps 3 --preview-every 2 >"$out/preview/stdout.log" 2>&1
     echo "preview rc=$?"; tail -c 700 "$out/preview/stdout.log" ;;
+s15c)
+    # run 15, third part, on a fresh machine: time to first step with the kernel warm-up
+    # (engine/kernel_warmup.py); rows at the new CUDA-graph defaults; then the same first run without
+    # the warm-up, every cache emptied again (the baseline, on the same machine)
+    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
+    mkdir -p "$out/cold_warmup"
+    OUT=$out/cold_warmup timeout ${COLD_TIMEOUT:-330} python bench/time_to_first_step.py --template people --quantize 4 \
+        --checkpointing >"$out/cold_warmup/stdout.log" 2>&1
+    echo "cold_warmup rc=$?"; tail -c 1200 "$out/cold_warmup/stdout.log"; echo
+    echo "marker: $(cat /tmp/ttfs-mlx-kernels/dreambooth-wizard-warm-* 2>/dev/null)"
+    grep -h "warm-up\|first block-by-block step" "$out/cold_warmup/train_stderr.log" | cut -c1-250
+    tail -n 3 /tmp/ttfs-run/home/logs/kernel-warmup.log 2>/dev/null | cut -c1-250
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    env_rows d0_default 90 "" --templates people --quantize 4 --checkpointing on --steps 6 --switch BLOCKWISE_DEPTH=0
+    env_rows bf16_people_default 90 "MLX_ENABLE_CACHE_THRASHING_CHECK=1" --templates people --quantize none \
+        --checkpointing off --steps 6
+    unset MLX_PTX_CACHE_DIR
+    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
+    mkdir -p "$out/cold_baseline"
+    OUT=$out/cold_baseline DREAMBOOTH_WIZARD_KERNEL_WARMUP=0 timeout ${BASELINE_TIMEOUT:-240} python \
+        bench/time_to_first_step.py --template people --quantize 4 --checkpointing >"$out/cold_baseline/stdout.log" 2>&1
+    echo "cold_baseline rc=$?"; tail -c 1200 "$out/cold_baseline/stdout.log"; echo ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing

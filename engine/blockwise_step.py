@@ -265,4 +265,5 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             PHASE_PEAKS.append(("backward", mx.get_peak_memory()))
         return loss
 
+    step.stage_functions = functions  # for tests: which compiled functions the step made
     return step

@@ -3,8 +3,9 @@
 Events are plain dicts (mlx-lm's callback style) with a `type` key, so a UI, a
 JSON-lines printer or a test can subscribe without importing the trainer:
 
-  phase       {"phase": "load"|"encode"|"load_transformer"|"compile"|"train", "detail": str}
-              (encoders load and run first, the transformer loads, quantized as it loads, after they are freed)
+  phase       {"phase": "load"|"encode"|"kernels"|"load_transformer"|"compile"|"train", "detail": str}
+              (encoders load and run first, the transformer loads, quantized as it loads, after they are freed;
+              "kernels": waiting for engine/kernel_warmup.py, on CUDA, on a machine's first run)
   progress    {"phase": str, "done": int, "total": int}           (loading, encoding)
   step        {"step", "total_steps", "epoch", "num_epochs", "loss", "it_per_s", "eta_s", "peak_memory_gib"}
   preview     {"step", "path"}

@@ -57,6 +57,7 @@ class Trainer:
         self.resume_from = Path(resume_from) if resume_from else None
         self.model = None
         self.output_dir: Path | None = None
+        self._warmup = None  # engine/kernel_warmup.py, on CUDA
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path, callback: EventCallback | None = None,
@@ -81,6 +82,9 @@ class Trainer:
         except Exception as error:
             self.emit("error", message=f"{type(error).__name__}: {error}", hint="see the log file for details")
             raise
+        finally:
+            if self._warmup is not None:  # a run that failed or stopped early leaves no process behind
+                self._warmup.stop()
 
     # -- phases ---------------------------------------------------------------------------------
 
@@ -110,6 +114,9 @@ class Trainer:
         # the block limits come from the model's config (a custom model may have fewer blocks than FLUX.1)
         for warning in validate(cfg, model.num_joint_blocks, model.num_single_blocks):
             self.emit("warning", message=warning)
+        # on a machine whose kernel cache lacks this run's, a second process compiles the step's GPU
+        # kernels while this one encodes (engine/kernel_warmup.py)
+        self._warmup = self._start_kernel_warmup(model, depth, available, resume)
 
         self.emit("phase", phase="encode", detail="encoding images and prompts")
         validation_prompt = cfg.instrumentation.validation_prompt if cfg.instrumentation else None
@@ -123,6 +130,7 @@ class Trainer:
         model.release_vae_encoder()
         validation = extra.get(validation_prompt) if validation_prompt else None
 
+        self._wait_for_kernel_warmup()
         detail = f"quantizing to {cfg.quantize} bits as it loads" if cfg.quantize else "bf16" if model.dtype == mx.bfloat16 else "float32"
         self.emit("phase", phase="load_transformer", detail=detail)
         transformer = model.load_transformer()
@@ -226,6 +234,37 @@ class Trainer:
                                              available_bytes=available)
             if limit:
                 log.info("graph memory limit %.1f GiB", limit / 2**30)
+
+    def _start_kernel_warmup(self, model, depth: int | None, available: int | None, resume):
+        from engine import kernel_warmup
+        from engine.dataset import BatchIterator
+        from engine.memory import ModelConfigs
+        from engine.memory_limit import graph_memory_estimate
+        from engine.paths import log_dir
+
+        if available is None:
+            return None
+        cfg = self.config
+        done = int(resume.iterator.get("num_iterations", 0)) if resume else 0
+        total = BatchIterator(len(cfg.image_paths), cfg.training_loop.batch_size, cfg.training_loop.num_epochs,
+                              cfg.seed).total_steps
+        one_stage = bool(cfg.gradient_checkpointing) and depth == 0 and depth < speed.BLOCKWISE_DEPTH
+        estimate = graph_memory_estimate(cfg, ModelConfigs(transformer=model.transformer_config), "cuda", available)
+        try:
+            return kernel_warmup.start(cfg, model, depth, one_stage, max(total - done, 0), available, estimate,
+                                       log_dir())
+        except Exception as error:  # an aid, never a reason to stop the run
+            log.warning("kernel warm-up not started: %s", error)
+            return None
+
+    def _wait_for_kernel_warmup(self) -> None:
+        if self._warmup is None or self._warmup.process is None:
+            return
+        if self._warmup.running:
+            self.emit("phase", phase="kernels", detail="compiling GPU kernels (once per machine)")
+        outcome = self._warmup.wait()
+        log.info("kernel warm-up %s after %.1f s (%s)", outcome, time.perf_counter() - self._warmup.started,
+                 self._warmup.log_path)
 
     def _settle_cuda_graphs(self, model_name: str, available: int | None, progress) -> int | None:
         """On CUDA, before the first kernel runs: the depth the checkpointed step will run at (one stage at

@@ -362,3 +362,35 @@ def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_mu
     assert depths == [depth] and result.step == 1
     assert any("one block at a time" in r.getMessage() for r in caplog.records) == (depth == 0)
     assert order[:2] == [("graphs", depth == 0), "load"]
+
+
+def test_trainer_waits_for_the_kernel_warmup_before_loading_the_transformer(tmp_path, monkeypatch):
+    # engine/kernel_warmup.py: started once the encoders are loaded, waited for (and shown) before the
+    # transformer loads, stopped when the run ends whatever happens
+    from engine import kernel_warmup
+    from engine.trainer import Trainer as TrainerClass
+
+    order = []
+
+    class FakeWarmup(kernel_warmup.Warmup):
+        running = True
+
+        def wait(self, limit_s=kernel_warmup.WAIT_LIMIT_S):
+            order.append("wait")
+            return "done"
+
+        def stop(self):
+            order.append("stop")
+
+    def fake_start(cfg, model, depth, one_stage, steps_left, available, estimate, log_folder):
+        order.append(("start", model.transformer is None, steps_left, estimate.encoding_peak > 0))
+        return FakeWarmup(process=object())
+
+    monkeypatch.setattr(kernel_warmup, "start", fake_start)
+    monkeypatch.setattr(TrainerClass, "_available_on_cuda", staticmethod(lambda: 2**40))
+    config = make_training_folder(tmp_path, count=2, training_loop={"num_epochs": 1, "batch_size": 1})
+    events = []
+    TrainerClass(load_config(config), lambda event: events.append(event)).run()
+    phases = [e["phase"] for e in events if e["type"] == "phase"]
+    assert order == [("start", True, 2, True), "wait", "stop"]
+    assert phases.index("encode") < phases.index("kernels") < phases.index("load_transformer")

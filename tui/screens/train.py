@@ -35,6 +35,7 @@ PHASE_TITLES = {
     "encode": "Encoding images and prompts",
     "images": "Encoding images",
     "prompts": "Encoding prompts",
+    "kernels": "Compiling GPU kernels (once per machine)",
     "compile": "Compiling the training step",
     "train": "Training",
 }

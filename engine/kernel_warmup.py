@@ -1,0 +1,249 @@
+"""Compiling the training step's CUDA kernels in a second process while the run encodes.
+
+MLX compiles each of its CUDA kernels (NVRTC) the first time a process needs it and keeps it in
+a disk cache (engine/paths.py: keep_compiled_gpu_kernels). On a fresh machine a first people
+4-bit run spent 82 s compiling the encoders' kernels and then about 105 s the training step's,
+one after the other (H200, bench/NOTES.md item 32). The step's kernels depend on the layers'
+sizes, the dtype, the quantization, the image size and which layers train, not on the weights
+nor on how many blocks of each kind there are. So a process that trains a copy of the model
+with one or two blocks of each kind (random weights, the run's LoRA layers and ranks, the run's
+shapes, the same switches) for two steps compiles them, and started once the encoders are
+loaded it does so while the run encodes; the run waits for it before it loads the transformer
+and its first step finds the kernels on disk. MLX writes each kernel to its cache by renaming a
+finished file, so two processes compiling one kernel both read a whole file.
+
+It runs only on CUDA, only where the cache lacks this run's marker (a file the warm-up writes
+when it finished), and only where the memory free leaves room for it beside the encoders;
+DREAMBOOTH_WIZARD_KERNEL_WARMUP=0 turns it off. Whatever happens to it, the run goes on: at
+worst its first step compiles what the warm-up did not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "DREAMBOOTH_WIZARD_KERNEL_WARMUP"
+WAIT_LIMIT_S = 900  # longer than the step's compiles on a fresh machine (about 105 s on an H200)
+CUDA_CONTEXT_BYTES = 2**30  # a second process's CUDA context and cuBLAS workspace, beside its arrays
+
+
+def _runs_of_specs(specs: list[tuple]) -> list[int]:
+    """Indices of the blocks to keep: each run of identical consecutive specs kept to its first two (the
+    first trained block's backward takes no gradient for its input, the ones after do: both compile)."""
+    kept, previous, count = [], object(), 0
+    for index, spec in enumerate(specs):
+        count = count + 1 if spec == previous else 1
+        previous = spec
+        if count <= 2:
+            kept.append(index)
+    return kept
+
+
+def mini_model(transformer_config: dict, targets: list[tuple[str, int]]) -> tuple[dict, list[tuple[str, int]]]:
+    """A transformer config with one or two blocks of each kind the run has (`_runs_of_specs`), and the
+    run's LoRA targets moved onto it: each stage of the real step has the same layout in the small one."""
+    config = dict(transformer_config)
+    moved: list[tuple[str, int]] = []
+    for kind, count_key, default in (("transformer_blocks", "num_layers", 19),
+                                     ("single_transformer_blocks", "num_single_layers", 38)):
+        count = int(transformer_config.get(count_key, default))
+        specs = [tuple(sorted((path.split(".", 2)[2], rank) for path, rank in targets
+                              if path.startswith(f"{kind}.{block}."))) for block in range(count)]
+        kept = _runs_of_specs(specs)
+        config[count_key] = len(kept)
+        for new_index, block in enumerate(kept):
+            moved += [(f"{kind}.{new_index}.{layer}", rank) for layer, rank in specs[block]]
+    return config, moved
+
+
+@dataclass
+class WarmupPlan:
+    """Everything the warm-up process needs, as JSON (it imports no config code of the run's)."""
+
+    transformer_config: dict
+    targets: list
+    quantize: int | None
+    dtype: str
+    checkpointing: bool
+    depth: int | None
+    one_stage: bool
+    steps_left: int
+    optimizer: str
+    learning_rate: float
+    latent_shape: list  # (height, width) of the latents
+    t5_length: int
+    pooled_width: int
+    guidance: bool
+    batch_size: int
+
+    def key(self) -> str:
+        """What the compiled kernels depend on, and the MLX version that compiled them."""
+        import mlx.core as mx
+
+        text = json.dumps([self.__dict__, mx.__version__], sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def marker_path(plan: WarmupPlan, cache_folder: str | os.PathLike) -> Path:
+    return Path(cache_folder) / f"dreambooth-wizard-warm-{plan.key()}"
+
+
+def make_plan(cfg, model, depth: int | None, one_stage: bool, steps_left: int) -> WarmupPlan:
+    """The warm-up for training `cfg` on `model` (loaded without its transformer)."""
+    from engine.config import lora_targets
+    from engine.flux.latents import latent_size
+
+    config, targets = mini_model(model.transformer_config,
+                                 lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks))
+    latent_h, latent_w = latent_size(cfg.height, cfg.width, model.vae.scale_factor)
+    return WarmupPlan(
+        transformer_config=config, targets=[list(t) for t in targets], quantize=cfg.quantize,
+        dtype=str(model.dtype).removeprefix("mlx.core."), checkpointing=bool(cfg.gradient_checkpointing),
+        depth=depth, one_stage=one_stage, steps_left=int(steps_left), optimizer=cfg.optimizer.name,
+        learning_rate=float(cfg.optimizer.learning_rate), latent_shape=[latent_h, latent_w],
+        t5_length=int(model.t5_max_length), pooled_width=int(config.get("pooled_projection_dim", 768)),
+        guidance=bool(model.has_guidance), batch_size=int(cfg.training_loop.batch_size))
+
+
+def warmup_bytes(plan: WarmupPlan, estimate, full_config: dict) -> int:
+    """The warm-up process's peak, from the run's estimate: what grows with the blocks scaled to the small
+    model's share of them, the run-ahead and workspace as they are, and a second CUDA context."""
+    blocks = lambda config: int(config.get("num_layers", 19)) + int(config.get("num_single_layers", 38))  # noqa: E731
+    share = blocks(plan.transformer_config) / max(blocks(full_config), 1)
+    fixed = sum(estimate.parts.get(name, 0) for name in ("CUDA graph run-ahead", "workspace (training)"))
+    return int((estimate.training_peak - fixed) * share + fixed + CUDA_CONTEXT_BYTES)
+
+
+class Warmup:
+    """A running warm-up process (`start`), or nothing to wait for."""
+
+    def __init__(self, process: subprocess.Popen | None = None, marker: Path | None = None, log_path: Path | None = None):
+        self.process, self.marker, self.log_path = process, marker, log_path
+        self.started = time.perf_counter()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait(self, limit_s: float = WAIT_LIMIT_S) -> str:
+        """Wait for the warm-up; 'none', 'done', 'failed' (the log says why) or 'cut' (past `limit_s`, stopped)."""
+        if self.process is None:
+            return "none"
+        try:
+            code = self.process.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return "cut"
+        return "done" if code == 0 and self.marker is not None and self.marker.exists() else "failed"
+
+    def stop(self) -> None:
+        if self.running:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start(cfg, model, depth: int | None, one_stage: bool, steps_left: int, available: int | None,
+          estimate, log_folder: Path) -> Warmup:
+    """Start the warm-up for this run where it helps and fits (module docstring); else a Warmup with no process.
+    `estimate`: the run's memory estimate (engine/memory.py), against `available` bytes."""
+    from engine.flux import speed
+
+    if available is None or not speed.on_cuda() or os.environ.get(ENV_SWITCH, "1") == "0":
+        return Warmup()
+    cache_folder = os.environ.get("MLX_PTX_CACHE_DIR")
+    if not cache_folder:
+        return Warmup()
+    plan = make_plan(cfg, model, depth, one_stage, steps_left)
+    marker = marker_path(plan, cache_folder)
+    if marker.exists():
+        return Warmup()
+    need, encoding = warmup_bytes(plan, estimate, model.transformer_config), estimate.encoding_peak
+    if encoding + need > available:
+        log.info("no kernel warm-up: %.1f GiB free, the encoders need %.1f and the warm-up %.1f",
+                 available / 2**30, encoding / 2**30, need / 2**30)
+        return Warmup()
+    log_folder.mkdir(parents=True, exist_ok=True)
+    plan_path = log_folder / "kernel-warmup.json"
+    plan_path.write_text(json.dumps({"plan": plan.__dict__, "marker": str(marker)}))
+    log_path = log_folder / "kernel-warmup.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "engine.kernel_warmup", str(plan_path)],
+                                   stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                   cwd=str(Path(__file__).resolve().parent.parent))
+    log.info("compiling the step's GPU kernels in process %d while encoding (%s)", process.pid, log_path)
+    return Warmup(process, marker, log_path)
+
+
+def run_plan(plan: WarmupPlan, steps: int = 2) -> float:
+    """Train the small model for `steps` steps as the run will (the kernels compile on the way); its peak GiB."""
+    import mlx.core as mx
+
+    from engine.flux import speed
+    from engine.flux.latents import latent_image_ids, text_ids
+    from engine.flux.loading import quantize_module
+    from engine.flux.transformer import FluxTransformer
+    from engine.lora import apply_lora
+    from engine.optimizers import build_optimizer
+    from engine.training_step import make_train_step
+
+    speed.configure_cuda_graphs(one_stage_at_a_time=plan.one_stage)
+    speed.configure_for_training(steps=plan.steps_left)
+    dtype = getattr(mx, plan.dtype)
+    mx.random.seed(0)
+    transformer = FluxTransformer(plan.transformer_config)
+    transformer.set_dtype(dtype)
+    mx.eval(transformer.parameters())
+    if plan.quantize:
+        quantize_module(transformer, plan.quantize, "transformer")
+    transformer.gradient_checkpointing = plan.checkpointing
+    apply_lora(transformer, [tuple(t) for t in plan.targets], key=mx.random.key(0))
+    optimizer = build_optimizer(plan.optimizer, plan.learning_rate)
+    optimizer.init(transformer.trainable_parameters())
+    step = make_train_step(transformer, optimizer, dtype, plan.guidance, blockwise_depth=plan.depth)
+    latent_h, latent_w = plan.latent_shape
+    tokens = (latent_h // 2) * (latent_w // 2)
+    channels = int(plan.transformer_config.get("in_channels", 64))
+    img_ids, txt_ids = latent_image_ids(latent_h, latent_w), text_ids(plan.t5_length)
+    joint_width = int(plan.transformer_config.get("joint_attention_dim", 4096))
+    batch = plan.batch_size
+    for index in range(steps):
+        latents = mx.random.normal((batch, tokens, channels))  # float32, as the run's cached latents
+        noise = mx.random.normal((batch, tokens, channels))
+        hidden = mx.random.normal((batch, plan.t5_length, joint_width)).astype(dtype)
+        pooled = mx.random.normal((batch, plan.pooled_width)).astype(dtype)
+        sigma = mx.full((batch,), 0.5 + 0.1 * index, dtype=mx.float32)
+        guidance = mx.full((batch,), 3.5, dtype=mx.float32)
+        loss = step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
+        mx.eval(loss)
+    return mx.get_peak_memory() / 2**30
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data = json.loads(Path(argv[0]).read_text())
+    plan, marker = WarmupPlan(**data["plan"]), Path(data["marker"])
+    started = time.perf_counter()
+    peak = run_plan(plan)
+    seconds = time.perf_counter() - started
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    temporary = marker.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"seconds": round(seconds, 1), "peak_bytes": int(peak * 2**30)}))
+    temporary.replace(marker)
+    log.info("kernel warm-up done in %.1f s, peak %.2f GiB", seconds, peak)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,167 @@
+"""The kernel warm-up (engine/kernel_warmup.py): a small copy of the model whose training step
+compiles what the run's step compiles, in a second process, once per machine."""
+from __future__ import annotations
+
+import json
+import os
+
+import mlx.core as mx
+import pytest
+
+from engine import kernel_warmup
+from engine.config import load_config, load_template, lora_targets
+from engine.flux import speed
+from engine.flux.latents import latent_image_ids, text_ids
+from engine.flux.tiny import TRANSFORMER_CONFIG
+from engine.flux.transformer import FluxTransformer
+from engine.lora import apply_lora
+from engine.memory import ENCODING, TRAINING, MemoryEstimate
+from engine.optimizers import build_optimizer
+from engine.training_step import make_train_step
+from tests.helpers import make_training_folder
+
+FLUX_DEV = {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24}
+
+
+def test_the_small_model_keeps_one_or_two_blocks_of_each_kind_the_run_has():
+    people = lora_targets(load_template("people"))  # single blocks 10-38
+    config, moved = kernel_warmup.mini_model(FLUX_DEV, people)
+    # 19 frozen joint blocks -> 2; 10 frozen single blocks -> 2, 29 trained -> 2
+    assert (config["num_layers"], config["num_single_layers"]) == (2, 4)
+    assert config["attention_head_dim"] == 128  # the layers' sizes stay the run's
+    trained = sorted({path.split(".")[1] for path, _ in moved})
+    assert trained == ["2", "3"] and all(path.startswith("single_transformer_blocks.") for path, _ in moved)
+    layers = {(path.split(".", 2)[2], rank) for path, rank in people if path.startswith("single_transformer_blocks.10.")}
+    assert {(path.split(".", 2)[2], rank) for path, rank in moved if ".2." in path} == layers
+
+    style = lora_targets(load_template("style"))  # joint 5-15 (q/k/v), single 20-38 (proj)
+    config, moved = kernel_warmup.mini_model(FLUX_DEV, style)
+    # joint: 5 frozen, 11 trained, 3 frozen after them (their backward runs too) -> 2 + 2 + 2
+    assert (config["num_layers"], config["num_single_layers"]) == (6, 4)
+    assert sorted({int(p.split(".")[1]) for p, _ in moved if p.startswith("transformer_blocks.")}) == [2, 3]
+    assert sorted({int(p.split(".")[1]) for p, _ in moved if p.startswith("single_")}) == [2, 3]
+
+
+def _stage_functions(transformer_config, targets, checkpointing=True):
+    """The compiled stage functions (kind, run, layout, gradients taken) one blockwise step makes."""
+    mx.random.seed(0)
+    transformer = FluxTransformer(transformer_config)
+    mx.eval(transformer.parameters())
+    transformer.gradient_checkpointing = checkpointing
+    apply_lora(transformer, targets, key=mx.random.key(0))
+    optimizer = build_optimizer("AdamW", 1e-4)
+    optimizer.init(transformer.trainable_parameters())
+    step = make_train_step(transformer, optimizer, mx.float32, True)
+    height = width = 4
+    tokens, channels = (height // 2) * (width // 2), transformer_config["in_channels"]
+    loss = step(mx.random.normal((1, tokens, channels)), mx.random.normal((1, tokens, channels)),
+                mx.random.normal((1, 8, transformer_config["joint_attention_dim"])),
+                mx.random.normal((1, transformer_config["pooled_projection_dim"])), mx.array([0.5]),
+                mx.array([3.5]), latent_image_ids(height, width), text_ids(8))
+    mx.eval(loss)
+    # the embedders' and head's run functions are closures made per model: compare them by name
+    return {(kind, run.__name__, tuple(layout), *rest)
+            for (kind, (run, *layout), *rest) in step.stage_functions._compiled}
+
+
+@pytest.mark.parametrize("template", ["people", "pets", "style"])
+def test_the_small_models_step_compiles_every_stage_function_of_the_runs(template):
+    # the same compiled stage functions (and so the same kernels) as the full step, none missing
+    targets = lora_targets(load_template(template))
+    full = _stage_functions(TRANSFORMER_CONFIG, targets)
+    config, moved = kernel_warmup.mini_model(TRANSFORMER_CONFIG, targets)
+    assert config["num_layers"] + config["num_single_layers"] < 19 + 38
+    assert _stage_functions(config, moved) == full
+
+
+def test_the_warmup_trains_the_small_model_as_planned():
+    plan = kernel_warmup.WarmupPlan(
+        transformer_config=kernel_warmup.mini_model(TRANSFORMER_CONFIG, lora_targets(load_template("people")))[0],
+        targets=[list(t) for t in kernel_warmup.mini_model(TRANSFORMER_CONFIG,
+                                                           lora_targets(load_template("people")))[1]],
+        quantize=4, dtype="float32", checkpointing=True, depth=1, one_stage=False, steps_left=100,
+        optimizer="AdamW", learning_rate=1e-4, latent_shape=[8, 8], t5_length=16, pooled_width=32, guidance=True,
+        batch_size=1)
+    assert kernel_warmup.run_plan(plan) > 0
+    # what the kernels depend on decides the marker: another image size is another warm-up
+    other = kernel_warmup.WarmupPlan(**dict(plan.__dict__, latent_shape=[16, 16]))
+    assert plan.key() != other.key() and plan.key() == kernel_warmup.WarmupPlan(**plan.__dict__).key()
+
+
+def _run_config(tmp_path):
+    from engine.flux.loading import load_model
+
+    config = load_config(make_training_folder(tmp_path, count=2, gradient_checkpointing=True,
+                                              training_loop={"num_epochs": 1, "batch_size": 1}))
+    return config, load_model("tiny", transformer=False)
+
+
+def _estimate(encoding_gib: float, training_gib: float, run_ahead_gib: float = 1.0):
+    gib = lambda value: int(value * 2**30)  # noqa: E731
+    return MemoryEstimate(parts={"encoders": gib(encoding_gib), "weights": gib(training_gib - run_ahead_gib),
+                                 "CUDA graph run-ahead": gib(run_ahead_gib)},
+                          phases={ENCODING: ("encoders",), TRAINING: ("weights", "CUDA graph run-ahead")})
+
+
+def test_the_warmup_needs_the_small_models_share_of_the_run_beside_a_context():
+    plan = kernel_warmup.make_plan(load_template("people"), _Model(FLUX_DEV), 1, False, 100)
+    # 6 of 57 blocks: 6/57 of the 9 GiB that grow with the blocks, the 1 GiB run-ahead, a context
+    need = kernel_warmup.warmup_bytes(plan, _estimate(3.0, 10.0), FLUX_DEV)
+    assert need == int(9 * 2**30 * 6 / 57 + 2**30 + kernel_warmup.CUDA_CONTEXT_BYTES)
+
+
+class _Model:
+    """What make_plan reads of a loaded model."""
+
+    def __init__(self, transformer_config):
+        self.transformer_config = dict(transformer_config, in_channels=64, joint_attention_dim=4096)
+        self.num_joint_blocks = transformer_config["num_layers"]
+        self.num_single_blocks = transformer_config["num_single_layers"]
+        self.dtype, self.t5_max_length, self.has_guidance = mx.bfloat16, 512, True
+
+        class Vae:
+            scale_factor = 8
+
+        self.vae = Vae()
+
+
+def test_the_warmup_runs_once_per_machine_in_a_second_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
+    monkeypatch.delenv(kernel_warmup.ENV_SWITCH, raising=False)
+    config, model = _run_config(tmp_path)
+    room = _estimate(0.001, 0.002, 0.0005)
+    # off CUDA (or with no memory measured) nothing starts
+    assert kernel_warmup.start(config, model, 1, False, 10, None, room, tmp_path / "logs").process is None
+    assert kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs").process is None
+    monkeypatch.setattr(speed, "on_cuda", lambda: True)
+    # no room beside the encoders: nothing starts
+    assert kernel_warmup.start(config, model, 1, False, 10, 2**30, _estimate(1.0, 2.0),
+                               tmp_path / "logs").process is None
+    warmup = kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs")
+    assert warmup.process is not None and warmup.process.pid != os.getpid()
+    assert warmup.wait(limit_s=300) == "done", (tmp_path / "logs" / "kernel-warmup.log").read_text()[-2000:]
+    assert json.loads(warmup.marker.read_text())["peak_bytes"] > 0
+    assert warmup.marker.parent == tmp_path / "kernels"
+    # the marker is there: the next run of the same shapes starts none; another image size does
+    assert kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs").process is None
+    config.width = config.height = config.width * 2
+    again = kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs")
+    assert again.process is not None
+    again.stop()
+    assert again.wait(limit_s=30) in ("failed", "done")
+    # turned off by the user
+    monkeypatch.setenv(kernel_warmup.ENV_SWITCH, "0")
+    config.width = config.height = config.width * 2
+    assert kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs").process is None
+
+
+def test_a_failed_warmup_is_reported_and_the_wait_ends(tmp_path, monkeypatch):
+    broken = tmp_path / "plan.json"
+    broken.write_text("{}")
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "engine.kernel_warmup", str(broken)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert kernel_warmup.Warmup(process, tmp_path / "marker").wait(limit_s=120) == "failed"
+    assert kernel_warmup.Warmup().wait() == "none"
