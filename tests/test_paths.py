@@ -36,40 +36,22 @@ def test_loading_a_model_on_cuda_keeps_the_kernels_before_any_compiles(monkeypat
         raise AssertionError("load_model did not point MLX's kernel cache into ours")
 
 
-def test_cuda_graph_settings_are_set_on_cuda_only_and_never_over_the_users(monkeypatch):
-    # MLX reads these once, at its first kernel launch (engine/flux/speed.py: configure_cuda_graphs)
+def test_small_cuda_graphs_are_set_for_one_stage_at_a_time_on_cuda_only_and_never_over_the_users(monkeypatch):
+    # MLX reads this once, at its first kernel launch (engine/flux/speed.py: configure_cuda_graphs)
     from engine.flux import speed
 
-    for name in ("MLX_CUDA_GRAPH_CACHE_SIZE", "MLX_MAX_OPS_PER_BUFFER"):
-        monkeypatch.setenv(name, "recorded")  # so the end of the test restores what was there before
-        monkeypatch.delenv(name)
+    monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "recorded")  # so the end of the test restores what was there
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
     monkeypatch.setattr(speed, "on_cuda", lambda: False)
-    assert speed.configure_cuda_graphs(one_stage_at_a_time=True) == {}  # Metal reads MLX_MAX_OPS_PER_BUFFER too
-    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ and "MLX_CUDA_GRAPH_CACHE_SIZE" not in os.environ
+    assert speed.configure_cuda_graphs(one_stage_at_a_time=True) == {}  # Metal reads it too
+    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ
 
     monkeypatch.setattr(speed, "on_cuda", lambda: True)
-    assert speed.configure_cuda_graphs() == {"MLX_CUDA_GRAPH_CACHE_SIZE": str(speed.CUDA_GRAPH_CACHE_SIZE)}
-    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ  # MLX's own 20 a graph at depth >= 1
-    assert int(os.environ["MLX_CUDA_GRAPH_CACHE_SIZE"]) > 100  # MLX's default, which a whole step overflows
-    monkeypatch.delenv("MLX_CUDA_GRAPH_CACHE_SIZE")
-    # one stage at a time: small graphs, MLX's own cache (the large one made depth 0 slower)
+    assert speed.configure_cuda_graphs(one_stage_at_a_time=False) == {}  # MLX's own 20 a graph at depth >= 1
+    assert "MLX_MAX_OPS_PER_BUFFER" not in os.environ
     assert speed.configure_cuda_graphs(one_stage_at_a_time=True) == {
-        "MLX_MAX_OPS_PER_BUFFER": str(speed.CUDA_OPS_PER_GRAPH_ONE_STAGE), "MLX_CUDA_GRAPH_CACHE_SIZE": "100"}
+        "MLX_MAX_OPS_PER_BUFFER": str(speed.CUDA_OPS_PER_GRAPH_ONE_STAGE)}
     assert int(os.environ["MLX_MAX_OPS_PER_BUFFER"]) < 20
-    assert speed.configure_cuda_graphs() == {}  # load_model's later call keeps them
-    assert os.environ["MLX_CUDA_GRAPH_CACHE_SIZE"] == "100"
-    monkeypatch.delenv("MLX_CUDA_GRAPH_CACHE_SIZE")
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "40")  # the user's own setting stays
-    assert speed.configure_cuda_graphs(one_stage_at_a_time=True) == {"MLX_CUDA_GRAPH_CACHE_SIZE": "100"}
+    assert speed.configure_cuda_graphs(one_stage_at_a_time=True) == {}
     assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "40"
-
-
-def test_loading_a_model_on_cuda_settles_the_cuda_graph_settings(monkeypatch):
-    from engine.flux import loading, speed
-
-    calls = []
-    monkeypatch.setattr(loading, "keep_compiled_gpu_kernels", lambda version: None)
-    monkeypatch.setattr(speed, "configure_cuda_graphs", lambda **kwargs: calls.append(kwargs) or {})
-    monkeypatch.setattr(speed, "on_cuda", lambda: True)
-    loading.load_model("tiny", transformer=False)
-    assert calls == [{}]

@@ -121,7 +121,6 @@ def load_model(name_or_path: str | os.PathLike = "tiny", quantize: int | None = 
         raise ModelLoadError(f"quantize = {quantize} is not supported", "use 3, 4, 5, 6 or 8 bits, or none")
     if speed.on_cuda():  # before the first kernel compiles: loading quantizes on the GPU
         keep_compiled_gpu_kernels(mx.__version__)
-        speed.configure_cuda_graphs()
     folder = resolve_model_path(name_or_path, progress=progress, token=token)
     dtype = dtype or default_dtype()
     vae, _ = load_component(folder / "vae", AutoencoderKL, convert_vae, dtype)

@@ -57,18 +57,15 @@ BLOCKWISE_DEPTH = 1
 # piece, this many pieces ahead of the GPU (engine/flux/bounded_queue.py): queued whole, a 4-bit
 # preview took people's whole-run peak from 8.9 to 17.8 GiB (H200, bench/NOTES.md item 30)
 INFERENCE_DEPTH = 1
-# MLX's CUDA backend launches its kernels as CUDA graphs of MLX_MAX_OPS_PER_BUFFER kernels (20), and
-# keeps MLX_CUDA_GRAPH_CACHE_SIZE instantiated graphs (100), dropping them all when one more comes.
-# A whole-model step of ~5300 kernels makes more than 100 graphs, so each step instantiated them
-# again: people bf16 without checkpointing 0.102 -> 0.093 s a step with room for 100000, pets
-# 0.127 -> 0.124, the block-by-block step at depth 1 0.148-0.152 -> 0.147 (H200, run 15,
-# bench/NOTES.md item 33). Read once per process, by MLX, at its first kernel launch.
-CUDA_GRAPH_CACHE_SIZE = 4096
-# Kernels per CUDA graph where the block-by-block step runs one stage at a time (depth 0): the GPU
-# starts a stage's kernels once 5 are queued rather than 20, so it idles less while the host queues
-# the rest: people 4-bit checkpointed 0.213 -> 0.171 s, 7.86 -> 7.63 GiB (run 15). Not at depth 1:
-# 10 a graph cost time there (0.147 -> 0.161 s). Such runs keep MLX's graph cache: the large one
-# made depth 0 slower in both tries (0.213 -> 0.224 s; with 5 a graph 0.171 -> 0.196 s).
+# MLX's CUDA backend launches its kernels as CUDA graphs of MLX_MAX_OPS_PER_BUFFER kernels (20).
+# Where the block-by-block step runs one stage at a time (depth 0), 5 a graph: the GPU starts a
+# stage's kernels once 5 are queued rather than 20, so it idles less while the host queues the
+# rest: people 4-bit checkpointed 0.213-0.228 s a step with 20 (three processes), 0.171 with 5,
+# 0.176 with 10, 0.179 launching without graphs; 7.86 -> 7.63 GiB (H200, run 15, bench/NOTES.md
+# item 33). Not at depth 1, where 10 a graph cost time (0.147 -> 0.161 s) for 0.4 GiB less.
+# MLX's graph cache (MLX_CUDA_GRAPH_CACHE_SIZE, 100) is left alone: raising it made no difference
+# beyond the 10% that one setting varies between processes (people bf16 0.094 / 0.093 / 0.103 s
+# for 100 / 4096 / 100), and MLX's own check found no thrashing. MLX reads these once per process.
 CUDA_OPS_PER_GRAPH_ONE_STAGE = 5
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
@@ -83,20 +80,15 @@ def on_cuda() -> bool:
         return False
 
 
-def configure_cuda_graphs(one_stage_at_a_time: bool = False) -> dict[str, str]:
-    """On CUDA, MLX's CUDA-graph settings for this process (above: a large graph cache, or, for a
-    step run one stage at a time, small graphs and MLX's own cache), where the environment does not
-    set them already; returns those set. MLX reads them once, at its first kernel launch, so this must
-    come before the first kernel runs (load_model calls it; the trainer earlier, with the depth its
-    step will run at); later calls change nothing. Elsewhere (Metal, CPU) nothing is set: Metal
-    reads MLX_MAX_OPS_PER_BUFFER too, for command buffers, with other numbers."""
-    if not on_cuda():
+def configure_cuda_graphs(one_stage_at_a_time: bool) -> dict[str, str]:
+    """On CUDA, for a step run one stage at a time, MLX's kernels per CUDA graph (above), where the
+    environment does not set it already; returns what it set. MLX reads it once, at its first kernel
+    launch, so this must come before the first kernel runs (the trainer calls it before it loads the
+    model); later calls change nothing. Elsewhere nothing is set: Metal reads MLX_MAX_OPS_PER_BUFFER
+    too, for its command buffers, with other numbers."""
+    if not (one_stage_at_a_time and on_cuda()) or "MLX_MAX_OPS_PER_BUFFER" in os.environ:
         return {}
-    if one_stage_at_a_time:  # MLX's own cache size written out, so load_model's call keeps it
-        wanted = {"MLX_MAX_OPS_PER_BUFFER": str(CUDA_OPS_PER_GRAPH_ONE_STAGE), "MLX_CUDA_GRAPH_CACHE_SIZE": "100"}
-    else:
-        wanted = {"MLX_CUDA_GRAPH_CACHE_SIZE": str(CUDA_GRAPH_CACHE_SIZE)}
-    chosen = {name: value for name, value in wanted.items() if name not in os.environ}
+    chosen = {"MLX_MAX_OPS_PER_BUFFER": str(CUDA_OPS_PER_GRAPH_ONE_STAGE)}
     os.environ.update(chosen)
     return chosen
 
