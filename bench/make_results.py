@@ -107,9 +107,9 @@ def row_depth(row: dict) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run", default="run14")
+    parser.add_argument("--run", default="run15")
     parser.add_argument("--fallback-runs", nargs="*",
-                        default=["run13", "run13_h100", "run12", "run11", "run9", "run2", "run1"],
+                        default=["run14", "run13", "run13_h100", "run12", "run11", "run9", "run2", "run1"],
                         help="raw folders for what the main run did not measure, first = preferred")
     args = parser.parse_args()
     ours, diffusers, mflux = {}, {}, {}
@@ -155,10 +155,16 @@ def main() -> None:
     ttfs = json.loads((RAW / ttfs_run / "ttfs.json").read_text())
     result = {"rows": rows, "time_to_first_step_s": ttfs["time_to_first_step_s"],
               "time_to_first_step": dict(ttfs, source=ttfs_run)}
-    warm = RAW / ttfs_run / "ttfs_warm.json"  # a second run, MLX's kernel cache filled by the first
-    if warm.is_file():
-        result["time_to_first_step_warm_cache_s"] = json.loads(warm.read_text())["time_to_first_step_s"]
-        result["time_to_first_step_warm_cache"] = dict(json.loads(warm.read_text()), source=ttfs_run)
+    baseline = RAW / ttfs_run / "ttfs_without_warmup.json"  # the same machine's first run, no kernel warm-up
+    if baseline.is_file():
+        result["time_to_first_step_without_warmup_s"] = json.loads(baseline.read_text())["time_to_first_step_s"]
+        result["time_to_first_step_without_warmup"] = dict(json.loads(baseline.read_text()), source=ttfs_run)
+    # a second run, MLX's kernel cache filled by the first: the latest run that measured one
+    warm_run = next((name for name in [args.run, *args.fallback_runs] if (RAW / name / "ttfs_warm.json").is_file()), None)
+    if warm_run:
+        warm = json.loads((RAW / warm_run / "ttfs_warm.json").read_text())
+        result["time_to_first_step_warm_cache_s"] = warm["time_to_first_step_s"]
+        result["time_to_first_step_warm_cache"] = dict(warm, source=warm_run)
     out = Path(__file__).resolve().parent / "results.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out} ({len(rows)} rows)")
