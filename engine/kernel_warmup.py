@@ -134,15 +134,20 @@ class Warmup:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def wait(self, limit_s: float = WAIT_LIMIT_S) -> str:
-        """Wait for the warm-up; 'none', 'done', 'failed' (the log says why) or 'cut' (past `limit_s`, stopped)."""
+    def wait(self, limit_s: float = WAIT_LIMIT_S, give_up=lambda: False, poll_s: float = 0.25) -> str:
+        """Wait for the warm-up; 'none', 'done', 'failed' (the log says why), 'cut' (past `limit_s`) or
+        'stopped' (`give_up()` turned true: a user's stop is not kept waiting). A cut or stopped one is ended."""
         if self.process is None:
             return "none"
-        try:
-            code = self.process.wait(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            return "cut"
+        deadline = time.perf_counter() + limit_s
+        while True:
+            try:
+                code = self.process.wait(timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                if give_up() or time.perf_counter() > deadline:
+                    self.stop()
+                    return "stopped" if give_up() else "cut"
         return "done" if code == 0 and self.marker is not None and self.marker.exists() else "failed"
 
     def stop(self) -> None:

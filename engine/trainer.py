@@ -262,7 +262,7 @@ class Trainer:
             return
         if self._warmup.running:
             self.emit("phase", phase="kernels", detail="compiling GPU kernels (once per machine)")
-        outcome = self._warmup.wait()
+        outcome = self._warmup.wait(give_up=lambda: self.controls.stop_requested)
         log.info("kernel warm-up %s after %.1f s (%s)", outcome, time.perf_counter() - self._warmup.started,
                  self._warmup.log_path)
 

@@ -165,3 +165,19 @@ def test_a_failed_warmup_is_reported_and_the_wait_ends(tmp_path, monkeypatch):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert kernel_warmup.Warmup(process, tmp_path / "marker").wait(limit_s=120) == "failed"
     assert kernel_warmup.Warmup().wait() == "none"
+
+
+def test_waiting_for_the_warmup_gives_way_to_a_stop_and_to_its_limit(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    def sleeper():
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    warmup = kernel_warmup.Warmup(sleeper(), tmp_path / "marker")
+    asked = time.perf_counter()
+    assert warmup.wait(limit_s=60, give_up=lambda: time.perf_counter() - asked > 0.5, poll_s=0.1) == "stopped"
+    assert time.perf_counter() - asked < 20 and warmup.process.poll() is not None  # ended, not left running
+    warmup = kernel_warmup.Warmup(sleeper(), tmp_path / "marker")
+    assert warmup.wait(limit_s=0.3, poll_s=0.1) == "cut" and warmup.process.poll() is not None

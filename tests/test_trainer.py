@@ -375,8 +375,9 @@ def test_trainer_waits_for_the_kernel_warmup_before_loading_the_transformer(tmp_
     class FakeWarmup(kernel_warmup.Warmup):
         running = True
 
-        def wait(self, limit_s=kernel_warmup.WAIT_LIMIT_S):
+        def wait(self, limit_s=kernel_warmup.WAIT_LIMIT_S, give_up=lambda: False, poll_s=0.25):
             order.append("wait")
+            assert give_up() is False  # the run's stop request, read while waiting
             return "done"
 
         def stop(self):
