@@ -181,14 +181,23 @@ class _Functions:
                          lambda: partial(_backward, stage.holder, stage.run, trainable, carry_grads, temb_grad))
 
 
+def _stand_in(array: mx.array) -> mx.array:
+    """An array of the same shape and dtype, made without evaluating `array`'s graph."""
+    return mx.random.normal(array.shape).astype(array.dtype)
+
+
 def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_guidance: bool,
-                        depth: int | None = None):
+                        depth: int | None = None, backward_only: bool = False):
     """A training step with the signature and numbers of engine.training_step.make_train_step's,
     run stage by stage (module docstring). The trained layers must stay as they are while the step
     is in use (which parameters train decides how each stage is compiled). `depth`: stages queued
     ahead of the GPU (None: speed.BLOCKWISE_DEPTH; 0: one stage at a time, the least memory; 1: the
     GPU runs one stage while the host queues the next; on an H200 a second bought 2% speed for
-    0.96 GiB, bench/NOTES.md item 24)."""
+    0.96 GiB, bench/NOTES.md item 24).
+
+    `backward_only` (engine/kernel_warmup.py): the forward is traced but never run, and the backward
+    and update run on random stand-ins of its saved inputs, so a process compiles the backward's
+    GPU kernels first, while another compiles the forward's; its losses mean nothing."""
     depth = speed.BLOCKWISE_DEPTH if depth is None else depth
     del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
     embed, blocks, head = _stages(transformer)
@@ -220,12 +229,18 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             saved[0] = inputs
         *carry, temb = functions.forward(embed, layouts[0])(params[0], inputs, None, rope)
         carry = tuple(carry)
-        queue.push([*carry, temb])
+        if backward_only:
+            temb = _stand_in(temb)
+        else:
+            queue.push([*carry, temb])
         for i in range(1, len(stages) - 1):
             if i >= first:
-                saved[i] = carry
+                saved[i] = tuple(map(_stand_in, carry)) if backward_only else carry
             carry = tuple(functions.forward(stages[i], layouts[i])(params[i], carry, temb, rope))
-            queue.push(list(carry))
+            if not backward_only:
+                queue.push(list(carry))
+        if backward_only:
+            carry = tuple(map(_stand_in, carry))
 
         forward_done = time.perf_counter()
         if PHASE_PEAKS is not None:  # a bench probe: the forward's peak, then the backward's

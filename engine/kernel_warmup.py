@@ -12,6 +12,12 @@ loaded it does so while the run encodes; the run waits for it before it loads th
 and its first step finds the kernels on disk. MLX writes each kernel to its cache by renaming a
 finished file, so two processes compiling one kernel both read a whole file.
 
+In one process the small step compiled its forward (70 s on an H200) and then its backward (60 s),
+longer than the encoding it hides behind (bench/NOTES.md item 34). So a checkpointed run, where two
+fit, also starts a helper that traces the forward without running it and runs the backward on
+random stand-ins of its inputs (engine/blockwise_step.py: backward_only): the backward's kernels
+compile beside the forward's, and the first process finds them on disk when it gets there.
+
 It runs only on CUDA, only where the cache lacks this run's marker (a file the warm-up writes
 when it finished), and only where the memory free leaves room for it beside the encoders;
 DREAMBOOTH_WIZARD_KERNEL_WARMUP=0 turns it off. Whatever happens to it, the run goes on: at
@@ -124,10 +130,12 @@ def warmup_bytes(plan: WarmupPlan, estimate, full_config: dict) -> int:
 
 
 class Warmup:
-    """A running warm-up process (`start`), or nothing to wait for."""
+    """A running warm-up (`start`): the process that trains the small model, and any helpers (one that
+    compiles the backward's kernels first); or nothing to wait for."""
 
-    def __init__(self, process: subprocess.Popen | None = None, marker: Path | None = None, log_path: Path | None = None):
-        self.process, self.marker, self.log_path = process, marker, log_path
+    def __init__(self, process: subprocess.Popen | None = None, marker: Path | None = None,
+                 log_path: Path | None = None, helpers: tuple = ()):
+        self.process, self.marker, self.log_path, self.helpers = process, marker, log_path, tuple(helpers)
         self.started = time.perf_counter()
 
     @property
@@ -148,15 +156,26 @@ class Warmup:
                 if give_up() or time.perf_counter() > deadline:
                     self.stop()
                     return "stopped" if give_up() else "cut"
+        self._stop_helpers()  # the step's process compiled whatever they had not
         return "done" if code == 0 and self.marker is not None and self.marker.exists() else "failed"
 
+    def _stop_helpers(self) -> None:
+        for helper in self.helpers:
+            _end(helper)
+
     def stop(self) -> None:
-        if self.running:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        self._stop_helpers()
+        if self.process is not None:
+            _end(self.process)
+
+
+def _end(process) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def start(cfg, model, depth: int | None, one_stage: bool, steps_left: int, available: int | None,
@@ -182,17 +201,28 @@ def start(cfg, model, depth: int | None, one_stage: bool, steps_left: int, avail
     log_folder.mkdir(parents=True, exist_ok=True)
     plan_path = log_folder / "kernel-warmup.json"
     plan_path.write_text(json.dumps({"plan": plan.__dict__, "marker": str(marker)}))
+    helpers = []
+    # the block-by-block step's backward compiles in a second helper while the first compiles the
+    # forward (bench/NOTES.md item 34: 70 s forward, then 60 s backward, in one process), where both fit
+    if plan.checkpointing and speed.BLOCKWISE_CHECKPOINTING and encoding + 2 * need <= available:
+        helpers.append(_spawn(plan_path, log_folder / "kernel-warmup-backward.log", "--backward-only"))
     log_path = log_folder / "kernel-warmup.log"
+    process = _spawn(plan_path, log_path)
+    log.info("compiling the step's GPU kernels in process %s while encoding (%s)",
+             ", ".join(str(p.pid) for p in [process, *helpers]), log_path)
+    return Warmup(process, marker, log_path, helpers)
+
+
+def _spawn(plan_path: Path, log_path: Path, *arguments: str) -> subprocess.Popen:
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "engine.kernel_warmup", str(plan_path)],
-                                   stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ),
-                                   cwd=str(Path(__file__).resolve().parent.parent))
-    log.info("compiling the step's GPU kernels in process %d while encoding (%s)", process.pid, log_path)
-    return Warmup(process, marker, log_path)
+        return subprocess.Popen([sys.executable, "-m", "engine.kernel_warmup", str(plan_path), *arguments],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                cwd=str(Path(__file__).resolve().parent.parent))
 
 
-def run_plan(plan: WarmupPlan, steps: int = 2) -> float:
-    """Train the small model for `steps` steps as the run will (the kernels compile on the way); its peak GiB."""
+def run_plan(plan: WarmupPlan, steps: int = 2, backward_only: bool = False) -> float:
+    """Train the small model for `steps` steps as the run will (the kernels compile on the way); its peak GiB.
+    `backward_only`: only the block-by-block step's backward and update (engine/blockwise_step.py)."""
     import mlx.core as mx
 
     from engine.flux import speed
@@ -216,7 +246,8 @@ def run_plan(plan: WarmupPlan, steps: int = 2) -> float:
     apply_lora(transformer, [tuple(t) for t in plan.targets], key=mx.random.key(0))
     optimizer = build_optimizer(plan.optimizer, plan.learning_rate)
     optimizer.init(transformer.trainable_parameters())
-    step = make_train_step(transformer, optimizer, dtype, plan.guidance, blockwise_depth=plan.depth)
+    step = make_train_step(transformer, optimizer, dtype, plan.guidance, blockwise_depth=plan.depth,
+                           backward_only=backward_only)
     latent_h, latent_w = plan.latent_shape
     tokens = (latent_h // 2) * (latent_w // 2)
     channels = int(plan.transformer_config.get("in_channels", 64))
@@ -240,6 +271,10 @@ def main(argv: list[str]) -> int:
     data = json.loads(Path(argv[0]).read_text())
     plan, marker = WarmupPlan(**data["plan"]), Path(data["marker"])
     started = time.perf_counter()
+    if "--backward-only" in argv[1:]:  # a helper: the marker is the whole step's to write
+        peak = run_plan(plan, steps=1, backward_only=True)
+        log.info("backward kernels done in %.1f s, peak %.2f GiB", time.perf_counter() - started, peak)
+        return 0
     peak = run_plan(plan)
     seconds = time.perf_counter() - started
     marker.parent.mkdir(parents=True, exist_ok=True)

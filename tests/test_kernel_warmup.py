@@ -42,7 +42,7 @@ def test_the_small_model_keeps_one_or_two_blocks_of_each_kind_the_run_has():
     assert sorted({int(p.split(".")[1]) for p, _ in moved if p.startswith("single_")}) == [2, 3]
 
 
-def _stage_functions(transformer_config, targets, checkpointing=True):
+def _stage_functions(transformer_config, targets, checkpointing=True, backward_only=False):
     """The compiled stage functions (kind, run, layout, gradients taken) one blockwise step makes."""
     mx.random.seed(0)
     transformer = FluxTransformer(transformer_config)
@@ -51,7 +51,7 @@ def _stage_functions(transformer_config, targets, checkpointing=True):
     apply_lora(transformer, targets, key=mx.random.key(0))
     optimizer = build_optimizer("AdamW", 1e-4)
     optimizer.init(transformer.trainable_parameters())
-    step = make_train_step(transformer, optimizer, mx.float32, True)
+    step = make_train_step(transformer, optimizer, mx.float32, True, backward_only=backward_only)
     height = width = 4
     tokens, channels = (height // 2) * (width // 2), transformer_config["in_channels"]
     loss = step(mx.random.normal((1, tokens, channels)), mx.random.normal((1, tokens, channels)),
@@ -181,3 +181,48 @@ def test_waiting_for_the_warmup_gives_way_to_a_stop_and_to_its_limit(tmp_path):
     assert time.perf_counter() - asked < 20 and warmup.process.poll() is not None  # ended, not left running
     warmup = kernel_warmup.Warmup(sleeper(), tmp_path / "marker")
     assert warmup.wait(limit_s=0.3, poll_s=0.1) == "cut" and warmup.process.poll() is not None
+
+
+def test_a_backward_only_step_compiles_the_same_functions_without_running_the_forward(monkeypatch):
+    # the warm-up's helper (engine/blockwise_step.py: backward_only): every stage function traced, only
+    # the backward and the update queued, so its kernels compile while the other process does the forward
+    from engine.flux import bounded_queue
+
+    targets = lora_targets(load_template("people"))
+    config, moved = kernel_warmup.mini_model(TRANSFORMER_CONFIG, targets)
+    pushes = []
+    real_push = bounded_queue.BoundedQueue.push
+    monkeypatch.setattr(bounded_queue.BoundedQueue, "push",
+                        lambda self, arrays: pushes.append(len(arrays)) or real_push(self, arrays))
+    whole = _stage_functions(config, moved)
+    whole_pushes, pushes[:] = len(pushes), []
+    assert _stage_functions(config, moved, backward_only=True) == whole
+    stages = 1 + config["num_layers"] + 1 + config["num_single_layers"] + 1  # embedders, blocks, join, head
+    first_trained = 1 + config["num_layers"] + 1 + 2  # single blocks 2 and 3 train
+    assert whole_pushes == (stages - 1) + (stages - first_trained) + 1
+    assert len(pushes) == (stages - first_trained) + 1  # the backward's stages and the update only
+
+
+def test_the_warmup_adds_a_backward_helper_where_two_fit(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
+    monkeypatch.delenv(kernel_warmup.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(speed, "on_cuda", lambda: True)
+    config, model = _run_config(tmp_path)  # checkpointed
+    plan = kernel_warmup.make_plan(config, model, 1, False, 10)
+    room = _estimate(0.001, 0.002, 0.0005)
+    need = kernel_warmup.warmup_bytes(plan, room, model.transformer_config)
+    one_fits = int(room.encoding_peak + 1.5 * need)
+    warmup = kernel_warmup.start(config, model, 1, False, 10, one_fits, room, tmp_path / "logs")
+    assert warmup.process is not None and warmup.helpers == ()
+    warmup.stop()
+    warmup = kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs")
+    assert len(warmup.helpers) == 1
+    helper_log = tmp_path / "logs" / "kernel-warmup-backward.log"
+    assert warmup.helpers[0].wait(timeout=300) == 0, helper_log.read_text()[-2000:]
+    assert "backward kernels done" in helper_log.read_text()
+    assert warmup.wait(limit_s=300) == "done"
+    # without checkpointing the step is one graph: no helper
+    config.gradient_checkpointing = False
+    config.width = config.height = config.width * 2
+    warmup = kernel_warmup.start(config, model, None, False, 10, 2**40, room, tmp_path / "logs")
+    assert warmup.helpers == () and warmup.wait(limit_s=300) == "done"
