@@ -13,13 +13,18 @@ and its first step finds the kernels on disk. MLX writes each kernel to its cach
 finished file, so two processes compiling one kernel both read a whole file.
 
 In one process the small step compiled its forward (70 s on an H200) and then its backward (60 s),
-longer than the encoding it hides behind (bench/NOTES.md item 34). So a checkpointed run, where two
-fit, also starts a helper that traces the forward without running it and runs the backward on
+longer than the encoding it hides behind (bench/NOTES.md item 34). So a checkpointed run, where it
+fits, also starts a helper that traces the forward without running it and runs the backward on
 random stand-ins of its inputs (engine/blockwise_step.py: backward_only): the backward's kernels
-compile beside the forward's, and the first process finds them on disk when it gets there.
+compile beside the forward's, and the first process finds them on disk when it gets there. A
+second helper compiles the encoders' kernels: random encoders (the text encoders cut to two
+layers) encode a random image and prompt in the opposite order to the run's, so the two meet
+halfway through the kernels the run's encoding would otherwise compile alone. Neither helper is
+waited for: once the step's process is done they are ended. Neither is measured on a GPU yet.
 
 It runs only on CUDA, only where the cache lacks this run's marker (a file the warm-up writes
-when it finished), and only where the memory free leaves room for it beside the encoders;
+when it finished), and each process only where the memory free leaves room for it beside the
+encoders and the processes started before it;
 DREAMBOOTH_WIZARD_KERNEL_WARMUP=0 turns it off. Whatever happens to it, the run goes on: at
 worst its first step compiles what the warm-up did not.
 """
@@ -90,6 +95,8 @@ class WarmupPlan:
     pooled_width: int
     guidance: bool
     batch_size: int
+    image_size: list = None  # (height, width) in pixels, for the encoders' helper
+    encoder_configs: dict = None  # {"vae", "clip", "t5"}: the encoders' configs, text encoders cut to 2 layers
 
     def key(self) -> str:
         """What the compiled kernels depend on, and the MLX version that compiled them."""
@@ -111,13 +118,22 @@ def make_plan(cfg, model, depth: int | None, one_stage: bool, steps_left: int) -
     config, targets = mini_model(model.transformer_config,
                                  lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks))
     latent_h, latent_w = latent_size(cfg.height, cfg.width, model.vae.scale_factor)
+    folder = Path(model.path)
+    encoder_configs = None
+    if all((folder / sub / "config.json").is_file() for sub in ("vae", "text_encoder", "text_encoder_2")):
+        from engine.flux.weights import read_config
+
+        encoder_configs = {"vae": read_config(folder / "vae"),
+                           "clip": dict(read_config(folder / "text_encoder"), num_hidden_layers=2),
+                           "t5": dict(read_config(folder / "text_encoder_2"), num_layers=2)}
     return WarmupPlan(
         transformer_config=config, targets=[list(t) for t in targets], quantize=cfg.quantize,
         dtype=str(model.dtype).removeprefix("mlx.core."), checkpointing=bool(cfg.gradient_checkpointing),
         depth=depth, one_stage=one_stage, steps_left=int(steps_left), optimizer=cfg.optimizer.name,
         learning_rate=float(cfg.optimizer.learning_rate), latent_shape=[latent_h, latent_w],
         t5_length=int(model.t5_max_length), pooled_width=int(config.get("pooled_projection_dim", 768)),
-        guidance=bool(model.has_guidance), batch_size=int(cfg.training_loop.batch_size))
+        guidance=bool(model.has_guidance), batch_size=int(cfg.training_loop.batch_size),
+        image_size=[int(cfg.height), int(cfg.width)], encoder_configs=encoder_configs)
 
 
 def warmup_bytes(plan: WarmupPlan, estimate, full_config: dict) -> int:
@@ -127,6 +143,14 @@ def warmup_bytes(plan: WarmupPlan, estimate, full_config: dict) -> int:
     share = blocks(plan.transformer_config) / max(blocks(full_config), 1)
     fixed = sum(estimate.parts.get(name, 0) for name in ("CUDA graph run-ahead", "workspace (training)"))
     return int((estimate.training_peak - fixed) * share + fixed + CUDA_CONTEXT_BYTES)
+
+
+def encoders_warmup_bytes(estimate) -> int:
+    """The encoders' helper's peak: the VAE encoder and CLIP as the run has them, two of T5-XXL's 24
+    layers, the encoding's activations, and a second CUDA context."""
+    parts = estimate.parts
+    return int(parts.get("VAE encoder", 0) + parts.get("CLIP encoder", 0) + parts.get("T5 encoder", 0) * 2 / 24
+               + parts.get("encoding activations", 0) + parts.get("workspace (encoding)", 0) + CUDA_CONTEXT_BYTES)
 
 
 class Warmup:
@@ -201,11 +225,16 @@ def start(cfg, model, depth: int | None, one_stage: bool, steps_left: int, avail
     log_folder.mkdir(parents=True, exist_ok=True)
     plan_path = log_folder / "kernel-warmup.json"
     plan_path.write_text(json.dumps({"plan": plan.__dict__, "marker": str(marker)}))
-    helpers = []
-    # the block-by-block step's backward compiles in a second helper while the first compiles the
-    # forward (bench/NOTES.md item 34: 70 s forward, then 60 s backward, in one process), where both fit
-    if plan.checkpointing and speed.BLOCKWISE_CHECKPOINTING and encoding + 2 * need <= available:
+    helpers, used = [], encoding + need
+    # the block-by-block step's backward compiles in a helper while the first process compiles the
+    # forward (bench/NOTES.md item 34: 70 s forward, then 60 s backward, in one process), where it fits
+    if plan.checkpointing and speed.BLOCKWISE_CHECKPOINTING and used + need <= available:
         helpers.append(_spawn(plan_path, log_folder / "kernel-warmup-backward.log", "--backward-only"))
+        used += need
+    # the encoders' kernels, in the opposite order to the run's (it encodes prompts, then images), so
+    # the two meet halfway (item 34: 74-88 s of the first run's encoding compiles kernels)
+    if plan.encoder_configs and used + encoders_warmup_bytes(estimate) <= available:
+        helpers.append(_spawn(plan_path, log_folder / "kernel-warmup-encoders.log", "--encoders"))
     log_path = log_folder / "kernel-warmup.log"
     process = _spawn(plan_path, log_path)
     log.info("compiling the step's GPU kernels in process %s while encoding (%s)",
@@ -266,11 +295,50 @@ def run_plan(plan: WarmupPlan, steps: int = 2, backward_only: bool = False) -> f
     return mx.get_peak_memory() / 2**30
 
 
+def run_encoders(plan: WarmupPlan) -> float:
+    """Encode a random image and prompt as the run will, with random encoders (the text encoders cut to
+    two layers): the VAE first, then T5, then CLIP, the opposite of the run's order; the peak GiB."""
+    import mlx.core as mx
+
+    from engine.flux.clip import CLIPTextModel
+    from engine.flux.latents import pack_latents
+    from engine.flux.loading import quantize_module
+    from engine.flux.t5 import T5Encoder
+    from engine.flux.vae import AutoencoderKL
+
+    dtype = getattr(mx, plan.dtype)
+    mx.random.seed(0)
+    configs = plan.encoder_configs
+    vae = AutoencoderKL(configs["vae"])
+    vae.set_dtype(dtype)
+    height, width = plan.image_size
+    pixels = mx.random.uniform(-1, 1, (1, height, width, 3))  # float32, as the run's crop_and_resize
+    mean = vae.encode(pixels.astype(dtype))
+    mx.eval(pack_latents(vae.normalize(mean.astype(mx.float32)))[0])
+    del vae
+    for build, config, length, label in ((T5Encoder, configs["t5"], plan.t5_length, "t5"),
+                                         (CLIPTextModel, configs["clip"], 77, "clip")):
+        encoder = build(config)
+        encoder.set_dtype(dtype)
+        if plan.quantize:
+            quantize_module(encoder, plan.quantize, label)
+        vocabulary = int(config.get("vocab_size", 1000))
+        ids = mx.random.randint(0, vocabulary, (1, length))
+        out = encoder(ids)
+        mx.eval([a.astype(dtype) for a in (out if isinstance(out, tuple) else (out,))])
+        del encoder
+    return mx.get_peak_memory() / 2**30
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     data = json.loads(Path(argv[0]).read_text())
     plan, marker = WarmupPlan(**data["plan"]), Path(data["marker"])
     started = time.perf_counter()
+    if "--encoders" in argv[1:]:  # a helper, as is the next
+        peak = run_encoders(plan)
+        log.info("encoders' kernels done in %.1f s, peak %.2f GiB", time.perf_counter() - started, peak)
+        return 0
     if "--backward-only" in argv[1:]:  # a helper: the marker is the whole step's to write
         peak = run_plan(plan, steps=1, backward_only=True)
         log.info("backward kernels done in %.1f s, peak %.2f GiB", time.perf_counter() - started, peak)

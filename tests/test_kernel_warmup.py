@@ -118,6 +118,7 @@ class _Model:
         self.num_joint_blocks = transformer_config["num_layers"]
         self.num_single_blocks = transformer_config["num_single_layers"]
         self.dtype, self.t5_max_length, self.has_guidance = mx.bfloat16, 512, True
+        self.path = "/nowhere"  # no encoder configs: no encoders' helper
 
         class Vae:
             scale_factor = 8
@@ -215,8 +216,9 @@ def test_the_warmup_adds_a_backward_helper_where_two_fit(tmp_path, monkeypatch):
     warmup = kernel_warmup.start(config, model, 1, False, 10, one_fits, room, tmp_path / "logs")
     assert warmup.process is not None and warmup.helpers == ()
     warmup.stop()
-    warmup = kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs")
-    assert len(warmup.helpers) == 1
+    two_fit = int(room.encoding_peak + 2 * need)  # not the encoders' helper too (a CUDA context alone is more)
+    warmup = kernel_warmup.start(config, model, 1, False, 10, two_fit, room, tmp_path / "logs")
+    assert [helper.args[-1] for helper in warmup.helpers] == ["--backward-only"]
     helper_log = tmp_path / "logs" / "kernel-warmup-backward.log"
     assert warmup.helpers[0].wait(timeout=300) == 0, helper_log.read_text()[-2000:]
     assert "backward kernels done" in helper_log.read_text()
@@ -225,4 +227,47 @@ def test_the_warmup_adds_a_backward_helper_where_two_fit(tmp_path, monkeypatch):
     config.gradient_checkpointing = False
     config.width = config.height = config.width * 2
     warmup = kernel_warmup.start(config, model, None, False, 10, 2**40, room, tmp_path / "logs")
-    assert warmup.helpers == () and warmup.wait(limit_s=300) == "done"
+    assert [helper.args[-1] for helper in warmup.helpers] == ["--encoders"]
+    assert warmup.wait(limit_s=300) == "done"
+
+
+def test_the_encoders_helper_encodes_as_the_run_does_in_the_opposite_order(tmp_path, monkeypatch):
+    # random encoders from the model's own configs, the text encoders cut to two layers
+    config, model = _run_config(tmp_path)
+    plan = kernel_warmup.make_plan(config, model, 1, False, 10)
+    assert plan.encoder_configs["t5"]["num_layers"] == 2 and plan.encoder_configs["clip"]["num_hidden_layers"] == 2
+    assert plan.encoder_configs["vae"] == json.loads((model.path / "vae" / "config.json").read_text())
+    assert plan.image_size == [config.height, config.width]
+    calls = []
+    from engine.flux import clip, t5, vae
+
+    for module, name in ((vae.AutoencoderKL, "encode"), (t5.T5Encoder, "__call__"), (clip.CLIPTextModel, "__call__")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda self, *args, _real=real, _name=module.__name__, **kwargs:
+                            calls.append((_name, tuple(args[0].shape))) or _real(self, *args, **kwargs))
+    assert kernel_warmup.run_encoders(plan) > 0
+    assert calls == [("AutoencoderKL", (1, config.height, config.width, 3)), ("T5Encoder", (1, model.t5_max_length)),
+                     ("CLIPTextModel", (1, 77))]
+
+
+def test_the_encoders_helper_starts_only_where_it_fits_and_ends_with_the_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
+    monkeypatch.delenv(kernel_warmup.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(speed, "on_cuda", lambda: True)
+    config, model = _run_config(tmp_path)
+    config.gradient_checkpointing = False  # no backward helper: the step's process and the encoders'
+    room = _estimate(0.001, 0.002, 0.0005)
+    plan = kernel_warmup.make_plan(config, model, None, False, 10)
+    need = kernel_warmup.warmup_bytes(plan, room, model.transformer_config)
+    encoders = kernel_warmup.encoders_warmup_bytes(room)
+    assert encoders >= kernel_warmup.CUDA_CONTEXT_BYTES
+    tight = int(room.encoding_peak + need + encoders - 1)
+    warmup = kernel_warmup.start(config, model, None, False, 10, tight, room, tmp_path / "logs")
+    assert warmup.process is not None and warmup.helpers == ()
+    warmup.stop()
+    warmup = kernel_warmup.start(config, model, None, False, 10, tight + 1, room, tmp_path / "logs")
+    assert len(warmup.helpers) == 1
+    helper_log = tmp_path / "logs" / "kernel-warmup-encoders.log"
+    assert warmup.helpers[0].wait(timeout=300) == 0, helper_log.read_text()[-2000:]
+    assert "encoders' kernels done" in helper_log.read_text()
+    assert warmup.wait(limit_s=300) == "done"
