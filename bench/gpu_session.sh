@@ -20,6 +20,7 @@
 #   s15     run 15: MLX's CUDA graph settings against people 4-bit ckpt at depth 1 and 0     ~8 min
 #   s15b    run 15: bf16 references alone, two dense copies, combinations, a run with a preview ~8 min
 #   s15c    run 15: a fresh machine's first run with the kernel warm-up, then without    ~9 min
+#   s16     next: the warm-up with its helpers (cold, then without), the backward split at depth 1 ~9 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -82,6 +83,19 @@ for r in json.load(open(sys.argv[1])):
           {k: r.get(k) for k in ("s_per_step_median", "s_per_step_min", "peak_gib", "estimate_gib", "losses_finite",
                                  "switches_set", "error")})
 PY
+}
+
+# a machine's first run (every kernel cache emptied first): cold_run NAME "VAR=VALUE ..." (timeout COLD_TIMEOUT)
+cold_run() {
+    local name=$1 vars=$2
+    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
+    mkdir -p "$out/$name"
+    OUT=$out/$name env $vars timeout ${COLD_TIMEOUT:-330} python bench/time_to_first_step.py --template people \
+        --quantize 4 --checkpointing >"$out/$name/stdout.log" 2>&1
+    echo "$name [$vars] rc=$?"; tail -c 1200 "$out/$name/stdout.log"; echo
+    echo "marker: $(cat /tmp/ttfs-mlx-kernels/dreambooth-wizard-warm-* 2>/dev/null)"
+    grep -h "warm-up\|first block-by-block step" "$out/$name/train_stderr.log" | cut -c1-250
+    tail -qn 2 /tmp/ttfs-run/home/logs/kernel-warmup*.log 2>/dev/null | cut -c1-250
 }
 
 case $part in
@@ -205,24 +219,26 @@ s15c)
     # run 15, third part, on a fresh machine: time to first step with the kernel warm-up
     # (engine/kernel_warmup.py); rows at the new CUDA-graph defaults; then the same first run without
     # the warm-up, every cache emptied again (the baseline, on the same machine)
-    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
-    mkdir -p "$out/cold_warmup"
-    OUT=$out/cold_warmup timeout ${COLD_TIMEOUT:-330} python bench/time_to_first_step.py --template people --quantize 4 \
-        --checkpointing >"$out/cold_warmup/stdout.log" 2>&1
-    echo "cold_warmup rc=$?"; tail -c 1200 "$out/cold_warmup/stdout.log"; echo
-    echo "marker: $(cat /tmp/ttfs-mlx-kernels/dreambooth-wizard-warm-* 2>/dev/null)"
-    grep -h "warm-up\|first block-by-block step" "$out/cold_warmup/train_stderr.log" | cut -c1-250
-    tail -n 3 /tmp/ttfs-run/home/logs/kernel-warmup.log 2>/dev/null | cut -c1-250
+    cold_run cold_warmup ""
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
     env_rows d0_default 90 "" --templates people --quantize 4 --checkpointing on --steps 6 --switch BLOCKWISE_DEPTH=0
     env_rows bf16_people_default 90 "MLX_ENABLE_CACHE_THRASHING_CHECK=1" --templates people --quantize none \
         --checkpointing off --steps 6
     unset MLX_PTX_CACHE_DIR
-    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
-    mkdir -p "$out/cold_baseline"
-    OUT=$out/cold_baseline DREAMBOOTH_WIZARD_KERNEL_WARMUP=0 timeout ${BASELINE_TIMEOUT:-240} python \
-        bench/time_to_first_step.py --template people --quantize 4 --checkpointing >"$out/cold_baseline/stdout.log" 2>&1
-    echo "cold_baseline rc=$?"; tail -c 1200 "$out/cold_baseline/stdout.log"; echo ;;
+    COLD_TIMEOUT=${BASELINE_TIMEOUT:-240} cold_run cold_baseline "DREAMBOOTH_WIZARD_KERNEL_WARMUP=0" ;;
+s16)
+    # the next session, on a fresh machine: a first run with the warm-up and its two helpers (the
+    # backward's kernels, the encoders'), the backward split at depth 1 against the default (A/B/A),
+    # then a first run without any warm-up (the baseline, same machine)
+    cold_run cold_warmup ""
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    q4="--templates people --quantize 4 --checkpointing on --steps 6"
+    env_rows d1 90 "" $q4
+    env_rows d1_split 90 "" $q4 --switch BLOCKWISE_SPLIT_BACKWARD=1
+    env_rows d1_again 90 "" $q4
+    env_rows d1_split_again 90 "" $q4 --switch BLOCKWISE_SPLIT_BACKWARD=1
+    unset MLX_PTX_CACHE_DIR
+    COLD_TIMEOUT=${BASELINE_TIMEOUT:-240} cold_run cold_baseline "DREAMBOOTH_WIZARD_KERNEL_WARMUP=0" ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing

@@ -261,6 +261,8 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             outputs, vjps = functions.backward(stage, layouts[i], carry_grads, takes_temb)(
                 params[i], head_carry if i == last else saved.pop(i), None if i == 0 else temb, rope, cotangents)
             loss = outputs[0] if i == last else loss
+            if speed.BLOCKWISE_SPLIT_BACKWARD and i != last and not backward_only:
+                queue.push(list(outputs))  # the recomputed forward first: its values stay for the backward
             names = trainable[i]
             grads.update((f"{stage.prefix}.{name}" if stage.prefix else name, grad) for name, grad in zip(names, vjps))
             cotangents = list(vjps[len(names):len(names) + carry_grads])

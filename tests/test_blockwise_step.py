@@ -162,3 +162,25 @@ def test_blocks_sharing_a_layout_share_one_compiled_function(monkeypatch):
     # single blocks and the first trained one (no input gradient): three backwards, not 57 + 29
     assert len({t for t in traced if t[0] == "forward"}) == 5
     assert len({t for t in traced if t[0] == "backward"}) == 3
+
+
+@pytest.mark.parametrize("layout", ["people", "style"])
+def test_a_backward_split_at_its_recomputed_forward_trains_the_same_and_queues_it_first(monkeypatch, layout):
+    # speed.BLOCKWISE_SPLIT_BACKWARD: each backward stage's recomputed forward is a piece of its own,
+    # waited for halfway through the stage; the numbers stay the whole-model step's
+    monkeypatch.setattr(speed, "BLOCKWISE_SPLIT_BACKWARD", True)
+    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", 1)
+    pushes = []
+    real_push = blockwise_step.BoundedQueue.push
+    monkeypatch.setattr(blockwise_step.BoundedQueue, "push",
+                        lambda self, arrays: pushes.append(len(arrays)) or real_push(self, arrays))
+    targets = LAYOUTS[layout]
+    assert_same_training(train(targets, checkpointing=False), train(targets, checkpointing=True))
+    split = len(pushes)
+    pushes.clear()
+    monkeypatch.setattr(speed, "BLOCKWISE_SPLIT_BACKWARD", False)
+    train(targets, checkpointing=True)
+    # three steps, each with one more piece per backward stage but the head's: stages are the embedders
+    # (0), 19 joint blocks, the join (20), 38 single blocks (21-58) and the head (59)
+    first_trained = {"people": 21 + 10, "style": 1 + 5}[layout]
+    assert split - len(pushes) == 3 * (59 - first_trained)

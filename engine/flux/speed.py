@@ -50,6 +50,11 @@ BLOCKWISE_CHECKPOINTING = True
 # block's backward (engine/flux/quantized.py: keeping_dense_weights), rather than dequantized again:
 # 9.63 vs 10.04 GiB, but 0.160 vs 0.141 s, not understood (H200, depth 2; NOTES.md item 25)
 BLOCKWISE_KEEPS_DENSE = True
+# In that step's backward, queue each stage's recomputed forward (the vjp's outputs) as a piece of
+# its own before its backward, so the host waits halfway through a stage instead of at its end: at
+# depth 1 at most two half-stages are held, not two stages. Off until measured on a GPU (bench/NOTES.md,
+# "why still missed": the people 4-bit peak at depth 1 is 8.67 GiB, 0.67 over the target)
+BLOCKWISE_SPLIT_BACKWARD = False
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch):
 # people 4-bit held 8.67 GiB at 0.157 s with 1, 9.63 GiB at 0.160 s with 2 (H200, item 24)
 BLOCKWISE_DEPTH = 1
