@@ -99,10 +99,14 @@ class WarmupPlan:
     encoder_configs: dict = None  # {"vae", "clip", "t5"}: the encoders' configs, text encoders cut to 2 layers
 
     def key(self) -> str:
-        """What the compiled kernels depend on, and the MLX version that compiled them."""
+        """What the compiled kernels depend on, and the MLX version that compiled them: the run's length
+        only through the kernels it switches off (engine/flux/speed.py), so runs of other lengths share it."""
         import mlx.core as mx
 
-        text = json.dumps([self.__dict__, mx.__version__], sort_keys=True, default=str)
+        from engine.flux import speed
+
+        fields = dict(self.__dict__, steps_left=speed.kernels_not_worth_compiling(self.steps_left))
+        text = json.dumps([fields, mx.__version__], sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -86,6 +86,9 @@ def test_the_warmup_trains_the_small_model_as_planned():
     # what the kernels depend on decides the marker: another image size is another warm-up
     other = kernel_warmup.WarmupPlan(**dict(plan.__dict__, latent_shape=[16, 16]))
     assert plan.key() != other.key() and plan.key() == kernel_warmup.WarmupPlan(**plan.__dict__).key()
+    # a run's length matters only through the kernels it switches off (speed.kernels_not_worth_compiling)
+    assert kernel_warmup.WarmupPlan(**dict(plan.__dict__, steps_left=101)).key() == plan.key()
+    assert kernel_warmup.WarmupPlan(**dict(plan.__dict__, steps_left=100_000)).key() != plan.key()
 
 
 def _run_config(tmp_path):
