@@ -58,6 +58,7 @@ class Trainer:
         self.model = None
         self.output_dir: Path | None = None
         self._warmup = None  # engine/kernel_warmup.py, on CUDA
+        self._one_stage_at_a_time = False  # the checkpointed step at depth 0 (decided before the model loads)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path, callback: EventCallback | None = None,
@@ -248,11 +249,10 @@ class Trainer:
         done = int(resume.iterator.get("num_iterations", 0)) if resume else 0
         total = BatchIterator(len(cfg.image_paths), cfg.training_loop.batch_size, cfg.training_loop.num_epochs,
                               cfg.seed).total_steps
-        one_stage = bool(cfg.gradient_checkpointing) and depth == 0 and depth < speed.BLOCKWISE_DEPTH
         estimate = graph_memory_estimate(cfg, ModelConfigs(transformer=model.transformer_config), "cuda", available)
         try:
-            return kernel_warmup.start(cfg, model, depth, one_stage, max(total - done, 0), available, estimate,
-                                       log_dir())
+            return kernel_warmup.start(cfg, model, depth, self._one_stage_at_a_time, max(total - done, 0), available,
+                                       estimate, log_dir())
         except Exception as error:  # an aid, never a reason to stop the run
             log.warning("kernel warm-up not started: %s", error)
             return None
@@ -283,6 +283,7 @@ class Trainer:
         one_stage = bool(self.config.gradient_checkpointing) and depth == 0 and depth < speed.BLOCKWISE_DEPTH
         if one_stage:
             log.info("the checkpointed step runs one block at a time to fit %.1f GiB (slower steps)", available / 2**30)
+        self._one_stage_at_a_time = one_stage
         chosen = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage)
         if chosen:
             log.info("MLX CUDA graph settings: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))

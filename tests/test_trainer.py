@@ -355,13 +355,17 @@ def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_mu
                         lambda one_stage_at_a_time=False: order.append(("graphs", one_stage_at_a_time)) or {})
     real_load = loading.load_model
     monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: order.append("load") or real_load(*args, **kwargs))
+    from engine import kernel_warmup  # the warm-up compiles the step as it will run: one stage at a time or not
+
+    monkeypatch.setattr(kernel_warmup, "start", lambda cfg, model, depth, one_stage, *rest:
+                        order.append(("warmup", depth, one_stage)) or kernel_warmup.Warmup())
     config = make_training_folder(tmp_path, count=1, gradient_checkpointing=True,
                                   training_loop={"num_epochs": 1, "batch_size": 1})
     with caplog.at_level("INFO", logger="engine.trainer"):
         _, result, _ = run(config)
     assert depths == [depth] and result.step == 1
     assert any("one block at a time" in r.getMessage() for r in caplog.records) == (depth == 0)
-    assert order[:2] == [("graphs", depth == 0), "load"]
+    assert order == [("graphs", depth == 0), "load", ("warmup", depth, depth == 0)]
 
 
 def test_trainer_waits_for_the_kernel_warmup_before_loading_the_transformer(tmp_path, monkeypatch):
