@@ -142,10 +142,14 @@ def make_plan(cfg, model, depth: int | None, one_stage: bool, steps_left: int) -
 
 def warmup_bytes(plan: WarmupPlan, estimate, full_config: dict) -> int:
     """The warm-up process's peak, from the run's estimate: what grows with the blocks scaled to the small
-    model's share of them, the run-ahead and workspace as they are, and a second CUDA context."""
+    model's share of them, plus a second CUDA context. The block-by-block step's run-ahead and workspace
+    are a few stages' worth whatever the block count, so they stay whole there; the one-graph step's
+    run-ahead is the whole graph's, so it scales too."""
     blocks = lambda config: int(config.get("num_layers", 19)) + int(config.get("num_single_layers", 38))  # noqa: E731
     share = blocks(plan.transformer_config) / max(blocks(full_config), 1)
-    fixed = sum(estimate.parts.get(name, 0) for name in ("CUDA graph run-ahead", "workspace (training)"))
+    fixed = 0
+    if plan.checkpointing:
+        fixed = sum(estimate.parts.get(name, 0) for name in ("CUDA graph run-ahead", "workspace (training)"))
     return int((estimate.training_peak - fixed) * share + fixed + CUDA_CONTEXT_BYTES)
 
 

@@ -110,6 +110,10 @@ def test_the_warmup_needs_the_small_models_share_of_the_run_beside_a_context():
     plan = kernel_warmup.make_plan(load_template("people"), _Model(FLUX_DEV), 1, False, 100)
     # 6 of 57 blocks: 6/57 of the 9 GiB that grow with the blocks, the 1 GiB run-ahead, a context
     need = kernel_warmup.warmup_bytes(plan, _estimate(3.0, 10.0), FLUX_DEV)
+    assert not plan.checkpointing  # the template's own setting
+    assert need == int(10 * 2**30 * 6 / 57 + kernel_warmup.CUDA_CONTEXT_BYTES)  # the one-graph run-ahead scales too
+    plan.checkpointing = True  # the block-by-block step's run-ahead is a few stages' whatever the blocks
+    need = kernel_warmup.warmup_bytes(plan, _estimate(3.0, 10.0), FLUX_DEV)
     assert need == int(9 * 2**30 * 6 / 57 + 2**30 + kernel_warmup.CUDA_CONTEXT_BYTES)
 
 
