@@ -250,6 +250,26 @@ def start(cfg, model, depth: int | None, one_stage: bool, steps_left: int, avail
     return Warmup(process, marker, log_path, helpers)
 
 
+def start_for_run(cfg, model, depth: int | None, one_stage: bool, available: int | None, steps_done: int) -> Warmup | None:
+    """The trainer's call, once its encoders are loaded: `start` with the steps left and the run's estimate
+    (None where no memory was measured: off CUDA). Never raises: the warm-up is an aid to the run."""
+    from engine.dataset import BatchIterator
+    from engine.memory import ModelConfigs
+    from engine.memory_limit import graph_memory_estimate
+    from engine.paths import log_dir
+
+    if available is None:
+        return None
+    try:
+        loop = cfg.training_loop
+        total = BatchIterator(len(cfg.image_paths), loop.batch_size, loop.num_epochs, cfg.seed).total_steps
+        estimate = graph_memory_estimate(cfg, ModelConfigs(transformer=model.transformer_config), "cuda", available)
+        return start(cfg, model, depth, one_stage, max(total - steps_done, 0), available, estimate, log_dir())
+    except Exception as error:
+        log.warning("kernel warm-up not started: %s", error)
+        return None
+
+
 def _spawn(plan_path: Path, log_path: Path, *arguments: str) -> subprocess.Popen:
     with open(log_path, "w") as log_file:
         return subprocess.Popen([sys.executable, "-m", "engine.kernel_warmup", str(plan_path), *arguments],

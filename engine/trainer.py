@@ -117,7 +117,10 @@ class Trainer:
             self.emit("warning", message=warning)
         # on a machine whose kernel cache lacks this run's, a second process compiles the step's GPU
         # kernels while this one encodes (engine/kernel_warmup.py)
-        self._warmup = self._start_kernel_warmup(model, depth, available, resume)
+        from engine import kernel_warmup
+
+        self._warmup = kernel_warmup.start_for_run(cfg, model, depth, self._one_stage_at_a_time, available,
+                                                   int(resume.iterator.get("num_iterations", 0)) if resume else 0)
 
         self.emit("phase", phase="encode", detail="encoding images and prompts")
         validation_prompt = cfg.instrumentation.validation_prompt if cfg.instrumentation else None
@@ -235,27 +238,6 @@ class Trainer:
                                              available_bytes=available)
             if limit:
                 log.info("graph memory limit %.1f GiB", limit / 2**30)
-
-    def _start_kernel_warmup(self, model, depth: int | None, available: int | None, resume):
-        from engine import kernel_warmup
-        from engine.dataset import BatchIterator
-        from engine.memory import ModelConfigs
-        from engine.memory_limit import graph_memory_estimate
-        from engine.paths import log_dir
-
-        if available is None:
-            return None
-        cfg = self.config
-        done = int(resume.iterator.get("num_iterations", 0)) if resume else 0
-        total = BatchIterator(len(cfg.image_paths), cfg.training_loop.batch_size, cfg.training_loop.num_epochs,
-                              cfg.seed).total_steps
-        estimate = graph_memory_estimate(cfg, ModelConfigs(transformer=model.transformer_config), "cuda", available)
-        try:
-            return kernel_warmup.start(cfg, model, depth, self._one_stage_at_a_time, max(total - done, 0), available,
-                                       estimate, log_dir())
-        except Exception as error:  # an aid, never a reason to stop the run
-            log.warning("kernel warm-up not started: %s", error)
-            return None
 
     def _wait_for_kernel_warmup(self) -> None:
         if self._warmup is None or self._warmup.process is None:

@@ -278,3 +278,21 @@ def test_the_encoders_helper_starts_only_where_it_fits_and_ends_with_the_step(tm
     assert warmup.helpers[0].wait(timeout=300) == 0, helper_log.read_text()[-2000:]
     assert "encoders' kernels done" in helper_log.read_text()
     assert warmup.wait(limit_s=300) == "done"
+
+
+def test_the_trainers_call_counts_the_steps_left_and_never_raises(tmp_path, monkeypatch, caplog):
+    config, model = _run_config(tmp_path)  # two photos, one epoch, batch 1: two steps
+    assert kernel_warmup.start_for_run(config, model, 1, False, None, 0) is None  # nothing measured: off CUDA
+    seen = []
+    monkeypatch.setattr(kernel_warmup, "start", lambda cfg, model, depth, one_stage, steps_left, available, estimate,
+                        log_folder: seen.append((steps_left, estimate.training_peak > 0)) or kernel_warmup.Warmup())
+    kernel_warmup.start_for_run(config, model, 1, False, 2**40, 1)  # resumed after one step
+    assert seen == [(1, True)]
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(kernel_warmup, "start", broken)
+    with caplog.at_level("WARNING", logger="engine.kernel_warmup"):
+        assert kernel_warmup.start_for_run(config, model, 1, False, 2**40, 0) is None
+    assert "disk full" in caplog.text
