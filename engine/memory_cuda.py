@@ -15,7 +15,7 @@ from engine.model_size import linear_bytes
 
 # what the wizard and `dreambooth-wizard estimate` say of a run capped, or run one block at a time,
 # only to fit (details["held_back_to_fit"])
-HELD_BACK_NOTE = ("To fit, training is held to this estimate: steps run slower (40-70% for a 4-bit model) "
+HELD_BACK_NOTE = ("To fit, training is held to this estimate: steps run slower (10-70% for a 4-bit model) "
                   "than on a GPU with room to spare.")
 
 
@@ -50,9 +50,10 @@ def cuda_run_ahead(inputs, linears: dict[str, tuple[int, int]], settled: int,
 def blockwise_depth_to_fit(inputs, settled: int, stage: int) -> int:
     """The block-by-block step's depth for `inputs`: speed.BLOCKWISE_DEPTH, or 0 (one stage at a
     time, each stage's buffers alone) where that depth's peak would not fit `available_bytes`.
-    People over a 4-bit base, checkpointed, at 512 on an H200: 8.67 GiB at 0.157 s with depth 1
-    (run 13), 7.94 GiB at 0.213 s with 0 (run 14); pets and style 1.4-1.7x slower at 0
-    (bench/NOTES.md item 31), so only a run that needs it goes one stage at a time."""
+    People over a 4-bit base, checkpointed, at 512 on an H200: 8.67 GiB at 0.146-0.152 s with depth 1
+    (runs 13, 15), 7.63 GiB at 0.171-0.198 s with 0 and 5 kernels a CUDA graph (run 15; 7.94 GiB at
+    0.213 s with MLX's 20); pets and style were 1.4-1.7x slower at 0 with 20 a graph (bench/NOTES.md
+    items 31, 33), so only a run that needs it goes one stage at a time."""
     depth = blockwise_default_depth()
     if depth and inputs.available_bytes is not None and settled + (depth + 1) * stage > inputs.available_bytes:
         return 0

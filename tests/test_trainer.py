@@ -337,7 +337,7 @@ def test_trainer_caps_cuda_memory_from_what_was_free_before_it_loaded(tmp_path, 
 def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_must(tmp_path, monkeypatch, caplog,
                                                                                    available, depth):
     # on CUDA a checkpointed run whose default depth would not fit what was free goes one stage at a
-    # time (engine/memory_cuda.py: blockwise_depth_to_fit): 7.94 instead of 8.67 GiB, 1.36x the time
+    # time (engine/memory_cuda.py: blockwise_depth_to_fit): 7.63 instead of 8.67 GiB, 1.1-1.35x the time (run 15)
     import engine.flux.loading as loading
     from engine import blockwise_step
     from engine.flux import speed
