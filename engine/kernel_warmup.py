@@ -185,9 +185,10 @@ class Warmup:
                 code = self.process.wait(timeout=poll_s)
                 break
             except subprocess.TimeoutExpired:
-                if give_up() or time.perf_counter() > deadline:
+                outcome = "stopped" if give_up() else "cut" if time.perf_counter() > deadline else None
+                if outcome:
                     self.stop()
-                    return "stopped" if give_up() else "cut"
+                    return outcome
         self._stop_helpers()  # the step's process compiled whatever they had not
         return "done" if code == 0 and self.marker is not None and self.marker.exists() else "failed"
 
