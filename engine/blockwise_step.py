@@ -167,6 +167,10 @@ class _Functions:
     def count(self) -> int:
         return len(self._compiled)
 
+    def position(self, function) -> int:
+        """The order in which `function` was first made (the same in every process for one model)."""
+        return next(i for i, f in enumerate(self._compiled.values()) if f is function)
+
     def _get(self, key, make):
         if key not in self._compiled:
             self._compiled[key] = mx.compile(make())
@@ -187,7 +191,7 @@ def _stand_in(array: mx.array) -> mx.array:
 
 
 def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_guidance: bool,
-                        depth: int | None = None, backward_only: bool = False):
+                        depth: int | None = None, compile_only: Callable[[int], bool] | None = None):
     """A training step with the signature and numbers of engine.training_step.make_train_step's,
     run stage by stage (module docstring). The trained layers must stay as they are while the step
     is in use (which parameters train decides how each stage is compiled). `depth`: stages queued
@@ -195,9 +199,11 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     GPU runs one stage while the host queues the next; on an H200 a second bought 2% speed for
     0.96 GiB, bench/NOTES.md item 24).
 
-    `backward_only` (engine/kernel_warmup.py): the forward is traced but never run, and the backward
-    and update run on random stand-ins of its saved inputs, so a process compiles the backward's
-    GPU kernels first, while another compiles the forward's; its losses mean nothing."""
+    `compile_only` (engine/kernel_warmup.py): every stage function is traced, in the same order as a
+    real step's, but only those whose position (`_Functions.position`; the update's is the number of
+    stage functions) it accepts run, each on random stand-ins of its inputs. So several processes,
+    each running its share, compile a step's GPU kernels side by side. The step then returns a zero
+    loss; the model and optimizer change only if the update ran, and meaninglessly."""
     depth = speed.BLOCKWISE_DEPTH if depth is None else depth
     del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
     embed, blocks, head = _stages(transformer)
@@ -215,6 +221,8 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         optimizer.update(transformer, grads)
 
     first_call = [True]
+    warming = compile_only is not None
+    runs = lambda function: compile_only(functions.position(function))  # noqa: E731
 
     def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
         started = time.perf_counter()
@@ -227,19 +235,22 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         # forward: the embedders, then each block; the head's forward runs inside its backward
         if first == 0:
             saved[0] = inputs
-        *carry, temb = functions.forward(embed, layouts[0])(params[0], inputs, None, rope)
+        function = functions.forward(embed, layouts[0])
+        *carry, temb = function(params[0], inputs, None, rope)
         carry = tuple(carry)
-        if backward_only:
-            temb = _stand_in(temb)
-        else:
+        if not warming or runs(function):
             queue.push([*carry, temb])
+        if warming:
+            temb = _stand_in(temb)
         for i in range(1, len(stages) - 1):
+            given = tuple(map(_stand_in, carry)) if warming else carry
             if i >= first:
-                saved[i] = tuple(map(_stand_in, carry)) if backward_only else carry
-            carry = tuple(functions.forward(stages[i], layouts[i])(params[i], carry, temb, rope))
-            if not backward_only:
+                saved[i] = given
+            function = functions.forward(stages[i], layouts[i])
+            carry = tuple(function(params[i], given, temb, rope))
+            if not warming or runs(function):
                 queue.push(list(carry))
-        if backward_only:
+        if warming:
             carry = tuple(map(_stand_in, carry))
 
         forward_done = time.perf_counter()
@@ -258,20 +269,33 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             takes_temb = temb_grad and i > 0  # the embedders make temb; their cotangent for it is the sum
             if i == 0:
                 cotangents = cotangents + [d_temb]
-            outputs, vjps = functions.backward(stage, layouts[i], carry_grads, takes_temb)(
-                params[i], head_carry if i == last else saved.pop(i), None if i == 0 else temb, rope, cotangents)
+            if warming:
+                cotangents = [_stand_in(c) for c in cotangents]
+            function = functions.backward(stage, layouts[i], carry_grads, takes_temb)
+            outputs, vjps = function(params[i], head_carry if i == last else saved.pop(i),
+                                     None if i == 0 else temb, rope, cotangents)
             loss = outputs[0] if i == last else loss
-            if speed.BLOCKWISE_SPLIT_BACKWARD and i != last and not backward_only:
+            if speed.BLOCKWISE_SPLIT_BACKWARD and i != last and not warming:
                 queue.push(list(outputs))  # the recomputed forward first: its values stay for the backward
             names = trainable[i]
             grads.update((f"{stage.prefix}.{name}" if stage.prefix else name, grad) for name, grad in zip(names, vjps))
             cotangents = list(vjps[len(names):len(names) + carry_grads])
             if takes_temb:
                 d_temb = vjps[-1] if d_temb is None else d_temb + vjps[-1]
-            queue.push(list(vjps) + [loss])
-        if grads:
-            update(tree_map_with_path(lambda path, _: grads[path], transformer.trainable_parameters()))
-        queue.push([loss, state])  # the update is the last stage
+            if not warming:
+                queue.push(list(vjps) + [loss])
+            elif runs(function):
+                queue.push(list(vjps))
+        if warming:  # the update last, on stand-ins, where this process runs it
+            if grads and compile_only(functions.count):
+                update(tree_map_with_path(lambda path, _: _stand_in(grads[path]), transformer.trainable_parameters()))
+                queue.push([state])
+            queue.drain()
+            loss = mx.zeros((), mx.float32)
+        else:
+            if grads:
+                update(tree_map_with_path(lambda path, _: grads[path], transformer.trainable_parameters()))
+            queue.push([loss, state])  # the update is the last stage
         if first_call[0]:  # where a first step's time goes: tracing, compiling kernels, running
             first_call[0] = False
             log.info("first block-by-block step: forward traced and queued in %.1f s, backward and update in "

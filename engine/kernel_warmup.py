@@ -1,4 +1,4 @@
-"""Compiling the training step's CUDA kernels in a second process while the run encodes.
+"""Compiling the training step's CUDA kernels in other processes while the run encodes.
 
 MLX compiles each of its CUDA kernels (NVRTC) the first time a process needs it and keeps it in
 a disk cache (engine/paths.py: keep_compiled_gpu_kernels). On a fresh machine a first people
@@ -7,24 +7,26 @@ one after the other (H200, bench/NOTES.md item 32). The step's kernels depend on
 sizes, the dtype, the quantization, the image size and which layers train, not on the weights
 nor on how many blocks of each kind there are. So a process that trains a copy of the model
 with one or two blocks of each kind (random weights, the run's LoRA layers and ranks, the run's
-shapes, the same switches) for two steps compiles them, and started once the encoders are
-loaded it does so while the run encodes; the run waits for it before it loads the transformer
-and its first step finds the kernels on disk. MLX writes each kernel to its cache by renaming a
+shapes, the same switches) compiles them, and started once the encoders are loaded it does so
+while the run encodes; the run's first step then finds the kernels on disk. MLX writes each kernel to its cache by renaming a
 finished file, so two processes compiling one kernel both read a whole file.
 
 In one process the small step compiled its forward (70 s on an H200) and then its backward (60 s),
-longer than the encoding it hides behind (bench/NOTES.md item 34). So a checkpointed run, where it
-fits, also starts a helper that traces the forward without running it and runs the backward on
-random stand-ins of its inputs (engine/blockwise_step.py: backward_only): the backward's kernels
-compile beside the forward's, and the first process finds them on disk when it gets there. A
-second helper compiles the encoders' kernels: random encoders (the text encoders cut to two
-layers) encode a random image and prompt in the opposite order to the run's, so the two meet
-halfway through the kernels the run's encoding would otherwise compile alone. Neither helper is
-waited for: once the step's process is done they are ended. Neither is measured on a GPU yet.
+longer than the encoding it hides behind (bench/NOTES.md item 34). But NVRTC compiles a kernel on
+one core, and a machine has several. So the block-by-block step's compile is shared out: up to
+MAX_PARTS processes each trace the whole small step and run only their share of its stage functions
+(those whose position, modulo the number of processes, is theirs), each on random stand-ins of its
+inputs (engine/blockwise_step.py: compile_only). Together they compile every kernel a real step does
+(tests/test_kernel_warmup.py checks it kernel by kernel on MLX's CPU backend, which names and caches
+its fused kernels the same way). The one-graph step (no checkpointing) is one process. Helpers, one
+per encoder (T5, the VAE, then CLIP: the run encodes CLIP first), compile the encoders' kernels with
+random encoders (the text encoders cut to two layers) while the run encodes; they are ended once
+it has. The run waits for the step's processes, after loading the transformer where they fit beside
+it, and writes the marker when every one of them finished.
 
 It runs only on CUDA, only where the cache lacks this run's marker (a file the warm-up writes
-when it finished), and each process only where the memory free leaves room for it beside the
-encoders and the processes started before it;
+when all its processes finished), and each process only where the memory free leaves room for it beside the
+encoders and the processes started before it, and the CPU cores for it;
 DREAMBOOTH_WIZARD_KERNEL_WARMUP=0 turns it off. Whatever happens to it, the run goes on: at
 worst its first step compiles what the warm-up did not.
 """
@@ -43,6 +45,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "DREAMBOOTH_WIZARD_KERNEL_WARMUP"
+MAX_PARTS = 8  # processes sharing the step's kernels; people's small step has about 11 stage functions
+# the encoders' helpers in the order they are started; the run encodes CLIP, T5, then the VAE
+ENCODERS = ("t5", "vae", "clip")
 WAIT_LIMIT_S = 900  # longer than the step's compiles on a fresh machine (about 105 s on an H200)
 CUDA_CONTEXT_BYTES = 2**30  # a second process's CUDA context and cuBLAS workspace, beside its arrays
 
@@ -121,8 +126,15 @@ def make_plan(cfg, model, depth: int | None, one_stage: bool, steps_left: int) -
 
     config, targets = mini_model(model.transformer_config,
                                  lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks))
-    latent_h, latent_w = latent_size(cfg.height, cfg.width, model.vae.scale_factor)
     folder = Path(model.path)
+    if model.vae is not None:
+        scale = model.vae.scale_factor
+    else:  # a description (engine/flux/loading.py: describe_model): the VAE's config says it
+        from engine.flux.vae import VAEConfig
+        from engine.flux.weights import read_config
+
+        scale = VAEConfig.from_dict(read_config(folder / "vae")).scale_factor
+    latent_h, latent_w = latent_size(cfg.height, cfg.width, scale)
     encoder_configs = None
     if all((folder / sub / "config.json").is_file() for sub in ("vae", "text_encoder", "text_encoder_2")):
         from engine.flux.weights import read_config
@@ -153,53 +165,72 @@ def warmup_bytes(plan: WarmupPlan, estimate, full_config: dict) -> int:
     return int((estimate.training_peak - fixed) * share + fixed + CUDA_CONTEXT_BYTES)
 
 
-def encoders_warmup_bytes(estimate) -> int:
-    """The encoders' helper's peak: the VAE encoder and CLIP as the run has them, two of T5-XXL's 24
-    layers, the encoding's activations, and a second CUDA context."""
+def encoders_warmup_bytes(estimate) -> dict[str, int]:
+    """Each encoder's helper's peak: the VAE encoder or CLIP as the run has them, or two of T5-XXL's 24
+    layers, beside the encoding's activations and a CUDA context of its own."""
     parts = estimate.parts
-    return int(parts.get("VAE encoder", 0) + parts.get("CLIP encoder", 0) + parts.get("T5 encoder", 0) * 2 / 24
-               + parts.get("encoding activations", 0) + parts.get("workspace (encoding)", 0) + CUDA_CONTEXT_BYTES)
+    beside = parts.get("encoding activations", 0) + parts.get("workspace (encoding)", 0) + CUDA_CONTEXT_BYTES
+    return {"t5": int(parts.get("T5 encoder", 0) * 2 / 24 + beside),
+            "vae": int(parts.get("VAE encoder", 0) + beside),
+            "clip": int(parts.get("CLIP encoder", 0) + beside)}
 
 
 class Warmup:
-    """A running warm-up (`start`): the process that trains the small model, and any helpers (one that
-    compiles the backward's kernels first); or nothing to wait for."""
+    """A running warm-up (`start`): the processes that compile the step's kernels (`parts`, each its share
+    of the stage functions), and helpers that compile the encoders' (ended once the run has encoded); or
+    nothing to wait for. `beside_training`: the parts fit beside the loaded transformer, so the run loads
+    it before waiting for them."""
 
-    def __init__(self, process: subprocess.Popen | None = None, marker: Path | None = None,
-                 log_path: Path | None = None, helpers: tuple = ()):
-        self.process, self.marker, self.log_path, self.helpers = process, marker, log_path, tuple(helpers)
+    def __init__(self, parts: tuple = (), marker: Path | None = None, log_path: Path | None = None,
+                 helpers: tuple = (), beside_training: bool = False):
+        self.parts, self.marker, self.log_path = tuple(parts), marker, log_path
+        self.helpers, self.beside_training = tuple(helpers), beside_training
         self.started = time.perf_counter()
+        self.outcome: str | None = None
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return any(part.poll() is None for part in self.parts)
 
     def wait(self, limit_s: float = WAIT_LIMIT_S, give_up=lambda: False, poll_s: float = 0.25) -> str:
-        """Wait for the warm-up; 'none', 'done', 'failed' (the log says why), 'cut' (past `limit_s`) or
-        'stopped' (`give_up()` turned true: a user's stop is not kept waiting). A cut or stopped one is ended."""
-        if self.process is None:
+        """Wait for every part; 'none', 'done' (the marker is written), 'failed' (a part's log says why), 'cut'
+        (past `limit_s`) or 'stopped' (`give_up()` turned true: a user's stop is not kept waiting). A cut or
+        stopped warm-up is ended. A second call returns the first one's outcome."""
+        if not self.parts:
             return "none"
+        if self.outcome is not None:
+            return self.outcome
         deadline = time.perf_counter() + limit_s
-        while True:
-            try:
-                code = self.process.wait(timeout=poll_s)
-                break
-            except subprocess.TimeoutExpired:
-                outcome = "stopped" if give_up() else "cut" if time.perf_counter() > deadline else None
-                if outcome:
-                    self.stop()
-                    return outcome
-        self._stop_helpers()  # the step's process compiled whatever they had not
-        return "done" if code == 0 and self.marker is not None and self.marker.exists() else "failed"
+        for part in self.parts:
+            while True:
+                try:
+                    part.wait(timeout=poll_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    outcome = "stopped" if give_up() else "cut" if time.perf_counter() > deadline else None
+                    if outcome:
+                        self.stop()
+                        self.outcome = outcome
+                        return outcome
+        self.stop_helpers()  # the parts compiled whatever they had not
+        self.outcome = "failed"
+        if all(part.returncode == 0 for part in self.parts) and self.marker is not None:
+            seconds = time.perf_counter() - self.started
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.marker.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"seconds": round(seconds, 1), "parts": len(self.parts)}))
+            temporary.replace(self.marker)
+            self.outcome = "done"
+        return self.outcome
 
-    def _stop_helpers(self) -> None:
+    def stop_helpers(self) -> None:
         for helper in self.helpers:
             _end(helper)
 
     def stop(self) -> None:
-        self._stop_helpers()
-        if self.process is not None:
-            _end(self.process)
+        self.stop_helpers()
+        for part in self.parts:
+            _end(part)
 
 
 def _end(process) -> None:
@@ -209,6 +240,39 @@ def _end(process) -> None:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def count_processes(plan: WarmupPlan, cores: int, room: int, part_bytes: int,
+                    encoder_bytes: dict[str, int]) -> tuple[int, list[str]]:
+    """How many processes share the step's kernels, and which encoders get a helper, for `cores` CPU cores
+    and `room` bytes of GPU memory beside the run's encoding. Each kernel compiles on one core, so the
+    parts take up to MAX_PARTS cores, leaving the run's process and the encoders' helpers theirs; only a
+    block-by-block step has stage functions to share out (otherwise one process compiles its one graph)."""
+    if room < part_bytes:
+        return 0, []
+    parts = 1
+    if plan.checkpointing and _blockwise():
+        parts = max(1, min(MAX_PARTS, cores - 1 - len(ENCODERS), room // max(part_bytes, 1)))
+    room -= parts * part_bytes
+    helpers = []
+    for name in ENCODERS if plan.encoder_configs else ():
+        if len(helpers) < cores - 1 - parts and encoder_bytes.get(name, room + 1) <= room:
+            helpers.append(name)
+            room -= encoder_bytes[name]
+    return parts, helpers
+
+
+def _blockwise() -> bool:
+    from engine.flux import speed
+
+    return speed.BLOCKWISE_CHECKPOINTING
 
 
 def start(cfg, model, depth: int | None, one_stage: bool, steps_left: int, available: int | None,
@@ -227,28 +291,22 @@ def start(cfg, model, depth: int | None, one_stage: bool, steps_left: int, avail
     if marker.exists():
         return Warmup()
     need, encoding = warmup_bytes(plan, estimate, model.transformer_config), estimate.encoding_peak
-    if encoding + need > available:
+    parts, encoders = count_processes(plan, usable_cores(), available - encoding, need, encoders_warmup_bytes(estimate))
+    if not parts:
         log.info("no kernel warm-up: %.1f GiB free, the encoders need %.1f and the warm-up %.1f",
                  available / 2**30, encoding / 2**30, need / 2**30)
         return Warmup()
     log_folder.mkdir(parents=True, exist_ok=True)
     plan_path = log_folder / "kernel-warmup.json"
     plan_path.write_text(json.dumps({"plan": plan.__dict__, "marker": str(marker)}))
-    helpers, used = [], encoding + need
-    # the block-by-block step's backward compiles in a helper while the first process compiles the
-    # forward (bench/NOTES.md item 34: 70 s forward, then 60 s backward, in one process), where it fits
-    if plan.checkpointing and speed.BLOCKWISE_CHECKPOINTING and used + need <= available:
-        helpers.append(_spawn(plan_path, log_folder / "kernel-warmup-backward.log", "--backward-only"))
-        used += need
-    # the encoders' kernels, in the opposite order to the run's (it encodes prompts, then images), so
-    # the two meet halfway (item 34: 74-88 s of the first run's encoding compiles kernels)
-    if plan.encoder_configs and used + encoders_warmup_bytes(estimate) <= available:
-        helpers.append(_spawn(plan_path, log_folder / "kernel-warmup-encoders.log", "--encoders"))
-    log_path = log_folder / "kernel-warmup.log"
-    process = _spawn(plan_path, log_path)
-    log.info("compiling the step's GPU kernels in process %s while encoding (%s)",
-             ", ".join(str(p.pid) for p in [process, *helpers]), log_path)
-    return Warmup(process, marker, log_path, helpers)
+    # the encoders' helpers first: the run starts encoding right away
+    helpers = [_spawn(plan_path, log_folder / f"kernel-warmup-{name}.log", "--encoder", name) for name in encoders]
+    processes = [_spawn(plan_path, log_folder / f"kernel-warmup-{index}.log", "--part", f"{index}/{parts}")
+                 for index in range(parts)]
+    beside_training = estimate.training_peak + parts * need <= available
+    log.info("compiling the step's GPU kernels in %d processes, the encoders' (%s) in %d, while encoding (%s)",
+             parts, ", ".join(encoders) or "none", len(helpers), log_folder / "kernel-warmup-*.log")
+    return Warmup(processes, marker, log_folder / "kernel-warmup-0.log", helpers, beside_training)
 
 
 def start_for_run(cfg, model, depth: int | None, one_stage: bool, available: int | None, steps_done: int) -> Warmup | None:
@@ -278,9 +336,10 @@ def _spawn(plan_path: Path, log_path: Path, *arguments: str) -> subprocess.Popen
                                 cwd=str(Path(__file__).resolve().parent.parent))
 
 
-def run_plan(plan: WarmupPlan, steps: int = 2, backward_only: bool = False) -> float:
+def run_plan(plan: WarmupPlan, steps: int = 2, part: tuple[int, int] | None = None) -> float:
     """Train the small model for `steps` steps as the run will (the kernels compile on the way); its peak GiB.
-    `backward_only`: only the block-by-block step's backward and update (engine/blockwise_step.py)."""
+    `part` (index, count) of a block-by-block step: one step running only the stage functions whose
+    position is index modulo count, on stand-ins (engine/blockwise_step.py: compile_only)."""
     import mlx.core as mx
 
     from engine.flux import speed
@@ -304,8 +363,12 @@ def run_plan(plan: WarmupPlan, steps: int = 2, backward_only: bool = False) -> f
     apply_lora(transformer, [tuple(t) for t in plan.targets], key=mx.random.key(0))
     optimizer = build_optimizer(plan.optimizer, plan.learning_rate)
     optimizer.init(transformer.trainable_parameters())
+    compile_only = None
+    if part is not None and plan.checkpointing and speed.BLOCKWISE_CHECKPOINTING:
+        share, parts = part
+        compile_only, steps = (lambda position: position % parts == share), 1
     step = make_train_step(transformer, optimizer, dtype, plan.guidance, blockwise_depth=plan.depth,
-                           backward_only=backward_only)
+                           compile_only=compile_only)
     latent_h, latent_w = plan.latent_shape
     tokens = (latent_h // 2) * (latent_w // 2)
     channels = int(plan.transformer_config.get("in_channels", 64))
@@ -324,9 +387,9 @@ def run_plan(plan: WarmupPlan, steps: int = 2, backward_only: bool = False) -> f
     return mx.get_peak_memory() / 2**30
 
 
-def run_encoders(plan: WarmupPlan) -> float:
-    """Encode a random image and prompt as the run will, with random encoders (the text encoders cut to
-    two layers): the VAE first, then T5, then CLIP, the opposite of the run's order; the peak GiB."""
+def run_encoders(plan: WarmupPlan, names=ENCODERS) -> float:
+    """Encode a random image or prompt as the run will, with random encoders (the text encoders cut to
+    two layers), for each of `names` ("t5", "vae", "clip"); the peak GiB."""
     import mlx.core as mx
 
     from engine.flux.clip import CLIPTextModel
@@ -338,21 +401,22 @@ def run_encoders(plan: WarmupPlan) -> float:
     dtype = getattr(mx, plan.dtype)
     mx.random.seed(0)
     configs = plan.encoder_configs
-    vae = AutoencoderKL(configs["vae"])
-    vae.set_dtype(dtype)
-    height, width = plan.image_size
-    pixels = mx.random.uniform(-1, 1, (1, height, width, 3))  # float32, as the run's crop_and_resize
-    mean = vae.encode(pixels.astype(dtype))
-    mx.eval(pack_latents(vae.normalize(mean.astype(mx.float32)))[0])
-    del vae
-    for build, config, length, label in ((T5Encoder, configs["t5"], plan.t5_length, "t5"),
-                                         (CLIPTextModel, configs["clip"], 77, "clip")):
-        encoder = build(config)
+    for name in names:
+        if name == "vae":
+            vae = AutoencoderKL(configs["vae"])
+            vae.set_dtype(dtype)
+            height, width = plan.image_size
+            pixels = mx.random.uniform(-1, 1, (1, height, width, 3))  # float32, as the run's crop_and_resize
+            mean = vae.encode(pixels.astype(dtype))
+            mx.eval(pack_latents(vae.normalize(mean.astype(mx.float32)))[0])
+            del vae
+            continue
+        build, length = {"t5": (T5Encoder, plan.t5_length), "clip": (CLIPTextModel, 77)}[name]
+        encoder = build(configs[name])
         encoder.set_dtype(dtype)
         if plan.quantize:
-            quantize_module(encoder, plan.quantize, label)
-        vocabulary = int(config.get("vocab_size", 1000))
-        ids = mx.random.randint(0, vocabulary, (1, length))
+            quantize_module(encoder, plan.quantize, name)
+        ids = mx.random.randint(0, int(configs[name].get("vocab_size", 1000)), (1, length))
         out = encoder(ids)
         mx.eval([a.astype(dtype) for a in (out if isinstance(out, tuple) else (out,))])
         del encoder
@@ -360,25 +424,20 @@ def run_encoders(plan: WarmupPlan) -> float:
 
 
 def main(argv: list[str]) -> int:
+    """`python -m engine.kernel_warmup PLAN.json --part I/N` (a share of the step's kernels) or
+    `--encoder NAME` (one encoder's); the marker is the waiting run's to write."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data = json.loads(Path(argv[0]).read_text())
-    plan, marker = WarmupPlan(**data["plan"]), Path(data["marker"])
+    plan = WarmupPlan(**json.loads(Path(argv[0]).read_text())["plan"])
     started = time.perf_counter()
-    if "--encoders" in argv[1:]:  # a helper, as is the next
-        peak = run_encoders(plan)
-        log.info("encoders' kernels done in %.1f s, peak %.2f GiB", time.perf_counter() - started, peak)
+    if "--encoder" in argv:
+        name = argv[argv.index("--encoder") + 1]
+        peak = run_encoders(plan, [name])
+        log.info("%s's kernels done in %.1f s, peak %.2f GiB", name, time.perf_counter() - started, peak)
         return 0
-    if "--backward-only" in argv[1:]:  # a helper: the marker is the whole step's to write
-        peak = run_plan(plan, steps=1, backward_only=True)
-        log.info("backward kernels done in %.1f s, peak %.2f GiB", time.perf_counter() - started, peak)
-        return 0
-    peak = run_plan(plan)
-    seconds = time.perf_counter() - started
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    temporary = marker.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"seconds": round(seconds, 1), "peak_bytes": int(peak * 2**30)}))
-    temporary.replace(marker)
-    log.info("kernel warm-up done in %.1f s, peak %.2f GiB", seconds, peak)
+    index, count = (int(n) for n in argv[argv.index("--part") + 1].split("/")) if "--part" in argv else (0, 1)
+    peak = run_plan(plan, part=(index, count))
+    log.info("step kernels, part %d of %d, done in %.1f s, peak %.2f GiB", index + 1, count,
+             time.perf_counter() - started, peak)
     return 0
 
 

@@ -109,18 +109,13 @@ class Trainer:
         available = self._available_on_cuda()
         self.emit("phase", phase="load", detail=f"loading {cfg.model}")
         progress = lambda done, total: self.emit("progress", phase="download", done=done, total=total)  # noqa: E731
-        depth = self._settle_cuda_graphs(cfg.model, available, progress)
+        steps_done = int(resume.iterator.get("num_iterations", 0)) if resume else 0
+        depth = self._settle_cuda_graphs(cfg.model, available, progress, steps_done)
         # encoders first, transformer after they are freed: T5-XXL and the transformer never share memory
         model = self.model = load_model(cfg.model, quantize=cfg.quantize, transformer=False, progress=progress)
         # the block limits come from the model's config (a custom model may have fewer blocks than FLUX.1)
         for warning in validate(cfg, model.num_joint_blocks, model.num_single_blocks):
             self.emit("warning", message=warning)
-        # on a machine whose kernel cache lacks this run's, a second process compiles the step's GPU
-        # kernels while this one encodes (engine/kernel_warmup.py)
-        from engine import kernel_warmup
-
-        self._warmup = kernel_warmup.start_for_run(cfg, model, depth, self._one_stage_at_a_time, available,
-                                                   int(resume.iterator.get("num_iterations", 0)) if resume else 0)
 
         self.emit("phase", phase="encode", detail="encoding images and prompts")
         validation_prompt = cfg.instrumentation.validation_prompt if cfg.instrumentation else None
@@ -134,10 +129,14 @@ class Trainer:
         model.release_vae_encoder()
         validation = extra.get(validation_prompt) if validation_prompt else None
 
-        self._wait_for_kernel_warmup()
+        if self._warmup is not None:
+            self._warmup.stop_helpers()  # the encoders' kernels are compiled now
+            if not self._warmup.beside_training:  # the warm-up's processes would not fit beside the transformer
+                self._wait_for_kernel_warmup()
         detail = f"quantizing to {cfg.quantize} bits as it loads" if cfg.quantize else "bf16" if model.dtype == mx.bfloat16 else "float32"
         self.emit("phase", phase="load_transformer", detail=detail)
         transformer = model.load_transformer()
+        self._wait_for_kernel_warmup()
         self._limit_graph_memory(model, available)
         transformer.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         targets = lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks)
@@ -240,7 +239,7 @@ class Trainer:
                 log.info("graph memory limit %.1f GiB", limit / 2**30)
 
     def _wait_for_kernel_warmup(self) -> None:
-        if self._warmup is None or self._warmup.process is None:
+        if self._warmup is None or not self._warmup.parts or self._warmup.outcome is not None:
             return
         if self._warmup.running:
             self.emit("phase", phase="kernels", detail="compiling GPU kernels (once per machine)")
@@ -248,20 +247,21 @@ class Trainer:
         log.info("kernel warm-up %s after %.1f s (%s)", outcome, time.perf_counter() - self._warmup.started,
                  self._warmup.log_path)
 
-    def _settle_cuda_graphs(self, model_name: str, available: int | None, progress) -> int | None:
+    def _settle_cuda_graphs(self, model_name: str, available: int | None, progress, steps_done: int) -> int | None:
         """On CUDA, before the first kernel runs: the depth the checkpointed step will run at (one stage at
         a time where its default depth would not fit what is free), and MLX's CUDA-graph settings for it
-        (engine/flux/speed.py: configure_cuda_graphs). None elsewhere: the engine's default depth."""
+        (engine/flux/speed.py: configure_cuda_graphs). On a machine whose kernel cache lacks this run's,
+        other processes then compile the step's GPU kernels while this one loads and encodes
+        (engine/kernel_warmup.py). None elsewhere: the engine's default depth."""
         if available is None:
             return None
-        from engine.flux.hub import resolve_model_path
-        from engine.flux.weights import read_config
+        from engine import kernel_warmup
+        from engine.flux.loading import describe_model
         from engine.memory import ModelConfigs
         from engine.memory_limit import blockwise_depth
 
-        folder = resolve_model_path(model_name, progress=progress)  # load_model finds it there again
-        transformer_config = read_config(folder / "transformer")
-        depth = blockwise_depth(self.config, ModelConfigs(transformer=transformer_config), "cuda", available)
+        description = describe_model(model_name, self.config.quantize, progress=progress)  # load_model finds it again
+        depth = blockwise_depth(self.config, ModelConfigs(transformer=description.transformer_config), "cuda", available)
         one_stage = bool(self.config.gradient_checkpointing) and depth == 0 and depth < speed.BLOCKWISE_DEPTH
         if one_stage:
             log.info("the checkpointed step runs one block at a time to fit %.1f GiB (slower steps)", available / 2**30)
@@ -269,6 +269,7 @@ class Trainer:
         chosen = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage)
         if chosen:
             log.info("MLX CUDA graph settings: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))
+        self._warmup = kernel_warmup.start_for_run(self.config, description, depth, one_stage, available, steps_done)
         return depth
 
     def _wants_state(self, step: int) -> bool:

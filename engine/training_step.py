@@ -25,22 +25,22 @@ def flow_loss(prediction: mx.array, latents: mx.array, noise: mx.array) -> mx.ar
 
 
 def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, has_guidance: bool,
-                    blockwise_depth: int | None = None, backward_only: bool = False):
+                    blockwise_depth: int | None = None, compile_only=None):
     """Returns step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids) -> loss.
 
     The step is queued for evaluation (model and optimizer state included) and
     its loss returned unevaluated; reading it waits for the step. With the transformer's
     gradient checkpointing on, the step runs block by block (engine/blockwise_step.py), at
-    `blockwise_depth` (None: speed.BLOCKWISE_DEPTH); `backward_only`: see make_blockwise_step."""
+    `blockwise_depth` (None: speed.BLOCKWISE_DEPTH); `compile_only`: see make_blockwise_step."""
     from engine.flux import speed
 
     if transformer.gradient_checkpointing and speed.BLOCKWISE_CHECKPOINTING:
         from engine.blockwise_step import make_blockwise_step
 
         return make_blockwise_step(transformer, optimizer, compute_dtype, has_guidance, depth=blockwise_depth,
-                                   backward_only=backward_only)
-    if backward_only:
-        raise ValueError("backward_only needs the block-by-block step (gradient checkpointing)")
+                                   compile_only=compile_only)
+    if compile_only is not None:
+        raise ValueError("compile_only needs the block-by-block step (gradient checkpointing)")
 
     def loss_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
         prediction = transformer(noisy_latents(latents, noise, sigma, compute_dtype), hidden, pooled,

@@ -42,7 +42,7 @@ def test_the_small_model_keeps_one_or_two_blocks_of_each_kind_the_run_has():
     assert sorted({int(p.split(".")[1]) for p, _ in moved if p.startswith("single_")}) == [2, 3]
 
 
-def _stage_functions(transformer_config, targets, checkpointing=True, backward_only=False):
+def _stage_functions(transformer_config, targets, checkpointing=True, compile_only=None):
     """The compiled stage functions (kind, run, layout, gradients taken) one blockwise step makes."""
     mx.random.seed(0)
     transformer = FluxTransformer(transformer_config)
@@ -51,7 +51,7 @@ def _stage_functions(transformer_config, targets, checkpointing=True, backward_o
     apply_lora(transformer, targets, key=mx.random.key(0))
     optimizer = build_optimizer("AdamW", 1e-4)
     optimizer.init(transformer.trainable_parameters())
-    step = make_train_step(transformer, optimizer, mx.float32, True, backward_only=backward_only)
+    step = make_train_step(transformer, optimizer, mx.float32, True, compile_only=compile_only)
     height = width = 4
     tokens, channels = (height // 2) * (width // 2), transformer_config["in_channels"]
     loss = step(mx.random.normal((1, tokens, channels)), mx.random.normal((1, tokens, channels)),
@@ -83,6 +83,7 @@ def test_the_warmup_trains_the_small_model_as_planned():
         optimizer="AdamW", learning_rate=1e-4, latent_shape=[8, 8], t5_length=16, pooled_width=32, guidance=True,
         batch_size=1)
     assert kernel_warmup.run_plan(plan) > 0
+    assert kernel_warmup.run_plan(plan, part=(1, 3)) > 0  # a share of the stage functions, on stand-ins
     # what the kernels depend on decides the marker: another image size is another warm-up
     other = kernel_warmup.WarmupPlan(**dict(plan.__dict__, latent_shape=[16, 16]))
     assert plan.key() != other.key() and plan.key() == kernel_warmup.WarmupPlan(**plan.__dict__).key()
@@ -133,45 +134,52 @@ class _Model:
         self.vae = Vae()
 
 
-def test_the_warmup_runs_once_per_machine_in_a_second_process(tmp_path, monkeypatch):
+def test_the_warmup_runs_once_per_machine_in_other_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv(kernel_warmup.ENV_SWITCH, raising=False)
-    config, model = _run_config(tmp_path)
+    monkeypatch.setattr(kernel_warmup, "usable_cores", lambda: 6)  # two parts beside three encoders' helpers
+    config, model = _run_config(tmp_path)  # checkpointed
     room = _estimate(0.001, 0.002, 0.0005)
     # off CUDA (or with no memory measured) nothing starts
-    assert kernel_warmup.start(config, model, 1, False, 10, None, room, tmp_path / "logs").process is None
-    assert kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs").process is None
+    assert kernel_warmup.start(config, model, 1, False, 10, None, room, tmp_path / "logs").parts == ()
+    assert kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs").parts == ()
     monkeypatch.setattr(speed, "on_cuda", lambda: True)
     # no room beside the encoders: nothing starts
-    assert kernel_warmup.start(config, model, 1, False, 10, 2**30, _estimate(1.0, 2.0),
-                               tmp_path / "logs").process is None
+    assert kernel_warmup.start(config, model, 1, False, 10, 2**30, _estimate(1.0, 2.0), tmp_path / "logs").parts == ()
     warmup = kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs")
-    assert warmup.process is not None and warmup.process.pid != os.getpid()
-    assert warmup.wait(limit_s=300) == "done", (tmp_path / "logs" / "kernel-warmup.log").read_text()[-2000:]
-    assert json.loads(warmup.marker.read_text())["peak_bytes"] > 0
-    assert warmup.marker.parent == tmp_path / "kernels"
+    assert [part.args[-2:] for part in warmup.parts] == [["--part", "0/2"], ["--part", "1/2"]]
+    assert [helper.args[-1] for helper in warmup.helpers] == ["t5", "vae", "clip"]
+    assert warmup.beside_training and os.getpid() not in [p.pid for p in warmup.parts]
+    assert warmup.wait(limit_s=300) == "done", (tmp_path / "logs" / "kernel-warmup-0.log").read_text()[-2000:]
+    assert warmup.wait() == "done"  # asked again: the same answer, nothing waited for
+    assert all(helper.poll() is not None for helper in warmup.helpers)  # ended with the step's parts
+    logs = {path.name: path.read_text() for path in (tmp_path / "logs").glob("kernel-warmup-*.log")}
+    assert "part 1 of 2, done" in logs["kernel-warmup-0.log"] and "part 2 of 2, done" in logs["kernel-warmup-1.log"]
+    assert json.loads(warmup.marker.read_text())["parts"] == 2 and warmup.marker.parent == tmp_path / "kernels"
     # the marker is there: the next run of the same shapes starts none; another image size does
-    assert kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs").process is None
+    assert kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs").parts == ()
     config.width = config.height = config.width * 2
     again = kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs")
-    assert again.process is not None
+    assert again.parts
     again.stop()
-    assert again.wait(limit_s=30) in ("failed", "done")
+    assert again.wait(limit_s=30) == "failed" and not again.marker.exists()  # ended: no marker
     # turned off by the user
     monkeypatch.setenv(kernel_warmup.ENV_SWITCH, "0")
     config.width = config.height = config.width * 2
-    assert kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs").process is None
+    assert kernel_warmup.start(config, model, 1, False, 10, 2**40, room, tmp_path / "logs").parts == ()
 
 
-def test_a_failed_warmup_is_reported_and_the_wait_ends(tmp_path, monkeypatch):
-    broken = tmp_path / "plan.json"
-    broken.write_text("{}")
+def test_a_failed_part_is_reported_the_wait_ends_and_no_marker_is_written(tmp_path):
     import subprocess
     import sys
 
-    process = subprocess.Popen([sys.executable, "-m", "engine.kernel_warmup", str(broken)],
+    broken = tmp_path / "plan.json"
+    broken.write_text("{}")
+    failing = subprocess.Popen([sys.executable, "-m", "engine.kernel_warmup", str(broken), "--part", "1/2"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert kernel_warmup.Warmup(process, tmp_path / "marker").wait(limit_s=120) == "failed"
+    fine = subprocess.Popen([sys.executable, "-c", "pass"])
+    warmup = kernel_warmup.Warmup((fine, failing), tmp_path / "marker")
+    assert warmup.wait(limit_s=120) == "failed" and not (tmp_path / "marker").exists()
     assert kernel_warmup.Warmup().wait() == "none"
 
 
@@ -183,17 +191,19 @@ def test_waiting_for_the_warmup_gives_way_to_a_stop_and_to_its_limit(tmp_path):
     def sleeper():
         return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 
-    warmup = kernel_warmup.Warmup(sleeper(), tmp_path / "marker")
+    warmup = kernel_warmup.Warmup((sleeper(), sleeper()), tmp_path / "marker", helpers=(sleeper(),))
     asked = time.perf_counter()
     assert warmup.wait(limit_s=60, give_up=lambda: time.perf_counter() - asked > 0.5, poll_s=0.1) == "stopped"
-    assert time.perf_counter() - asked < 20 and warmup.process.poll() is not None  # ended, not left running
-    warmup = kernel_warmup.Warmup(sleeper(), tmp_path / "marker")
-    assert warmup.wait(limit_s=0.3, poll_s=0.1) == "cut" and warmup.process.poll() is not None
+    assert time.perf_counter() - asked < 20  # every process ended, none left running
+    assert all(p.poll() is not None for p in warmup.parts + warmup.helpers)
+    warmup = kernel_warmup.Warmup((sleeper(),), tmp_path / "marker")
+    assert warmup.wait(limit_s=0.3, poll_s=0.1) == "cut" and warmup.parts[0].poll() is not None
+    assert not (tmp_path / "marker").exists()
 
 
-def test_a_backward_only_step_compiles_the_same_functions_without_running_the_forward(monkeypatch):
-    # the warm-up's helper (engine/blockwise_step.py: backward_only): every stage function traced, only
-    # the backward and the update queued, so its kernels compile while the other process does the forward
+def test_each_part_runs_its_share_of_the_stage_functions_on_stand_ins(monkeypatch):
+    # engine/blockwise_step.py: compile_only. Every stage function is traced in every part, in the same
+    # order; a part queues only those whose position it takes (the update's is after them all)
     from engine.flux import bounded_queue
 
     targets = lora_targets(load_template("people"))
@@ -203,48 +213,103 @@ def test_a_backward_only_step_compiles_the_same_functions_without_running_the_fo
     monkeypatch.setattr(bounded_queue.BoundedQueue, "push",
                         lambda self, arrays: pushes.append(len(arrays)) or real_push(self, arrays))
     whole = _stage_functions(config, moved)
-    whole_pushes, pushes[:] = len(pushes), []
-    assert _stage_functions(config, moved, backward_only=True) == whole
     stages = 1 + config["num_layers"] + 1 + config["num_single_layers"] + 1  # embedders, blocks, join, head
     first_trained = 1 + config["num_layers"] + 1 + 2  # single blocks 2 and 3 train
-    assert whole_pushes == (stages - 1) + (stages - first_trained) + 1
-    assert len(pushes) == (stages - first_trained) + 1  # the backward's stages and the update only
+    assert len(pushes) == (stages - 1) + (stages - first_trained) + 1  # a real step queues every stage
+    asked = []
+    queued = []
+    for index in range(3):
+        pushes[:] = []
+        functions = _stage_functions(config, moved, compile_only=lambda p, i=index: asked.append(p) or p % 3 == i)
+        assert functions == whole  # all traced in every part
+        queued.append(len(pushes))
+    positions = sorted(set(asked))
+    assert positions == list(range(len(whole) + 1))  # each stage function's position, then the update's
+    # every stage queued once over the three parts (calls of one function share its position)
+    assert sum(queued) == (stages - 1) + (stages - first_trained) + 1
+    assert all(0 < count < sum(queued) for count in queued)
 
 
-def test_the_warmup_adds_a_backward_helper_where_two_fit(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
-    monkeypatch.delenv(kernel_warmup.ENV_SWITCH, raising=False)
-    monkeypatch.setattr(speed, "on_cuda", lambda: True)
-    config, model = _run_config(tmp_path)  # checkpointed
-    plan = kernel_warmup.make_plan(config, model, 1, False, 10)
-    room = _estimate(0.001, 0.002, 0.0005)
-    need = kernel_warmup.warmup_bytes(plan, room, model.transformer_config)
-    one_fits = int(room.encoding_peak + 1.5 * need)
-    warmup = kernel_warmup.start(config, model, 1, False, 10, one_fits, room, tmp_path / "logs")
-    assert warmup.process is not None and warmup.helpers == ()
-    warmup.stop()
-    two_fit = int(room.encoding_peak + 2 * need)  # not the encoders' helper too (a CUDA context alone is more)
-    warmup = kernel_warmup.start(config, model, 1, False, 10, two_fit, room, tmp_path / "logs")
-    assert [helper.args[-1] for helper in warmup.helpers] == ["--backward-only"]
-    helper_log = tmp_path / "logs" / "kernel-warmup-backward.log"
-    assert warmup.helpers[0].wait(timeout=300) == 0, helper_log.read_text()[-2000:]
-    assert "backward kernels done" in helper_log.read_text()
-    assert warmup.wait(limit_s=300) == "done"
-    # without checkpointing the step is one graph: no helper
-    config.gradient_checkpointing = False
-    config.width = config.height = config.width * 2
-    warmup = kernel_warmup.start(config, model, None, False, 10, 2**40, room, tmp_path / "logs")
-    assert [helper.args[-1] for helper in warmup.helpers] == ["--encoders"]
-    assert warmup.wait(limit_s=300) == "done"
+_KERNELS_SCRIPT = """
+import glob, json, os, re, sys
+import mlx.core as mx
+from engine import kernel_warmup
+plan = kernel_warmup.WarmupPlan(**json.loads(sys.argv[1]))
+part = tuple(json.loads(sys.argv[2])) if len(sys.argv) > 2 else None
+kernel_warmup.run_plan(plan, steps=1) if part is None else kernel_warmup.run_plan(plan, part=part)
+names = set()  # a kernel's name without its variant (contiguous or strided: on CUDA one module has all)
+for path in glob.glob(os.path.join(os.environ["TMPDIR"], "mlx", "**", "*.cpp"), recursive=True):
+    name = re.search(r"void (\w+)\(", open(path).read()).group(1)  # a long one's file name is cut short
+    names.add(re.sub(r"_(contiguous|strided_\d+)$", "", name))
+print(json.dumps(sorted(names)))
+"""
 
 
-def test_the_encoders_helper_encodes_as_the_run_does_in_the_opposite_order(tmp_path, monkeypatch):
+def test_the_parts_together_compile_every_kernel_a_real_step_compiles(tmp_path):
+    # MLX's CPU backend compiles each fused kernel (named as on CUDA: its ops, dtypes and constants)
+    # into a cache under TMPDIR: a fresh one per process shows which kernels a process compiled
+    import subprocess
+    import sys
+
+    targets = lora_targets(load_template("people"))
+    config, moved = kernel_warmup.mini_model(TRANSFORMER_CONFIG, targets)
+    plan = kernel_warmup.WarmupPlan(
+        transformer_config=config, targets=[list(t) for t in moved], quantize=None, dtype="float32",
+        checkpointing=True, depth=1, one_stage=False, steps_left=100, optimizer="AdamW", learning_rate=1e-4,
+        latent_shape=[4, 4], t5_length=8, pooled_width=TRANSFORMER_CONFIG["pooled_projection_dim"],
+        guidance=True, batch_size=1)
+
+    def start(name, *part):  # started side by side: each compiles its own kernels on one core
+        folder = tmp_path / name
+        folder.mkdir()
+        return subprocess.Popen([sys.executable, "-c", _KERNELS_SCRIPT, json.dumps(plan.__dict__),
+                                 *[json.dumps(list(part))] * bool(part)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(folder)))
+
+    def compiled(process):
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+        return set(json.loads(out.splitlines()[-1]))
+
+    processes = [start("real")] + [start(f"part{index}", index, 3) for index in range(3)]
+    real, *shares = map(compiled, processes)  # a real step, as the run's first step; the three parts
+    assert len(real) > 10
+    assert set().union(*shares) >= real  # nothing left for the run's first step to compile
+    assert all(len(share) < len(real) for share in shares)  # each part compiled only a share
+
+
+def test_processes_are_counted_from_the_cores_and_the_room():
+    plan = kernel_warmup.make_plan(load_template("people"), _Model(FLUX_DEV), 1, False, 100)
+    plan.checkpointing, plan.encoder_configs = True, {"t5": {}, "vae": {}, "clip": {}}
+    encoders = {"t5": 3, "vae": 2, "clip": 2}
+    count = kernel_warmup.count_processes
+    assert count(plan, 16, 10**6, 10, encoders) == (kernel_warmup.MAX_PARTS, ["t5", "vae", "clip"])
+    assert count(plan, 8, 10**6, 10, encoders) == (4, ["t5", "vae", "clip"])  # the run keeps a core
+    assert count(plan, 4, 10**6, 10, encoders) == (1, ["t5", "vae"])
+    assert count(plan, 2, 10**6, 10, encoders) == (1, [])
+    assert count(plan, 16, 30, 10, encoders) == (3, [])  # the room: three parts, nothing beside them
+    assert count(plan, 16, 35, 10, encoders) == (3, ["t5", "vae"])  # helpers in what parts leave
+    assert count(plan, 16, 44, 10, encoders) == (4, ["t5"])
+    assert count(plan, 16, 9, 10, encoders) == (0, [])  # not even one part
+    plan.checkpointing = False  # the one-graph step cannot be shared out
+    assert count(plan, 16, 10**6, 10, encoders) == (1, ["t5", "vae", "clip"])
+    plan.encoder_configs = None  # no encoders' configs in the model folder
+    assert count(plan, 16, 10**6, 10, encoders) == (1, [])
+
+
+def test_the_encoders_helpers_encode_as_the_run_does(tmp_path, monkeypatch):
     # random encoders from the model's own configs, the text encoders cut to two layers
     config, model = _run_config(tmp_path)
     plan = kernel_warmup.make_plan(config, model, 1, False, 10)
     assert plan.encoder_configs["t5"]["num_layers"] == 2 and plan.encoder_configs["clip"]["num_hidden_layers"] == 2
     assert plan.encoder_configs["vae"] == json.loads((model.path / "vae" / "config.json").read_text())
     assert plan.image_size == [config.height, config.width]
+    # the trainer plans before it loads anything, from the folder's configs: the same plan
+    from engine.flux.loading import describe_model
+
+    description = describe_model("tiny")
+    assert description.vae is None and description.t5 is None and description.transformer is None
+    assert kernel_warmup.make_plan(config, description, 1, False, 10) == plan
     calls = []
     from engine.flux import clip, t5, vae
 
@@ -253,31 +318,35 @@ def test_the_encoders_helper_encodes_as_the_run_does_in_the_opposite_order(tmp_p
         monkeypatch.setattr(module, name, lambda self, *args, _real=real, _name=module.__name__, **kwargs:
                             calls.append((_name, tuple(args[0].shape))) or _real(self, *args, **kwargs))
     assert kernel_warmup.run_encoders(plan) > 0
-    assert calls == [("AutoencoderKL", (1, config.height, config.width, 3)), ("T5Encoder", (1, model.t5_max_length)),
+    assert calls == [("T5Encoder", (1, model.t5_max_length)), ("AutoencoderKL", (1, config.height, config.width, 3)),
                      ("CLIPTextModel", (1, 77))]
+    calls[:] = []
+    assert kernel_warmup.run_encoders(plan, ["vae"]) > 0 and [name for name, _ in calls] == ["AutoencoderKL"]
 
 
-def test_the_encoders_helper_starts_only_where_it_fits_and_ends_with_the_step(tmp_path, monkeypatch):
+def test_the_encoders_helpers_start_only_where_they_fit(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv(kernel_warmup.ENV_SWITCH, raising=False)
     monkeypatch.setattr(speed, "on_cuda", lambda: True)
+    monkeypatch.setattr(kernel_warmup, "usable_cores", lambda: 16)
     config, model = _run_config(tmp_path)
-    config.gradient_checkpointing = False  # no backward helper: the step's process and the encoders'
+    config.gradient_checkpointing = False  # one process for the step's one graph
     room = _estimate(0.001, 0.002, 0.0005)
     plan = kernel_warmup.make_plan(config, model, None, False, 10)
     need = kernel_warmup.warmup_bytes(plan, room, model.transformer_config)
     encoders = kernel_warmup.encoders_warmup_bytes(room)
-    assert encoders >= kernel_warmup.CUDA_CONTEXT_BYTES
-    tight = int(room.encoding_peak + need + encoders - 1)
+    assert min(encoders.values()) >= kernel_warmup.CUDA_CONTEXT_BYTES
+    tight = int(room.encoding_peak + need + encoders["t5"] - 1)
     warmup = kernel_warmup.start(config, model, None, False, 10, tight, room, tmp_path / "logs")
-    assert warmup.process is not None and warmup.helpers == ()
+    assert len(warmup.parts) == 1 and warmup.helpers == ()
     warmup.stop()
     warmup = kernel_warmup.start(config, model, None, False, 10, tight + 1, room, tmp_path / "logs")
-    assert len(warmup.helpers) == 1
-    helper_log = tmp_path / "logs" / "kernel-warmup-encoders.log"
+    assert [helper.args[-1] for helper in warmup.helpers] == ["t5"]
+    helper_log = tmp_path / "logs" / "kernel-warmup-t5.log"
     assert warmup.helpers[0].wait(timeout=300) == 0, helper_log.read_text()[-2000:]
-    assert "encoders' kernels done" in helper_log.read_text()
+    assert "t5's kernels done" in helper_log.read_text()
     assert warmup.wait(limit_s=300) == "done"
+    assert "part 1 of 1, done" in (tmp_path / "logs" / "kernel-warmup-0.log").read_text()
 
 
 def test_the_trainers_call_counts_the_steps_left_and_never_raises(tmp_path, monkeypatch, caplog):

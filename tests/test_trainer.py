@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from engine.checkpoint import read_checkpoint
 from engine.config import load_config
 from engine.events import TrainingControls
+from engine.flux.loading import FluxModel
 from engine.lora import lora_parameters
 from engine.trainer import Trainer
 from tests.helpers import make_training_folder
@@ -365,12 +366,15 @@ def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_mu
         _, result, _ = run(config)
     assert depths == [depth] and result.step == 1
     assert any("one block at a time" in r.getMessage() for r in caplog.records) == (depth == 0)
-    assert order == [("graphs", depth == 0), "load", ("warmup", depth, depth == 0)]
+    # the warm-up starts before the model loads: its processes compile while this one loads and encodes
+    assert order == [("graphs", depth == 0), ("warmup", depth, depth == 0), "load"]
 
 
-def test_trainer_waits_for_the_kernel_warmup_before_loading_the_transformer(tmp_path, monkeypatch):
-    # engine/kernel_warmup.py: started once the encoders are loaded, waited for (and shown) before the
-    # transformer loads, stopped when the run ends whatever happens
+@pytest.mark.parametrize("beside_training", [False, True])
+def test_trainer_waits_for_the_kernel_warmup_before_its_first_step(tmp_path, monkeypatch, beside_training):
+    # engine/kernel_warmup.py: started before the model loads, its encoders' helpers ended once the
+    # run has encoded, waited for (and shown) before the transformer loads, or after where its processes
+    # fit beside the transformer; stopped when the run ends whatever happens
     from engine import kernel_warmup
     from engine.trainer import Trainer as TrainerClass
 
@@ -382,20 +386,30 @@ def test_trainer_waits_for_the_kernel_warmup_before_loading_the_transformer(tmp_
         def wait(self, limit_s=kernel_warmup.WAIT_LIMIT_S, give_up=lambda: False, poll_s=0.25):
             order.append("wait")
             assert give_up() is False  # the run's stop request, read while waiting
+            self.outcome = "done"
             return "done"
+
+        def stop_helpers(self):
+            order.append("stop helpers")
 
         def stop(self):
             order.append("stop")
 
     def fake_start(cfg, model, depth, one_stage, steps_left, available, estimate, log_folder):
-        order.append(("start", model.transformer is None, steps_left, estimate.encoding_peak > 0))
-        return FakeWarmup(process=object())
+        order.append(("start", model.transformer is None and model.vae is None, steps_left, estimate.encoding_peak > 0))
+        return FakeWarmup(parts=(object(),), beside_training=beside_training)
 
+    real_load = FluxModel.load_transformer
+    monkeypatch.setattr(FluxModel, "load_transformer", lambda self: order.append("load") or real_load(self))
     monkeypatch.setattr(kernel_warmup, "start", fake_start)
     monkeypatch.setattr(TrainerClass, "_available_on_cuda", staticmethod(lambda: 2**40))
     config = make_training_folder(tmp_path, count=2, training_loop={"num_epochs": 1, "batch_size": 1})
     events = []
     TrainerClass(load_config(config), lambda event: events.append(event)).run()
     phases = [e["phase"] for e in events if e["type"] == "phase"]
-    assert order == [("start", True, 2, True), "wait", "stop"]
-    assert phases.index("encode") < phases.index("kernels") < phases.index("load_transformer")
+    waited = ["load", "wait"] if beside_training else ["wait", "load"]
+    assert order == [("start", True, 2, True), "stop helpers", *waited, "stop"]
+    if beside_training:
+        assert phases.index("encode") < phases.index("load_transformer") < phases.index("kernels")
+    else:
+        assert phases.index("encode") < phases.index("kernels") < phases.index("load_transformer")

@@ -41,7 +41,7 @@ class FluxModel:
     name: str
     path: Path
     transformer: nn.Module | None
-    vae: nn.Module
+    vae: nn.Module | None  # None only in describe_model's description
     clip: nn.Module | None
     t5: nn.Module | None
     clip_tokenizer: object | None
@@ -115,24 +115,34 @@ def load_model(name_or_path: str | os.PathLike = "tiny", quantize: int | None = 
     from engine.flux.tokenizers import ClipTokenizer, T5Tokenizer
     from engine.flux.vae import AutoencoderKL
     from engine.flux.vae import convert_hf_weights as convert_vae
-    from engine.flux.weights import read_config
 
-    if quantize is not None and quantize not in QUANTIZE_BITS:
-        raise ModelLoadError(f"quantize = {quantize} is not supported", "use 3, 4, 5, 6 or 8 bits, or none")
-    if speed.on_cuda():  # before the first kernel compiles: loading quantizes on the GPU
-        keep_compiled_gpu_kernels(mx.__version__)
-    folder = resolve_model_path(name_or_path, progress=progress, token=token)
-    dtype = dtype or default_dtype()
-    vae, _ = load_component(folder / "vae", AutoencoderKL, convert_vae, dtype)
-    clip = t5 = clip_tokenizer = t5_tokenizer = None
+    model = describe_model(name_or_path, quantize, dtype, progress, token)
+    folder, dtype = model.path, model.dtype
+    model.vae, _ = load_component(folder / "vae", AutoencoderKL, convert_vae, dtype)
     if text_encoders:
         for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
             if not (folder / sub).is_dir():
                 raise ModelLoadError(f"{folder} has no {sub}/ folder", "the model folder is incomplete: download it again")
-        clip, _ = load_component(folder / "text_encoder", CLIPTextModel, convert_clip, dtype, quantize)
-        t5, _ = load_component(folder / "text_encoder_2", T5Encoder, convert_t5, dtype, quantize)
-        clip_tokenizer = ClipTokenizer.from_folder(folder / "tokenizer")
-        t5_tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2")
+        model.clip, _ = load_component(folder / "text_encoder", CLIPTextModel, convert_clip, dtype, quantize)
+        model.t5, _ = load_component(folder / "text_encoder_2", T5Encoder, convert_t5, dtype, quantize)
+        model.clip_tokenizer = ClipTokenizer.from_folder(folder / "tokenizer")
+        model.t5_tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2")
+    if transformer:
+        model.load_transformer()
+    return model
+
+
+def describe_model(name_or_path: str | os.PathLike = "tiny", quantize: int | None = None, dtype: mx.Dtype | None = None,
+                   progress: ProgressCallback | None = None, token: str | None = None) -> FluxModel:
+    """The model as its folder's configs describe it, nothing loaded (vae, encoders and transformer None):
+    what a run can plan with before it loads (engine/kernel_warmup.py)."""
+    from engine.flux.weights import read_config
+
+    if quantize is not None and quantize not in QUANTIZE_BITS:
+        raise ModelLoadError(f"quantize = {quantize} is not supported", "use 3, 4, 5, 6 or 8 bits, or none")
+    if speed.on_cuda():  # before the first kernel compiles (loading quantizes on the GPU), and before a
+        keep_compiled_gpu_kernels(mx.__version__)  # kernel warm-up shares the cache (engine/kernel_warmup.py)
+    folder = resolve_model_path(name_or_path, progress=progress, token=token)
     tokenizer_config = folder / "tokenizer_2" / "tokenizer_config.json"
     tokenizer_max_length = None
     if tokenizer_config.is_file():
@@ -140,13 +150,10 @@ def load_model(name_or_path: str | os.PathLike = "tiny", quantize: int | None = 
         tokenizer_max_length = int(value) if isinstance(value, (int, float)) and value < 1e9 else None
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_path.read_text()) if scheduler_path.is_file() else {}
-    model = FluxModel(name=str(name_or_path), path=folder, transformer=None, vae=vae, clip=clip, t5=t5,
-                      clip_tokenizer=clip_tokenizer, t5_tokenizer=t5_tokenizer, dtype=dtype, quantize=quantize,
-                      transformer_config=read_config(folder / "transformer"), scheduler_config=scheduler_config,
-                      tokenizer_max_length=tokenizer_max_length)
-    if transformer:
-        model.load_transformer()
-    return model
+    return FluxModel(name=str(name_or_path), path=folder, transformer=None, vae=None, clip=None, t5=None,
+                     clip_tokenizer=None, t5_tokenizer=None, dtype=dtype or default_dtype(), quantize=quantize,
+                     transformer_config=read_config(folder / "transformer"), scheduler_config=scheduler_config,
+                     tokenizer_max_length=tokenizer_max_length)
 
 
 def quantize_module(module: nn.Module, bits: int, label: str = "model", group_size: int = QUANTIZE_GROUP_SIZE,

@@ -49,6 +49,11 @@ class VAEConfig:
         result.check()
         return result
 
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent along each side."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     def check(self) -> None:
         problems = []
         if self.act_fn not in ("silu", "swish"):
@@ -260,7 +265,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def scale_factor(self) -> int:
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        return self.config.scale_factor
 
     @property
     def dtype(self) -> mx.Dtype:
