@@ -20,7 +20,9 @@
 #   s15     run 15: MLX's CUDA graph settings against people 4-bit ckpt at depth 1 and 0     ~8 min
 #   s15b    run 15: bf16 references alone, two dense copies, combinations, a run with a preview ~8 min
 #   s15c    run 15: a fresh machine's first run with the kernel warm-up, then without    ~9 min
-#   s16     next: the warm-up with its helpers (cold, then without), the backward split at depth 1 ~9 min
+#   s16     the warm-up with its two helpers (cold, then without), the backward split at depth 1 ~9 min
+#   s17     the warm-up shared over processes (cold), the backward split at depth 1 (A/B/A)       ~7 min
+#   s17b    after s17, same machine: the cold run again, a warm run, the cold run without warm-up ~7 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -96,6 +98,7 @@ cold_run() {
     echo "marker: $(cat /tmp/ttfs-mlx-kernels/dreambooth-wizard-warm-* 2>/dev/null)"
     grep -h "warm-up\|first block-by-block step" "$out/$name/train_stderr.log" | cut -c1-250
     tail -qn 2 /tmp/ttfs-run/home/logs/kernel-warmup*.log 2>/dev/null | cut -c1-250
+    mkdir -p "$out/$name/warmup_logs"; cp /tmp/ttfs-run/home/logs/kernel-warmup* "$out/$name/warmup_logs/" 2>/dev/null
 }
 
 case $part in
@@ -238,6 +241,32 @@ s16)
     env_rows d1_again 90 "" $q4
     env_rows d1_split_again 90 "" $q4 --switch BLOCKWISE_SPLIT_BACKWARD=1
     unset MLX_PTX_CACHE_DIR
+    COLD_TIMEOUT=${BASELINE_TIMEOUT:-240} cold_run cold_baseline "DREAMBOOTH_WIZARD_KERNEL_WARMUP=0" ;;
+s17)
+    # run 16: a machine's first run with the warm-up shared over processes (each its share of the
+    # step's stage functions, one per encoder, started before the model loads); the backward split at
+    # depth 1 against the default, A/B/A (single rows vary ~10% between processes)
+    nproc; cold_run cold_shared ""
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    q4="--templates people --quantize 4 --checkpointing on --steps 6"
+    env_rows d1 90 "" $q4
+    env_rows d1_split 90 "" $q4 --switch BLOCKWISE_SPLIT_BACKWARD=1
+    env_rows d1_again 90 "" $q4
+    env_rows d1_split_again 90 "" $q4 --switch BLOCKWISE_SPLIT_BACKWARD=1 ;;
+s17b)
+    # run 16, after s17 on the same machine: the shared warm-up's first run again (caches emptied), the
+    # next run (every kernel cached), then a first run without any warm-up (the baseline)
+    # (warm, then warm with the driver's PTX-to-SASS cache off: is the warm first step's forward, 9-10 s,
+    # the driver compiling MLX's cached PTX again?)
+    cold_run cold_shared_again ""
+    du -sh ~/.nv/ComputeCache 2>&1; env | grep "^CUDA_CACHE" || echo "no CUDA_CACHE_* set"
+    for run in warm warm_no_driver_cache; do
+        mkdir -p "$out/$run"
+        OUT=$out/$run env $([[ $run == warm ]] || echo CUDA_CACHE_DISABLE=1) timeout 150 \
+            python bench/time_to_first_step.py --template people --quantize 4 --checkpointing >"$out/$run/stdout.log" 2>&1
+        echo "$run rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*' "$out/$run/ttfs.json"
+        grep -h "first block-by-block step" "$out/$run/train_stderr.log" | cut -c1-250
+    done
     COLD_TIMEOUT=${BASELINE_TIMEOUT:-240} cold_run cold_baseline "DREAMBOOTH_WIZARD_KERNEL_WARMUP=0" ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
