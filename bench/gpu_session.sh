@@ -99,6 +99,9 @@ cold_run() {
     grep -h "warm-up\|first block-by-block step" "$out/$name/train_stderr.log" | cut -c1-250
     tail -qn 2 /tmp/ttfs-run/home/logs/kernel-warmup*.log 2>/dev/null | cut -c1-250
     mkdir -p "$out/$name/warmup_logs"; cp /tmp/ttfs-run/home/logs/kernel-warmup* "$out/$name/warmup_logs/" 2>/dev/null
+    # which kernels compiled when (MLX writes each one's .ptx when it is compiled)
+    find /tmp/ttfs-mlx-kernels -name "*.ptx" -printf "%TT %s %f\n" 2>/dev/null | sort | cut -c1-160 \
+        >"$out/$name/kernels_by_time.txt"
 }
 
 case $part in
@@ -254,10 +257,10 @@ s17)
     env_rows d1_again 90 "" $q4
     env_rows d1_split_again 90 "" $q4 --switch BLOCKWISE_SPLIT_BACKWARD=1 ;;
 s17b)
-    # run 16, after s17 on the same machine: the shared warm-up's first run again (caches emptied), the
-    # next run (every kernel cached), then a first run without any warm-up (the baseline)
-    # (warm, then warm with the driver's PTX-to-SASS cache off: is the warm first step's forward, 9-10 s,
-    # the driver compiling MLX's cached PTX again?)
+    # run 16, after s17: the shared warm-up's first run again (caches emptied), the next run (every
+    # kernel cached; then with the driver's PTX cache off: is the warm first step's 9-13 s forward the
+    # driver compiling MLX's cached PTX again?), the first-call probe; with BASELINE=1 a first run
+    # without any warm-up
     cold_run cold_shared_again ""
     du -sh ~/.nv/ComputeCache 2>&1; env | grep "^CUDA_CACHE" || echo "no CUDA_CACHE_* set"
     for run in warm warm_no_driver_cache; do
@@ -267,7 +270,11 @@ s17b)
         echo "$run rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*' "$out/$run/ttfs.json"
         grep -h "first block-by-block step" "$out/$run/train_stderr.log" | cut -c1-250
     done
-    COLD_TIMEOUT=${BASELINE_TIMEOUT:-240} cold_run cold_baseline "DREAMBOOTH_WIZARD_KERNEL_WARMUP=0" ;;
+    # what a process pays the first time it runs an op at a shape, kernels cached: with cuDNN's
+    # attention, then without
+    OUT=$out timeout 120 python bench/probe_first_calls.py
+    OUT=$out MLX_CUDA_USE_CUDNN_SDPA=0 timeout 120 python bench/probe_first_calls.py
+    [[ -n ${BASELINE:-} ]] && COLD_TIMEOUT=${BASELINE_TIMEOUT:-240} cold_run cold_baseline "DREAMBOOTH_WIZARD_KERNEL_WARMUP=0" ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
