@@ -22,7 +22,8 @@
 #   s15c    run 15: a fresh machine's first run with the kernel warm-up, then without    ~9 min
 #   s16     the warm-up with its two helpers (cold, then without), the backward split at depth 1 ~9 min
 #   s17     the warm-up shared over processes (cold), the backward split at depth 1 (A/B/A)       ~7 min
-#   s17b    after s17, same machine: the cold run again, a warm run, the cold run without warm-up ~7 min
+#   s17b    the cold run again, warm runs (driver cache on/off), the first-call probe          ~5 min
+#   s17c    a first run with CLIP dequantizing, the first step's slowest stages; a warm run    ~4 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -96,8 +97,8 @@ cold_run() {
         --quantize 4 --checkpointing >"$out/$name/stdout.log" 2>&1
     echo "$name [$vars] rc=$?"; tail -c 1200 "$out/$name/stdout.log"; echo
     echo "marker: $(cat /tmp/ttfs-mlx-kernels/dreambooth-wizard-warm-* 2>/dev/null)"
-    grep -h "warm-up\|first block-by-block step" "$out/$name/train_stderr.log" | cut -c1-250
-    tail -qn 2 /tmp/ttfs-run/home/logs/kernel-warmup*.log 2>/dev/null | cut -c1-250
+    grep -h "warm-up\|first block-by-block step" "$out/$name/train_stderr.log" | cut -c1-400
+    tail -qn 4 /tmp/ttfs-run/home/logs/kernel-warmup*.log 2>/dev/null | cut -c1-250
     mkdir -p "$out/$name/warmup_logs"; cp /tmp/ttfs-run/home/logs/kernel-warmup* "$out/$name/warmup_logs/" 2>/dev/null
     # which kernels compiled when (MLX writes each one's .ptx when it is compiled)
     find /tmp/ttfs-mlx-kernels -name "*.ptx" -printf "%TT %s %f\n" 2>/dev/null | sort | cut -c1-160 \
@@ -275,6 +276,15 @@ s17b)
     OUT=$out timeout 120 python bench/probe_first_calls.py
     OUT=$out MLX_CUDA_USE_CUDNN_SDPA=0 timeout 120 python bench/probe_first_calls.py
     [[ -n ${BASELINE:-} ]] && COLD_TIMEOUT=${BASELINE_TIMEOUT:-240} cold_run cold_baseline "DREAMBOOTH_WIZARD_KERNEL_WARMUP=0" ;;
+s17c)
+    # run 16, third part: a first run with CLIP's quantized linears dequantizing (no MLX qmm kernel,
+    # ~40 s of NVRTC) and the first step's slowest stages logged; then the next (warm) run
+    cold_run cold_min_rows ""
+    mkdir -p "$out/warm"
+    OUT=$out/warm timeout 150 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+        >"$out/warm/stdout.log" 2>&1
+    echo "warm rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*' "$out/warm/ttfs.json"
+    grep -h "first block-by-block step" "$out/warm/train_stderr.log" | cut -c1-400 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing

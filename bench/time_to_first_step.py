@@ -152,7 +152,7 @@ def main() -> None:
         # stopped from outside (a timeout's SIGTERM): take the trainer down too, or it keeps the GPU
         # and holds any pipe this script's output goes into open
         signal.signal(signal.SIGTERM, lambda *_: (process.kill(), sys.exit(143)))
-        phases, steps = {}, []
+        phases, steps, progress = {}, [], {}
         try:
             for line in process.stdout:
                 try:
@@ -163,6 +163,9 @@ def main() -> None:
                     phases[event["phase"]] = round(event["time"] - launched, 2)
                     # as it happens, so a run cut by its timeout still says how far it got
                     print(f"phase {event['phase']} at {phases[event['phase']]} s", file=sys.stderr, flush=True)
+                if event["type"] == "progress":  # each progress phase's first and last event (encode prompts, ...)
+                    seen = progress.setdefault(event["phase"], [round(event["time"] - launched, 2)] * 2)
+                    seen[1] = round(event["time"] - launched, 2)
                 if event["type"] == "step":
                     steps.append({"s": round(event["time"] - launched, 2), "peak_gib": round(event["peak_memory_gib"], 2)})
                     print(f"step {len(steps)} at {steps[-1]['s']} s, peak {steps[-1]['peak_gib']} GiB", file=sys.stderr,
@@ -178,7 +181,8 @@ def main() -> None:
     first_step = steps[0] if steps else None
     kernels = sum(len(files) for _, _, files in os.walk(KERNEL_CACHE))
     row = {"template": args.template, "quantize": args.quantize, "checkpointing": args.checkpointing,
-           "preview_every": args.preview_every, "model_write_s": write_s, "phases_s_from_launch": phases, "first_step": first_step,
+           "preview_every": args.preview_every, "model_write_s": write_s, "phases_s_from_launch": phases,
+           "progress_s_from_launch": progress, "first_step": first_step,
            "time_to_first_step_s": first_step["s"] if first_step else None, "first_step_log": first_step_log,
            "steps": steps, "whole_run_peak_gib": steps[-1]["peak_gib"] if steps else None,
            "kernel_cache_files": kernels, "exit_code": process.returncode}

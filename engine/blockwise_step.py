@@ -226,6 +226,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
 
     def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
         started = time.perf_counter()
+        stage_times = [(started, 0)]  # (when each forward stage was queued, its index), on the first call
         queue = BoundedQueue(depth)
         rope = transformer.rope(img_ids, txt_ids)
         inputs = (latents, noise, sigma, hidden, pooled) + ((guidance,) if has_guidance else ())
@@ -250,6 +251,8 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             carry = tuple(function(params[i], given, temb, rope))
             if not warming or runs(function):
                 queue.push(list(carry))
+            if first_call[0]:
+                stage_times.append((time.perf_counter(), i))
         if warming:
             carry = tuple(map(_stand_in, carry))
 
@@ -299,8 +302,10 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         if first_call[0]:  # where a first step's time goes: tracing, compiling kernels, running
             first_call[0] = False
             log.info("first block-by-block step: forward traced and queued in %.1f s, backward and update in "
-                     "%.1f s (%d stage functions compiled)", forward_done - started,
-                     time.perf_counter() - forward_done, functions.count)
+                     "%.1f s (%d stage functions compiled); the slowest forward stages: %s", forward_done - started,
+                     time.perf_counter() - forward_done, functions.count, ", ".join(
+                         f"{index} {seconds:.2f} s" for seconds, index in sorted(
+                             ((b[0] - a[0], b[1]) for a, b in zip(stage_times, stage_times[1:])), reverse=True)[:4]))
         if PHASE_PEAKS is not None:
             mx.eval(loss, state)
             PHASE_PEAKS.append(("backward", mx.get_peak_memory()))

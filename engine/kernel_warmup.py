@@ -402,6 +402,7 @@ def run_encoders(plan: WarmupPlan, names=ENCODERS) -> float:
     mx.random.seed(0)
     configs = plan.encoder_configs
     for name in names:
+        started = time.perf_counter()
         if name == "vae":
             vae = AutoencoderKL(configs["vae"])
             vae.set_dtype(dtype)
@@ -410,15 +411,18 @@ def run_encoders(plan: WarmupPlan, names=ENCODERS) -> float:
             mean = vae.encode(pixels.astype(dtype))
             mx.eval(pack_latents(vae.normalize(mean.astype(mx.float32)))[0])
             del vae
+            log.info("vae encoded in %.1f s", time.perf_counter() - started)
             continue
         build, length = {"t5": (T5Encoder, plan.t5_length), "clip": (CLIPTextModel, 77)}[name]
         encoder = build(configs[name])
         encoder.set_dtype(dtype)
         if plan.quantize:
             quantize_module(encoder, plan.quantize, name)
+        built = time.perf_counter()
         ids = mx.random.randint(0, int(configs[name].get("vocab_size", 1000)), (1, length))
         out = encoder(ids)
         mx.eval([a.astype(dtype) for a in (out if isinstance(out, tuple) else (out,))])
+        log.info("%s built in %.1f s, encoded in %.1f s", name, built - started, time.perf_counter() - built)
         del encoder
     return mx.get_peak_memory() / 2**30
 

@@ -160,3 +160,24 @@ def test_tiny_model_is_in_the_hugging_face_layout():
     assert (folder / "tokenizer" / "vocab.json").is_file() and (folder / "tokenizer_2" / "tokenizer.json").is_file()
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size < 30 * 2**20  # small enough to build on any laptop in a second
+
+
+def test_dequantizing_linears_leave_only_fewer_than_8_rows_to_mlxs_quantized_matmul(monkeypatch):
+    # from 8 rows MLX runs its quantized matrix-matrix kernel (on CUDA ~40 s to compile the first time,
+    # and slower than dequantize + matmul): only its matrix-vector kernel's sizes go there
+    import mlx.nn as nn
+
+    from engine.flux.quantized import DequantizingLinear
+
+    layer = nn.Linear(128, 64)
+    mx.eval(layer.parameters())
+    quantized = DequantizingLinear.from_quantized(nn.QuantizedLinear.from_linear(layer, group_size=64, bits=4))
+    calls = []
+    real = mx.quantized_matmul
+    monkeypatch.setattr(mx, "quantized_matmul", lambda *args, **kwargs: calls.append(args[0].shape) or real(*args, **kwargs))
+    for rows in (1, 7, 8, 77, 300):
+        x = mx.random.normal((1, rows, 128))
+        stock = real(x, quantized["weight"], quantized["scales"], quantized["biases"], transpose=True, group_size=64,
+                     bits=4) + quantized["bias"]
+        assert mx.allclose(quantized(x), stock, atol=1e-4, rtol=1e-4)
+    assert [shape[1] for shape in calls] == [1, 7]

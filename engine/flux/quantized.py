@@ -121,9 +121,12 @@ class DequantizingLinear(nn.QuantizedLinear):
         dict.update(new, layer)
         return new
 
-    # below this many input rows (the modulation linears see one row per sample)
-    # the stock quantized matmul is fast and needs no dense copy of the weight
-    MIN_ROWS = 256
+    # below this many input rows (the modulation linears see one row per sample) MLX's quantized
+    # matrix-vector kernel is fast and needs no dense copy of the weight. From 8 rows MLX runs its
+    # quantized matrix-matrix kernel: slower than dequantize + matmul at FLUX's shapes (module
+    # docstring), and on CUDA a kernel NVRTC compiles for about 40 s the first time (CLIP's 77
+    # tokens took it: bench/NOTES.md item 35)
+    MIN_ROWS = 8
 
     def __call__(self, x: mx.array) -> mx.array:
         biases = self.get("biases")
