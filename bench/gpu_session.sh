@@ -24,6 +24,7 @@
 #   s17     the warm-up shared over processes (cold), the backward split at depth 1 (A/B/A)       ~7 min
 #   s17b    the cold run again, warm runs (driver cache on/off), the first-call probe          ~5 min
 #   s17c    a first run with CLIP dequantizing, the first step's slowest stages; a warm run    ~4 min
+#   s17d    the shape-generic dequantize kernel: checked, a first and a warm run, people rows  ~5 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -285,6 +286,31 @@ s17c)
         >"$out/warm/stdout.log" 2>&1
     echo "warm rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*' "$out/warm/ttfs.json"
     grep -h "first block-by-block step" "$out/warm/train_stderr.log" | cut -c1-400 ;;
+s17d)
+    # run 16, fourth part: the dequantize kernel with the shape at run time (one compile per dtype, bits
+    # and group size) against MLX's dequantize; a first run, the next run; the people rows (4-bit
+    # checkpointed, bf16) for its speed
+    python - <<'PY'
+import mlx.core as mx
+from engine.flux.quantized import dequantize
+for rows, columns in ((3072, 64), (3072, 3072), (12288, 3072), (3072, 15360), (64, 4096), (5, 320)):
+    weight = (mx.random.normal((rows, columns)) * 0.05).astype(mx.bfloat16)
+    for bits in (4, 8):
+        wq, scales, biases = mx.quantize(weight, 64 if columns % 64 == 0 else 32, bits)
+        group = 64 if columns % 64 == 0 else 32
+        same = mx.array_equal(dequantize(wq, scales, biases, group, bits, "affine"), mx.dequantize(wq, scales, biases, group, bits))
+        print("dequantize", rows, columns, bits, "equal" if same.item() else "DIFFERENT")
+PY
+    cold_run cold_generic_dequantize ""
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    mkdir -p "$out/warm"
+    OUT=$out/warm timeout 150 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+        >"$out/warm/stdout.log" 2>&1
+    echo "warm rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*' "$out/warm/ttfs.json"
+    grep -h "first block-by-block step" "$out/warm/train_stderr.log" | cut -c1-400
+    q4="--templates people --quantize 4 --checkpointing on --steps 6"
+    env_rows d1 90 "" $q4
+    env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing

@@ -20,16 +20,19 @@ from engine.flux import speed
 
 # One thread per packed 32-bit word: it reads the word and its group's scale and bias once
 # and writes all 32/BITS values with one vector store. MLX 0.32's own CUDA dequantize moved
-# ~1 TB/s at FLUX's shapes (bench/NOTES.md), a quarter of an H200's bandwidth.
+# ~1 TB/s at FLUX's shapes (bench/NOTES.md), a quarter of an H200's bandwidth. A group never
+# spans two words (GROUP is a multiple of 32/BITS) nor two rows (the row's width is a multiple
+# of GROUP), so word w's group is w * (32/BITS) / GROUP whatever the shape: the kernel takes the
+# shape at run time, and a process compiles it once per dtype, bits and group size. MLX keeps no
+# custom kernel on disk, so each shape compiled as its own kernel cost every process about a
+# second: 6.6 s in a people run's first block (bench/NOTES.md item 35).
 _DEQUANTIZE_SOURCE = """
     const uint64_t word = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     constexpr int PER_WORD = 32 / BITS;
-    constexpr int WORDS_PER_ROW = COLUMNS / PER_WORD;
-    if (word >= (uint64_t)ROWS * WORDS_PER_ROW) {
+    if (word >= (uint64_t)wq_shape[0] * (uint64_t)wq_shape[1]) {
         return;
     }
-    const uint64_t row = word / WORDS_PER_ROW;
-    const uint64_t group = row * (COLUMNS / GROUP) + (word % WORDS_PER_ROW) * PER_WORD / GROUP;
+    const uint64_t group = word * PER_WORD / GROUP;
     const float scale = static_cast<float>(scales[group]);
     const float bias = static_cast<float>(biases[group]);
     const uint32_t packed = wq[word];
@@ -62,7 +65,7 @@ def dequantize(wq: mx.array, scales: mx.array, biases: mx.array, group_size: int
     words = wq.size
     return _dequantize_kernel()(
         inputs=[wq, scales, biases],
-        template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size), ("ROWS", rows), ("COLUMNS", columns)],
+        template=[("T", scales.dtype), ("BITS", bits), ("GROUP", group_size)],
         grid=((words + 255) // 256 * 256, 1, 1), threadgroup=(256, 1, 1),
         output_shapes=[(rows, columns)], output_dtypes=[scales.dtype])[0]
 
