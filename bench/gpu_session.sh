@@ -25,6 +25,7 @@
 #   s17b    the cold run again, warm runs (driver cache on/off), the first-call probe          ~5 min
 #   s17c    a first run with CLIP dequantizing, the first step's slowest stages; a warm run    ~4 min
 #   s17d    the shape-generic dequantize kernel: checked, a first and a warm run, people rows  ~5 min
+#   s17e    the people first run again; pets' first run (4-bit, one-graph step)               ~5 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -311,6 +312,16 @@ PY
     q4="--templates people --quantize 4 --checkpointing on --steps 6"
     env_rows d1 90 "" $q4
     env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6 ;;
+s17e)
+    # run 16, fifth part: the people first run again; pets' first run at its template's own setting
+    # (4-bit, no checkpointing: the one-graph step, whose kernels one warm-up process compiles)
+    cold_run cold_people_again ""
+    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
+    mkdir -p "$out/cold_pets"
+    OUT=$out/cold_pets timeout 330 python bench/time_to_first_step.py --template pets --quantize 4 \
+        >"$out/cold_pets/stdout.log" 2>&1
+    echo "cold_pets rc=$?"; tail -c 900 "$out/cold_pets/stdout.log"; echo
+    tail -qn 3 /tmp/ttfs-run/home/logs/kernel-warmup*.log 2>/dev/null | cut -c1-300 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
