@@ -1,6 +1,6 @@
 """Build bench/results.json from the raw rows of a GPU run (bench/raw/<run>/).
 
-    python bench/make_results.py [--run run14] [--fallback-runs run13 run13_h100 run12 run11 run9 run2 run1]
+    python bench/make_results.py [--run run16] [--fallback-runs run15 run14 run13 run13_h100 run12 run11 run9 run2 run1]
 
 Ours, diffusers+peft and mflux rows are joined on (template, quantize,
 checkpointing). Peer rows come from the same run wherever that run measured
@@ -107,9 +107,9 @@ def row_depth(row: dict) -> int | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run", default="run15")
+    parser.add_argument("--run", default="run16")
     parser.add_argument("--fallback-runs", nargs="*",
-                        default=["run14", "run13", "run13_h100", "run12", "run11", "run9", "run2", "run1"],
+                        default=["run15", "run14", "run13", "run13_h100", "run12", "run11", "run9", "run2", "run1"],
                         help="raw folders for what the main run did not measure, first = preferred")
     args = parser.parse_args()
     ours, diffusers, mflux = {}, {}, {}
@@ -155,10 +155,13 @@ def main() -> None:
     ttfs = json.loads((RAW / ttfs_run / "ttfs.json").read_text())
     result = {"rows": rows, "time_to_first_step_s": ttfs["time_to_first_step_s"],
               "time_to_first_step": dict(ttfs, source=ttfs_run)}
-    baseline = RAW / ttfs_run / "ttfs_without_warmup.json"  # the same machine's first run, no kernel warm-up
-    if baseline.is_file():
-        result["time_to_first_step_without_warmup_s"] = json.loads(baseline.read_text())["time_to_first_step_s"]
-        result["time_to_first_step_without_warmup"] = dict(json.loads(baseline.read_text()), source=ttfs_run)
+    # a first run without the kernel warm-up: the latest run that measured one (its source says which)
+    baseline_run = next((name for name in [ttfs_run, *args.fallback_runs]
+                         if (RAW / name / "ttfs_without_warmup.json").is_file()), None)
+    if baseline_run:
+        baseline = json.loads((RAW / baseline_run / "ttfs_without_warmup.json").read_text())
+        result["time_to_first_step_without_warmup_s"] = baseline["time_to_first_step_s"]
+        result["time_to_first_step_without_warmup"] = dict(baseline, source=baseline_run)
     # a second run, MLX's kernel cache filled by the first: the latest run that measured one
     warm_run = next((name for name in [args.run, *args.fallback_runs] if (RAW / name / "ttfs_warm.json").is_file()), None)
     if warm_run:
