@@ -26,6 +26,7 @@
 #   s17c    a first run with CLIP dequantizing, the first step's slowest stages; a warm run    ~4 min
 #   s17d    the shape-generic dequantize kernel: checked, a first and a warm run, people rows  ~5 min
 #   s17e    the people first run again; pets' first run (4-bit, one-graph step)               ~5 min
+#   s17f    pets' first run with the block-by-block shares beside the one-graph warm-up        ~3 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -322,6 +323,16 @@ s17e)
         >"$out/cold_pets/stdout.log" 2>&1
     echo "cold_pets rc=$?"; tail -c 900 "$out/cold_pets/stdout.log"; echo
     tail -qn 3 /tmp/ttfs-run/home/logs/kernel-warmup*.log 2>/dev/null | cut -c1-300 ;;
+s17f)
+    # run 16, sixth part: pets' first run with the block-by-block step's shares compiled beside its
+    # one-graph warm-up process
+    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
+    mkdir -p "$out/cold_pets_shares"
+    OUT=$out/cold_pets_shares timeout ${COLD_TIMEOUT:-170} python bench/time_to_first_step.py --template pets --quantize 4 \
+        >"$out/cold_pets_shares/stdout.log" 2>&1
+    echo "cold_pets_shares rc=$?"; tail -c 1200 "$out/cold_pets_shares/stdout.log"; echo
+    tail -qn 2 /tmp/ttfs-run/home/logs/kernel-warmup*.log 2>/dev/null | cut -c1-300
+    mkdir -p "$out/cold_pets_shares/warmup_logs"; cp /tmp/ttfs-run/home/logs/kernel-warmup* "$out/cold_pets_shares/warmup_logs/" ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing

@@ -18,7 +18,10 @@ MAX_PARTS processes each trace the whole small step and run only their share of 
 (those whose position, modulo the number of processes, is theirs), each on random stand-ins of its
 inputs (engine/blockwise_step.py: compile_only). Together they compile every kernel a real step does
 (tests/test_kernel_warmup.py checks it kernel by kernel on MLX's CPU backend, which names and caches
-its fused kernels the same way). The one-graph step (no checkpointing) is one process. Helpers, one
+its fused kernels the same way). The one-graph step (no checkpointing) is one graph, for one
+process; but most of its fused kernels are the block-by-block step's too (31 of its 34 for pets on
+the CPU backend), so the other processes compile the block-by-block step's shares beside it, and
+it finds most of its kernels on disk when it gets to them. Helpers, one
 per encoder (T5, the VAE, then CLIP: the run encodes CLIP first), compile the encoders' kernels with
 random encoders (the text encoders cut to two layers) while the run encodes; they are ended once
 it has. The run waits for the step's processes, after loading the transformer where they fit beside
@@ -176,15 +179,16 @@ def encoders_warmup_bytes(estimate) -> dict[str, int]:
 
 
 class Warmup:
-    """A running warm-up (`start`): the processes that compile the step's kernels (`parts`, each its share
-    of the stage functions), and helpers that compile the encoders' (ended once the run has encoded); or
-    nothing to wait for. `beside_training`: the parts fit beside the loaded transformer, so the run loads
-    it before waiting for them."""
+    """A running warm-up (`start`): the processes waited for (`parts`: each its share of the block-by-block
+    step's stage functions, or the one-graph step), the block-by-block step's shares compiled beside a
+    one-graph step's process (`shares`, ended with it), and helpers that compile the encoders' kernels
+    (ended once the run has encoded); or nothing to wait for. `beside_training`: the processes fit beside
+    the loaded transformer, so the run loads it before waiting for them."""
 
     def __init__(self, parts: tuple = (), marker: Path | None = None, log_path: Path | None = None,
-                 helpers: tuple = (), beside_training: bool = False):
+                 helpers: tuple = (), beside_training: bool = False, shares: tuple = ()):
         self.parts, self.marker, self.log_path = tuple(parts), marker, log_path
-        self.helpers, self.beside_training = tuple(helpers), beside_training
+        self.helpers, self.beside_training, self.shares = tuple(helpers), beside_training, tuple(shares)
         self.started = time.perf_counter()
         self.outcome: str | None = None
 
@@ -213,6 +217,8 @@ class Warmup:
                         self.outcome = outcome
                         return outcome
         self.stop_helpers()  # the parts compiled whatever they had not
+        for share in self.shares:
+            _end(share)
         self.outcome = "failed"
         if all(part.returncode == 0 for part in self.parts) and self.marker is not None:
             seconds = time.perf_counter() - self.started
@@ -229,8 +235,8 @@ class Warmup:
 
     def stop(self) -> None:
         self.stop_helpers()
-        for part in self.parts:
-            _end(part)
+        for process in self.parts + self.shares:
+            _end(process)
 
 
 def _end(process) -> None:
@@ -251,14 +257,14 @@ def usable_cores() -> int:
 
 def count_processes(plan: WarmupPlan, cores: int, room: int, part_bytes: int,
                     encoder_bytes: dict[str, int]) -> tuple[int, list[str]]:
-    """How many processes share the step's kernels, and which encoders get a helper, for `cores` CPU cores
-    and `room` bytes of GPU memory beside the run's encoding. Each kernel compiles on one core, so the
-    parts take up to MAX_PARTS cores, leaving the run's process and the encoders' helpers theirs; only a
-    block-by-block step has stage functions to share out (otherwise one process compiles its one graph)."""
+    """How many processes compile the step's kernels, and which encoders get a helper, for `cores` CPU
+    cores and `room` bytes of GPU memory beside the run's encoding. Each kernel compiles on one core, so
+    the step's processes take up to MAX_PARTS cores, leaving the run's process and the encoders' helpers
+    theirs. Without the block-by-block step there is one graph, for one process."""
     if room < part_bytes:
         return 0, []
     parts = 1
-    if plan.checkpointing and _blockwise():
+    if _blockwise():
         parts = max(1, min(MAX_PARTS, cores - 1 - len(ENCODERS), room // max(part_bytes, 1)))
     room -= parts * part_bytes
     helpers = []
@@ -301,12 +307,18 @@ def start(cfg, model, depth: int | None, one_stage: bool, steps_left: int, avail
     plan_path.write_text(json.dumps({"plan": plan.__dict__, "marker": str(marker)}))
     # the encoders' helpers first: the run starts encoding right away
     helpers = [_spawn(plan_path, log_folder / f"kernel-warmup-{name}.log", "--encoder", name) for name in encoders]
-    processes = [_spawn(plan_path, log_folder / f"kernel-warmup-{index}.log", "--part", f"{index}/{parts}")
-                 for index in range(parts)]
+    shares = []
+    if plan.checkpointing or parts == 1:
+        processes = [_spawn(plan_path, log_folder / f"kernel-warmup-{index}.log", "--part", f"{index}/{parts}")
+                     for index in range(parts)]
+    else:  # one graph, in one process; the block-by-block step's shares compile most of its kernels beside it
+        processes = [_spawn(plan_path, log_folder / "kernel-warmup-0.log")]
+        shares = [_spawn(plan_path, log_folder / f"kernel-warmup-{index + 1}.log", "--part", f"{index}/{parts - 1}",
+                         "--blockwise") for index in range(parts - 1)]
     beside_training = estimate.training_peak + parts * need <= available
     log.info("compiling the step's GPU kernels in %d processes, the encoders' (%s) in %d, while encoding (%s)",
              parts, ", ".join(encoders) or "none", len(helpers), log_folder / "kernel-warmup-*.log")
-    return Warmup(processes, marker, log_folder / "kernel-warmup-0.log", helpers, beside_training)
+    return Warmup(processes, marker, log_folder / "kernel-warmup-0.log", helpers, beside_training, shares)
 
 
 def start_for_run(cfg, model, depth: int | None, one_stage: bool, available: int | None, steps_done: int) -> Warmup | None:
@@ -439,7 +451,9 @@ def main(argv: list[str]) -> int:
         log.info("%s's kernels done in %.1f s, peak %.2f GiB", name, time.perf_counter() - started, peak)
         return 0
     index, count = (int(n) for n in argv[argv.index("--part") + 1].split("/")) if "--part" in argv else (0, 1)
-    peak = run_plan(plan, part=(index, count))
+    if "--blockwise" in argv:  # a share of the block-by-block step's kernels, beside a one-graph step's process
+        plan.checkpointing = True
+    peak = run_plan(plan, part=(index, count) if "--part" in argv else None)
     log.info("step kernels, part %d of %d, done in %.1f s, peak %.2f GiB", index + 1, count,
              time.perf_counter() - started, peak)
     return 0

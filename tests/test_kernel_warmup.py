@@ -272,13 +272,17 @@ def test_the_parts_together_compile_every_kernel_a_real_step_compiles(tmp_path):
         return set(json.loads(out.splitlines()[-1]))
 
     processes = [start("real")] + [start(f"part{index}", index, 3) for index in range(3)]
-    real, *shares = map(compiled, processes)  # a real step, as the run's first step; the three parts
+    plan.checkpointing = False
+    processes.append(start("one_graph"))  # the step without checkpointing: one compiled graph
+    real, *shares, one_graph = map(compiled, processes)  # a real step, as the run's first step; the parts
     assert len(real) > 10
     assert set().union(*shares) >= real  # nothing left for the run's first step to compile
+    # most of the one-graph step's kernels too: its warm-up compiles the shares beside it
+    assert len(one_graph & set().union(*shares)) >= 0.8 * len(one_graph)
     assert all(len(share) < len(real) for share in shares)  # each part compiled only a share
 
 
-def test_processes_are_counted_from_the_cores_and_the_room():
+def test_processes_are_counted_from_the_cores_and_the_room(monkeypatch):
     plan = kernel_warmup.make_plan(load_template("people"), _Model(FLUX_DEV), 1, False, 100)
     plan.checkpointing, plan.encoder_configs = True, {"t5": {}, "vae": {}, "clip": {}}
     encoders = {"t5": 3, "vae": 2, "clip": 2}
@@ -291,10 +295,32 @@ def test_processes_are_counted_from_the_cores_and_the_room():
     assert count(plan, 16, 35, 10, encoders) == (3, ["t5", "vae"])  # helpers in what parts leave
     assert count(plan, 16, 44, 10, encoders) == (4, ["t5"])
     assert count(plan, 16, 9, 10, encoders) == (0, [])  # not even one part
-    plan.checkpointing = False  # the one-graph step cannot be shared out
-    assert count(plan, 16, 10**6, 10, encoders) == (1, ["t5", "vae", "clip"])
+    plan.checkpointing = False  # the one-graph step's process, the block-by-block step's shares beside it
+    assert count(plan, 16, 10**6, 10, encoders) == (kernel_warmup.MAX_PARTS, ["t5", "vae", "clip"])
     plan.encoder_configs = None  # no encoders' configs in the model folder
+    assert count(plan, 16, 10**6, 10, encoders) == (kernel_warmup.MAX_PARTS, [])
+    monkeypatch.setattr(speed, "BLOCKWISE_CHECKPOINTING", False)  # no block-by-block step: one graph, one process
     assert count(plan, 16, 10**6, 10, encoders) == (1, [])
+
+
+def test_a_one_graph_step_is_compiled_in_one_process_with_block_by_block_shares_beside_it(tmp_path, monkeypatch):
+    # most of the one-graph step's fused kernels are the block-by-block step's: shares of those compile
+    # beside the one process that compiles the whole graph, are not waited for, and end with it
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
+    monkeypatch.delenv(kernel_warmup.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(speed, "on_cuda", lambda: True)
+    monkeypatch.setattr(kernel_warmup, "usable_cores", lambda: 7)  # three step processes, three helpers
+    config, model = _run_config(tmp_path)
+    config.gradient_checkpointing = False
+    room = _estimate(0.001, 0.002, 0.0005)
+    warmup = kernel_warmup.start(config, model, None, False, 10, 2**40, room, tmp_path / "logs")
+    assert len(warmup.parts) == 1 and "--part" not in warmup.parts[0].args
+    assert [share.args[-3:] for share in warmup.shares] == [["--part", "0/2", "--blockwise"],
+                                                            ["--part", "1/2", "--blockwise"]]
+    assert warmup.wait(limit_s=300) == "done", (tmp_path / "logs" / "kernel-warmup-0.log").read_text()[-2000:]
+    assert all(share.poll() is not None for share in warmup.shares)  # ended with the one-graph process
+    assert "part 1 of 1, done" in (tmp_path / "logs" / "kernel-warmup-0.log").read_text()
+    warmup.stop()
 
 
 def test_the_encoders_helpers_encode_as_the_run_does(tmp_path, monkeypatch):
@@ -328,9 +354,9 @@ def test_the_encoders_helpers_start_only_where_they_fit(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "kernels"))
     monkeypatch.delenv(kernel_warmup.ENV_SWITCH, raising=False)
     monkeypatch.setattr(speed, "on_cuda", lambda: True)
-    monkeypatch.setattr(kernel_warmup, "usable_cores", lambda: 16)
+    monkeypatch.setattr(kernel_warmup, "usable_cores", lambda: 5)  # one step's process, one core for a helper
     config, model = _run_config(tmp_path)
-    config.gradient_checkpointing = False  # one process for the step's one graph
+    config.gradient_checkpointing = False
     room = _estimate(0.001, 0.002, 0.0005)
     plan = kernel_warmup.make_plan(config, model, None, False, 10)
     need = kernel_warmup.warmup_bytes(plan, room, model.transformer_config)
