@@ -8,7 +8,7 @@ import os
 import mlx.core as mx
 import pytest
 
-from engine import kernel_warmup
+from engine import kernel_warmup, kernel_warmup_process
 from engine.config import load_config, load_template, lora_targets
 from engine.flux import speed
 from engine.flux.latents import latent_image_ids, text_ids
@@ -82,8 +82,8 @@ def test_the_warmup_trains_the_small_model_as_planned():
         quantize=4, dtype="float32", checkpointing=True, depth=1, one_stage=False, steps_left=100,
         optimizer="AdamW", learning_rate=1e-4, latent_shape=[8, 8], t5_length=16, pooled_width=32, guidance=True,
         batch_size=1)
-    assert kernel_warmup.run_plan(plan) > 0
-    assert kernel_warmup.run_plan(plan, part=(1, 3)) > 0  # a share of the stage functions, on stand-ins
+    assert kernel_warmup_process.run_plan(plan) > 0
+    assert kernel_warmup_process.run_plan(plan, part=(1, 3)) > 0  # a share of the stage functions, on stand-ins
     # what the kernels depend on decides the marker: another image size is another warm-up
     other = kernel_warmup.WarmupPlan(**dict(plan.__dict__, latent_shape=[16, 16]))
     assert plan.key() != other.key() and plan.key() == kernel_warmup.WarmupPlan(**plan.__dict__).key()
@@ -175,7 +175,7 @@ def test_a_failed_part_is_reported_the_wait_ends_and_no_marker_is_written(tmp_pa
 
     broken = tmp_path / "plan.json"
     broken.write_text("{}")
-    failing = subprocess.Popen([sys.executable, "-m", "engine.kernel_warmup", str(broken), "--part", "1/2"],
+    failing = subprocess.Popen([sys.executable, "-m", "engine.kernel_warmup_process", str(broken), "--part", "1/2"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     fine = subprocess.Popen([sys.executable, "-c", "pass"])
     warmup = kernel_warmup.Warmup((fine, failing), tmp_path / "marker")
@@ -233,10 +233,10 @@ def test_each_part_runs_its_share_of_the_stage_functions_on_stand_ins(monkeypatc
 _KERNELS_SCRIPT = """
 import glob, json, os, re, sys
 import mlx.core as mx
-from engine import kernel_warmup
+from engine import kernel_warmup, kernel_warmup_process
 plan = kernel_warmup.WarmupPlan(**json.loads(sys.argv[1]))
 part = tuple(json.loads(sys.argv[2])) if len(sys.argv) > 2 else None
-kernel_warmup.run_plan(plan, steps=1) if part is None else kernel_warmup.run_plan(plan, part=part)
+kernel_warmup_process.run_plan(plan, steps=1) if part is None else kernel_warmup_process.run_plan(plan, part=part)
 names = set()  # a kernel's name without its variant (contiguous or strided: on CUDA one module has all)
 for path in glob.glob(os.path.join(os.environ["TMPDIR"], "mlx", "**", "*.cpp"), recursive=True):
     name = re.search(r"void (\w+)\(", open(path).read()).group(1)  # a long one's file name is cut short
@@ -343,11 +343,11 @@ def test_the_encoders_helpers_encode_as_the_run_does(tmp_path, monkeypatch):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda self, *args, _real=real, _name=module.__name__, **kwargs:
                             calls.append((_name, tuple(args[0].shape))) or _real(self, *args, **kwargs))
-    assert kernel_warmup.run_encoders(plan) > 0
+    assert kernel_warmup_process.run_encoders(plan) > 0
     assert calls == [("T5Encoder", (1, model.t5_max_length)), ("AutoencoderKL", (1, config.height, config.width, 3)),
                      ("CLIPTextModel", (1, 77))]
     calls[:] = []
-    assert kernel_warmup.run_encoders(plan, ["vae"]) > 0 and [name for name, _ in calls] == ["AutoencoderKL"]
+    assert kernel_warmup_process.run_encoders(plan, ["vae"]) > 0 and [name for name, _ in calls] == ["AutoencoderKL"]
 
 
 def test_the_encoders_helpers_start_only_where_they_fit(tmp_path, monkeypatch):
