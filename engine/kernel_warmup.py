@@ -7,9 +7,10 @@ one after the other (H200, bench/NOTES.md item 32). The step's kernels depend on
 sizes, the dtype, the quantization, the image size and which layers train, not on the weights
 nor on how many blocks of each kind there are. So a process that trains a copy of the model
 with one or two blocks of each kind (random weights, the run's LoRA layers and ranks, the run's
-shapes, the same switches) compiles them, and started once the encoders are loaded it does so
-while the run encodes; the run's first step then finds the kernels on disk. MLX writes each kernel to its cache by renaming a
-finished file, so two processes compiling one kernel both read a whole file.
+shapes, the same switches) compiles them; started before the run loads its model (planned from
+the folder's configs: engine/flux/loading.py, describe_model), it does so while the run loads and
+encodes, and the run's first step finds the kernels on disk. MLX writes each kernel to its cache
+by renaming a finished file, so two processes compiling one kernel both read a whole file.
 
 In one process the small step compiled its forward (70 s on an H200) and then its backward (60 s),
 longer than the encoding it hides behind (bench/NOTES.md item 34). But NVRTC compiles a kernel on
@@ -49,7 +50,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "DREAMBOOTH_WIZARD_KERNEL_WARMUP"
-MAX_PARTS = 8  # processes sharing the step's kernels; people's small step has about 11 stage functions
+MAX_PARTS = 8  # processes sharing the step's kernels; people's small step has 8 stage functions and the update
 # the encoders' helpers in the order they are started; the run encodes CLIP, T5, then the VAE
 ENCODERS = ("t5", "vae", "clip")
 WAIT_LIMIT_S = 900  # longer than the step's compiles on a fresh machine (about 105 s on an H200)
@@ -323,8 +324,9 @@ def start(cfg, model, depth: int | None, one_stage: bool, steps_left: int, avail
 
 
 def start_for_run(cfg, model, depth: int | None, one_stage: bool, available: int | None, steps_done: int) -> Warmup | None:
-    """The trainer's call, once its encoders are loaded: `start` with the steps left and the run's estimate
-    (None where no memory was measured: off CUDA). Never raises: the warm-up is an aid to the run."""
+    """The trainer's call, before it loads the model (`model` may be describe_model's description): `start`
+    with the steps left and the run's estimate (None where no memory was measured: off CUDA). Never
+    raises: the warm-up is an aid to the run."""
     from engine.dataset import BatchIterator
     from engine.memory import ModelConfigs
     from engine.memory_limit import graph_memory_estimate

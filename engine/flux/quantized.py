@@ -25,7 +25,7 @@ from engine.flux import speed
 # of GROUP), so word w's group is w * (32/BITS) / GROUP whatever the shape: the kernel takes the
 # shape at run time, and a process compiles it once per dtype, bits and group size. MLX keeps no
 # custom kernel on disk, so each shape compiled as its own kernel cost every process about a
-# second: 6.6 s in a people run's first block (bench/NOTES.md item 35).
+# second: 6.6 s in a people run's first block (bench/NOTES.md item 37).
 _DEQUANTIZE_SOURCE = """
     const uint64_t word = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
     constexpr int PER_WORD = 32 / BITS;
@@ -128,7 +128,7 @@ class DequantizingLinear(nn.QuantizedLinear):
     # matrix-vector kernel is fast and needs no dense copy of the weight. From 8 rows MLX runs its
     # quantized matrix-matrix kernel: slower than dequantize + matmul at FLUX's shapes (module
     # docstring), and on CUDA a kernel NVRTC compiles for about 40 s the first time (CLIP's 77
-    # tokens took it: bench/NOTES.md item 35)
+    # tokens took it: bench/NOTES.md item 36)
     MIN_ROWS = 8
 
     def __call__(self, x: mx.array) -> mx.array:
