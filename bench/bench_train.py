@@ -176,6 +176,9 @@ def main() -> None:
     parser.add_argument("--memory-limit-gib", type=float, help="set MLX's memory limit to this instead")
     parser.add_argument("--phase-peaks", action="store_true",
                         help="the block-by-block step's forward and backward peaks (each step then waits for its end)")
+    parser.add_argument("--depths", type=int, nargs="+",
+                        help="checkpointed rows: one row per block-by-block depth (BLOCKWISE_DEPTH), in one process; "
+                             "a large number queues every stage, leaving MLX's own limit of in-flight CUDA graphs")
     parser.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
                         help="set a switch of engine/flux/speed.py after the trainer's own choice (repeatable; "
                              "a number for the integer ones: BLOCKWISE_DEPTH=3)")
@@ -192,7 +195,8 @@ def main() -> None:
         switches[name] = value == "1" if isinstance(default, bool) else int(value)
     # MLX's CUDA-graph settings as the trainer chooses them, before the first kernel (read once a
     # process): small graphs where the checkpointed step runs one stage at a time
-    one_stage = switches.get("BLOCKWISE_DEPTH", speed.BLOCKWISE_DEPTH) == 0 and args.checkpointing == ["on"]
+    depths = args.depths or [switches.get("BLOCKWISE_DEPTH", speed.BLOCKWISE_DEPTH)]
+    one_stage = set(depths) == {0} and args.checkpointing == ["on"]
     graph_settings = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage)
     rows = []
     device = str(mx.default_device())
@@ -206,10 +210,13 @@ def main() -> None:
             config = load_template(template)
             targets = clamp_targets(lora_targets(config))
             apply_lora(transformer, targets, key=mx.random.key(0))
-            for checkpointing in (c == "on" for c in args.checkpointing):
+            runs = [(c == "on", None) for c in args.checkpointing if c != "on" or not args.depths]
+            runs += [(True, depth) for depth in (args.depths or []) if "on" in args.checkpointing]
+            for checkpointing, depth in runs:
+                row_switches = dict(switches, **({} if depth is None else {"BLOCKWISE_DEPTH": depth}))
                 row = {"template": template, "quantize": quantize, "checkpointing": checkpointing,
                        "resolution": args.resolution, "device": device, "mlx": mx.__version__,
-                       "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1), "switches_set": switches,
+                       "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1), "switches_set": row_switches,
                        "mlx_env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
                        "graph_settings_set": graph_settings}
                 try:
@@ -226,7 +233,7 @@ def main() -> None:
                         limit = int(args.memory_limit_gib * 2**30)
                     row["memory_limit_gib"] = round(limit / 2**30, 2) if limit else None
                     row.update(measure(transformer, template, checkpointing, args.resolution, args.steps,
-                                       memory_limit=limit, switches=switches, phase_peaks=args.phase_peaks))
+                                       memory_limit=limit, switches=row_switches, phase_peaks=args.phase_peaks))
                     row["estimate_gib"], row["estimate_parts_gib"] = estimate, parts
                 except Exception as error:  # keep measuring the others
                     row["error"] = repr(error)[:300]

@@ -27,6 +27,7 @@
 #   s17d    the shape-generic dequantize kernel: checked, a first and a warm run, people rows  ~5 min
 #   s17e    the people first run again; pets' first run (4-bit, one-graph step)               ~5 min
 #   s17f    pets' first run with the block-by-block shares beside the one-graph warm-up        ~3 min
+#   s18     run 17: the host's run-ahead in kernels (graph size x MLX's 10 graphs in flight), depths 1/1000/0 ~8 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -333,6 +334,19 @@ s17f)
     echo "cold_pets_shares rc=$?"; tail -c 1200 "$out/cold_pets_shares/stdout.log"; echo
     tail -qn 2 /tmp/ttfs-run/home/logs/kernel-warmup*.log 2>/dev/null | cut -c1-300
     mkdir -p "$out/cold_pets_shares/warmup_logs"; cp /tmp/ttfs-run/home/logs/kernel-warmup* "$out/cold_pets_shares/warmup_logs/" ;;
+s18)
+    # run 17: how far the host runs ahead, counted in kernels rather than stages. MLX lets at most 10
+    # counted CUDA graphs (one every MLX_MAX_OPS_PER_BUFFER kernels) be in flight before the host
+    # waits, and keeps every buffer a graph reads until that graph has run. So with small graphs and
+    # no wait between stages (depth 1000) the host stays ~10 graphs ahead of the GPU: the buffers of
+    # ~50 kernels held, not of one or two whole stages. The first run fills the kernel cache.
+    cold_run cold ""
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    q4="--templates people --quantize 4 --checkpointing on --steps 6"
+    env_rows k_default 150 "" $q4 --depths 1 1000 0
+    env_rows k5 110 "MLX_MAX_OPS_PER_BUFFER=5 MLX_CUDA_GRAPH_CACHE_SIZE=4096" $q4 --depths 1000 1 0
+    env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6
+    env_rows k10 100 "MLX_MAX_OPS_PER_BUFFER=10 MLX_CUDA_GRAPH_CACHE_SIZE=4096" $q4 --depths 1000 1 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
