@@ -339,14 +339,22 @@ s18)
     # counted CUDA graphs (one every MLX_MAX_OPS_PER_BUFFER kernels) be in flight before the host
     # waits, and keeps every buffer a graph reads until that graph has run. So with small graphs and
     # no wait between stages (depth 1000) the host stays ~10 graphs ahead of the GPU: the buffers of
-    # ~50 kernels held, not of one or two whole stages. The first run fills the kernel cache.
+    # ~50 kernels held, not of one or two whole stages. The first run fills the kernel cache. First,
+    # the LoRA and RoPE kernels that now read their shapes at run time, against MLX's routes (pytest
+    # from .pytestpkgs, carried: the device has no package index)
+    PYTHONPATH=$PYTHONPATH:$root/.pytestpkgs timeout 240 python -m pytest -q -p no:cacheprovider tests/test_lora_kernels.py \
+        2>&1 | tail -5
     cold_run cold ""
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
     q4="--templates people --quantize 4 --checkpointing on --steps 6"
     env_rows k_default 150 "" $q4 --depths 1 1000 0
     env_rows k5 110 "MLX_MAX_OPS_PER_BUFFER=5 MLX_CUDA_GRAPH_CACHE_SIZE=4096" $q4 --depths 1000 1 0
     env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6
-    env_rows k10 100 "MLX_MAX_OPS_PER_BUFFER=10 MLX_CUDA_GRAPH_CACHE_SIZE=4096" $q4 --depths 1000 1 ;;
+    env_rows k10 100 "MLX_MAX_OPS_PER_BUFFER=10 MLX_CUDA_GRAPH_CACHE_SIZE=4096" $q4 --depths 1000 1
+    # is the step held by the host or by the GPU? kernels seen by CUPTI: GPU busy time against wall time
+    OUT=$out timeout 150 python bench/profile_step.py --steps 4 --variants people-q4-ckpt@none \
+        people-q4-ckpt+BLOCKWISE_DEPTH=1000@none people-bf16-profiled >"$out/profile.log" 2>&1
+    echo "profile rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step' "$out/profile.log" | cut -c1-300 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing

@@ -278,6 +278,7 @@ VARIANTS = {
     "pets-q4": ("pets", 4, False, {}, True, True),
     "people-q4-ckpt": ("people", 4, True, {}, True, True),
     "people-bf16": ("people", None, False, {}, True, False),
+    "people-bf16-profiled": ("people", None, False, {}, False, True),
     "style-bf16": ("style", None, False, {}, True, False),
     "people-q4": ("people", 4, False, {}, True, False),
     "style-q4": ("style", 4, False, {}, True, False),
@@ -314,7 +315,7 @@ def main() -> None:
         switches = dict(switches, **extra)
         for item in filter(None, tail.split(",")):
             name, _, value = item.partition("=")
-            switches[name] = bool(int(value))
+            switches[name] = bool(int(value)) if isinstance(speed.DEFAULTS.get(name), bool) else int(value)
         if quantize not in transformers:
             transformers.clear()
             mx.clear_cache()
