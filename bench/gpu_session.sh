@@ -349,6 +349,8 @@ s18)
     q4="--templates people --quantize 4 --checkpointing on --steps 6"
     env_rows k_default 150 "" $q4 --depths 1 1000 0
     env_rows k5 110 "MLX_MAX_OPS_PER_BUFFER=5 MLX_CUDA_GRAPH_CACHE_SIZE=4096" $q4 --depths 1000 1 0
+    # a LoRA layer as autodiff of its base and LoRA apart (before: one input-sized tensor more per layer)
+    env_rows unfused 80 "" $q4 --depths 1 --switch LORA_FUSED_LINEAR=0
     env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6
     env_rows k10 100 "MLX_MAX_OPS_PER_BUFFER=10 MLX_CUDA_GRAPH_CACHE_SIZE=4096" $q4 --depths 1000 1
     # is the step held by the host or by the GPU? kernels seen by CUPTI: GPU busy time against wall time

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 
 from engine.errors import LoraFormatError, UserError
 from engine.flux import speed
-from engine.lora_kernels import kernels_apply, lora_update
+from engine.lora_kernels import kernels_apply, lora_linear, lora_update
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,30 @@ class LoRALinear(nn.Module):
     def innermost(self) -> nn.Module:
         return self.base.innermost() if isinstance(self.base, LoRALinear) else self.base
 
+    def _fused_operands(self, x: mx.array) -> tuple | None:
+        """(quantized, weight arrays, bias) for lora_linear where the base is a plain or dequantizing
+        linear in x's dtype, else None."""
+        from engine.flux.quantized import DequantizingLinear
+
+        base = self.base
+        if not speed.LORA_FUSED_LINEAR or isinstance(base, LoRALinear):
+            return None
+        if isinstance(base, DequantizingLinear):
+            if base["scales"].dtype != x.dtype or not base.takes_dense_route(x):
+                return None
+            quantized, weight = base.lora_operands(x)
+        elif type(base) is nn.Linear and base.weight.dtype == x.dtype:
+            quantized, weight = None, [base.weight]
+        else:
+            return None
+        return quantized, weight, base.get("bias")
+
     def __call__(self, x: mx.array) -> mx.array:
+        fused = self._fused_operands(x)
+        if fused is not None:
+            quantized, weight, bias = fused
+            return lora_linear(quantized, bias is not None)(x, self.lora_A, self.lora_B * self.scale, *weight,
+                                                           *([] if bias is None else [bias]))
         y = self.base(x)
         if y.dtype == x.dtype and kernels_apply(x.dtype, x.shape[-1], self.rank):
             return lora_update(y, x, self.lora_A, self.lora_B * self.scale)

@@ -11,7 +11,10 @@ small matrix transposed, so no call copies one):
   add_low_rank(c, z, b)     c + z @ b.T  (M, R) x (N, R)  -> (M, N)   8 outputs per thread
   reduce_outer(z, x)        z.T @ x      (M, R) x (M, K)  -> (R, K)   float32, per-chunk partials
 
-Partials are summed by MLX, not by atomics, so a step's result does not depend on
+Shapes (rows, widths) are read at run time, not compiled in: MLX keeps no custom kernel on
+disk, so each process compiles these afresh, and now once per dtype and rank rather than once
+per layer shape and token count (~25 s at a people run's first step before; bench/NOTES.md
+items 21, 37). Partials are summed by MLX, not by atomics, so a step's result does not depend on
 thread timing (resume stays bit-exact). Elsewhere (CPU, Metal, shapes the kernels do
 not take) the same functions are plain MLX matmuls, so `lora_update` and its hand-written
 backward are tested everywhere; the kernels themselves are checked on the GPU
@@ -60,6 +63,8 @@ __device__ __forceinline__ void store8(T* target, const float* values) {
 # matrix for all R and applies it to every row, then warps and the block reduce the sums.
 # LOAD_A fills av[j][e] = a(j, k + e) from a (R, K) or a (K, R).
 _SKINNY_SOURCE = """
+    const long long M = x_shape[0];
+    const int K = x_shape[1];
     const int tid = threadIdx.x;
     const long long row0 = (long long)blockIdx.x * ROWS;
     float acc[ROWS][R];
@@ -110,6 +115,8 @@ _SKINNY_SOURCE = """
 # and writes out = c + z @ b.T one row at a time. LOAD_B fills bv[j][e] = b(column + e, j)
 # from b (N, R) or b (R, N).
 _ADD_LOW_RANK_SOURCE = """
+    const long long M = z_shape[0];
+    const int N = b_shape[B_TRANSPOSED ? 1 : 0];
     const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long chunk = index / (N / 8);
     if (chunk * RPT >= M) {
@@ -137,6 +144,10 @@ _ADD_LOW_RANK_SOURCE = """
 # rows: its 8 warps take every 8th row of the chunk, then sum through shared memory, so
 # partial[chunk] = z[chunk].T @ x[chunk].
 _REDUCE_OUTER_SOURCE = """
+    const long long M = x_shape[0];
+    const int K = x_shape[1];
+    const long long CHUNK = (M + SPLITS - 1) / SPLITS;
+    const int GROUP_BLOCKS = (K / COLS + 31) / 32;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int group = blockIdx.x % GROUP_BLOCKS * 32 + lane;
@@ -186,6 +197,8 @@ _REDUCE_OUTER_SOURCE = """
 
 # the partials of reduce_outer summed over chunks, one output per thread, always in the same order
 _SUM_CHUNKS_SOURCE = """
+    const long long SIZE = (long long)partials_shape[1] * partials_shape[2];
+    const int CHUNKS = partials_shape[0];
     const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (index >= SIZE) {
         return;
@@ -251,7 +264,7 @@ def skinny_matmul(x: mx.array, a: mx.array, transposed: bool = False) -> mx.arra
     rows_per_block = 2 if rank <= 8 else 1  # many small blocks: the card needs ~1000 to stay busy
     out = _kernel(f"lora_skinny_matmul_{int(transposed)}", ("x", "a"),
                   _SKINNY_SOURCE.replace("LOAD_A", _LOAD_A[transposed]))(
-        inputs=[x, a], template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("ROWS", rows_per_block)],
+        inputs=[x.reshape(rows, width), a], template=[("T", x.dtype), ("R", rank), ("ROWS", rows_per_block)],
         grid=((rows + rows_per_block - 1) // rows_per_block * 128, 1, 1), threadgroup=(128, 1, 1),
         output_shapes=[(rows, rank)], output_dtypes=[x.dtype])[0]
     return out.reshape(*x.shape[:-1], rank)
@@ -267,15 +280,15 @@ def add_low_rank(c: mx.array | None, z: mx.array, b: mx.array, transposed: bool 
         product = z @ (b if transposed else b.T)
         return product if c is None else c + product.astype(c.dtype)
     rows = z.size // rank
-    inputs, names = [z, b], ("z", "b")
+    inputs, names = [z.reshape(rows, rank), b], ("z", "b")
     if c is not None:
-        inputs, names = [c, *inputs], ("c", *names)
+        inputs, names = [c.reshape(rows, width), *inputs], ("c", *names)
     init = ("load<T, 8>(c + row * N + column, acc);" if c is not None
             else "for (int e = 0; e < 8; ++e) acc[e] = 0.0f;")
     source = _ADD_LOW_RANK_SOURCE.replace("INIT_ACC", init).replace("LOAD_B", _LOAD_B[transposed])
     out = _kernel(f"lora_add_low_rank_{len(names)}_{int(transposed)}", names, source)(
         inputs=inputs,
-        template=[("T", z.dtype), ("R", rank), ("N", width), ("M", rows), ("RPT", ROWS_PER_THREAD)],
+        template=[("T", z.dtype), ("R", rank), ("B_TRANSPOSED", transposed), ("RPT", ROWS_PER_THREAD)],
         grid=_grid((rows + ROWS_PER_THREAD - 1) // ROWS_PER_THREAD * (width // 8)), threadgroup=(256, 1, 1),
         output_shapes=[(rows, width)],
         output_dtypes=[z.dtype])[0]
@@ -297,13 +310,12 @@ def reduce_outer(z: mx.array, x: mx.array) -> mx.array:
     chunks = (rows + chunk - 1) // chunk
     partials = _kernel("lora_reduce_outer", ("z", "x"), _REDUCE_OUTER_SOURCE)(
         inputs=[z2.astype(x.dtype), x2],
-        template=[("T", x.dtype), ("R", rank), ("K", width), ("M", rows), ("CHUNK", chunk),
-                  ("COLS", columns_per_thread), ("GROUP_BLOCKS", group_blocks)],
+        template=[("T", x.dtype), ("R", rank), ("SPLITS", REDUCE_CHUNKS), ("COLS", columns_per_thread)],
         grid=(group_blocks * chunks * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[(chunks, rank, width)],
         output_dtypes=[mx.float32])[0]
     size = rank * width
     return _kernel("lora_sum_chunks", ("partials",), _SUM_CHUNKS_SOURCE)(
-        inputs=[partials], template=[("SIZE", size), ("CHUNKS", chunks)], grid=_grid(size),
+        inputs=[partials], grid=_grid(size),
         threadgroup=(256, 1, 1), output_shapes=[(rank, width)], output_dtypes=[mx.float32])[0]
 
 
@@ -327,3 +339,47 @@ def _lora_update_vjp(primals, cotangent, output):
     grad_A = reduce_outer(dz, x)  # dz.T @ x: (rank, in)
     grad_B = reduce_outer(z, cotangent).T  # (z.T @ cotangent).T: (out, rank)
     return cotangent.astype(y.dtype), grad_x, grad_A, grad_B
+
+
+@cache
+def lora_linear(quantized: tuple | None, with_bias: bool):
+    """A frozen linear and its LoRA as one function: x @ W.T (+ bias) + (x @ A.T) @ B_scaled.T, called
+    as f(x, lora_A, lora_B_scaled, *weight, *bias). `weight` is the dense W, or, when `quantized` is
+    (group_size, bits, mode), the packed (wq, scales, biases), dequantized in the forward and again
+    in the backward (as engine/flux/quantized.py's dequantized_matmul does).
+
+    Autodiff of the base and lora_update apart computes the input's gradient as two products and
+    their sum; here LoRA's product is added inside the kernel that computes it, so a layer's backward
+    holds one (tokens x in) tensor fewer (5 for a single block's proj_out) and runs one kernel fewer.
+    Nor is the base's output kept for the backward, which never reads it."""
+    from engine.flux.quantized import dequantize, plus_bias
+
+    def dense(weight, trigger):
+        if quantized is None:
+            return weight[0].astype(trigger.dtype)
+        # after `trigger`, or MLX may dequantize every layer up front, holding all dense weights at once
+        wq, scales, biases = mx.depends(list(weight), [trigger])
+        return dequantize(wq, scales, biases, *quantized).astype(trigger.dtype)
+
+    def split(arrays):
+        weight = arrays[:1] if quantized is None else arrays[:3]
+        return weight, (arrays[len(weight)] if with_bias else None)
+
+    @mx.custom_function
+    def forward(x, lora_A, lora_B_scaled, *arrays):
+        weight, bias = split(arrays)
+        return add_low_rank(plus_bias(x, dense(weight, x), bias), skinny_matmul(x, lora_A), lora_B_scaled)
+
+    @forward.vjp
+    def backward(primals, cotangent, output):
+        x, lora_A, lora_B_scaled, *arrays = primals
+        weight, _ = split(arrays)
+        cotangent = cotangent.astype(x.dtype)
+        dz = skinny_matmul(cotangent, lora_B_scaled, transposed=True)  # cotangent @ B: (..., rank)
+        grad_x = add_low_rank(cotangent @ dense(weight, cotangent), dz, lora_A, transposed=True)
+        grad_A = reduce_outer(dz, x)  # dz.T @ x: (rank, in)
+        grad_B = reduce_outer(skinny_matmul(x, lora_A), cotangent).T  # (z.T @ cotangent).T: (out, rank)
+        # the frozen base gets no gradient; zeros are never evaluated
+        return (grad_x, grad_A, grad_B, *(mx.zeros_like(a) for a in arrays))
+
+    return forward

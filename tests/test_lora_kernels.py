@@ -4,12 +4,15 @@ CUDA route. Everywhere, each must equal plain MLX autodiff; on CUDA the kernels
 must also equal the matmuls they replace (those tests skip elsewhere)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from engine.flux import speed
-from engine.lora_kernels import add_low_rank, lora_update, reduce_outer, skinny_matmul
+from engine.lora_kernels import add_low_rank, lora_linear, lora_update, reduce_outer, skinny_matmul
 
 ON_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
 
@@ -40,6 +43,41 @@ def test_lora_update_and_its_backward_equal_autodiff(rank):
     for expected, got in zip(*grads):
         assert got.dtype == expected.dtype and got.shape == expected.shape
         np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("keep_dense", [False, True])
+def test_a_fused_lora_layer_equals_its_base_and_lora_apart(bits, bias, keep_dense, monkeypatch):
+    from engine.flux.quantized import DequantizingLinear, keeping_dense_weights
+    from engine.lora import LoRALinear
+
+    mx.random.seed(3)
+    base = nn.Linear(64, 96, bias=bias)
+    if bits:
+        base = DequantizingLinear.from_quantized(nn.QuantizedLinear.from_linear(base, 64, bits))
+    layer = LoRALinear(base, rank=4, key=mx.random.key(1), scale=0.5)
+    layer.lora_B = mx.random.normal(layer.lora_B.shape, key=mx.random.key(2)) * 0.1
+    x = mx.random.normal((2, 24, 64), key=mx.random.key(4))
+    cotangent = mx.random.normal((2, 24, 96), key=mx.random.key(5))
+
+    def run():
+        def loss(params, x):
+            layer.update(params)
+            with keeping_dense_weights() if keep_dense else nullcontext():
+                return (layer(x) * cotangent).sum()
+        value, (grads, grad_x) = mx.value_and_grad(loss, argnums=(0, 1))(layer.trainable_parameters(), x)
+        return [value, grad_x, grads["lora_A"], grads["lora_B"]]
+
+    routed = []
+    monkeypatch.setattr(LoRALinear, "_fused_operands",
+                        lambda self, x, real=LoRALinear._fused_operands: routed.append(1) or real(self, x))
+    fused = run()
+    assert routed and layer._fused_operands(x) is not None  # the fused route ran
+    monkeypatch.setattr(speed, "LORA_FUSED_LINEAR", False)
+    apart = run()
+    for got, expected in zip(fused, apart):
+        np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-4, atol=1e-4)
 
 
 def test_the_products_and_their_layouts():
@@ -157,15 +195,23 @@ def test_only_joint_blocks_take_the_recomputed_attention_backward(monkeypatch):
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the CUDA kernels run only on an NVIDIA GPU")
-@pytest.mark.parametrize("in_dim,out_dim,rank", [(3072, 3072, 4), (3072, 12288, 8), (15360, 3072, 16), (64, 72, 3)])
-def test_cuda_kernels_equal_the_matmuls(in_dim, out_dim, rank):
-    y, x, lora_A, lora_B, cotangent = _arrays((1, 300, in_dim), (1, 300, out_dim), rank, mx.bfloat16)
+@pytest.mark.parametrize("in_dim,out_dim,rank,rows", [(3072, 3072, 4, 300), (3072, 12288, 8, 1536), (15360, 3072, 16, 300),
+                                                     (64, 72, 3, 300), (3072, 15360, 8, 77), (15360, 3072, 8, 4097)])
+def test_cuda_kernels_equal_the_matmuls(in_dim, out_dim, rank, rows):
+    # one process compiles each kernel once per dtype and rank and reads the shapes at run time
+    y, x, lora_A, lora_B, cotangent = _arrays((1, rows, in_dim), (1, rows, out_dim), rank, mx.bfloat16)
+
+    weight = (mx.random.normal((out_dim, in_dim), key=mx.random.key(7)) * 0.02).astype(mx.bfloat16)
+    bias = (mx.random.normal((out_dim,), key=mx.random.key(8)) * 0.02).astype(mx.bfloat16)
+    fused = lora_linear(None, True)
 
     def everything():
         z = skinny_matmul(x, lora_A)
         grad = mx.grad(lambda *a: (lora_update(*a) * cotangent).astype(mx.float32).sum(), argnums=(0, 1, 2, 3))
+        grad_fused = mx.grad(lambda *a: (fused(*a, weight, bias) * cotangent).astype(mx.float32).sum(), argnums=(0, 1, 2))
         return [z, skinny_matmul(cotangent, lora_B, transposed=True), add_low_rank(y, z, lora_B),
-                add_low_rank(None, z, lora_A, transposed=True), reduce_outer(z, x), *grad(y, x, lora_A, lora_B)]
+                add_low_rank(None, z, lora_A, transposed=True), reduce_outer(z, x), *grad(y, x, lora_A, lora_B),
+                fused(x, lora_A, lora_B, weight, bias), *grad_fused(x, lora_A, lora_B)]
 
     ours = everything()
     speed.LORA_KERNELS = False
@@ -185,20 +231,23 @@ def test_cuda_rope_and_dequantize_equal_the_mlx_routes():
     from engine.flux.rope import apply_rope, rope_inverse_frequencies, rope_rotation
 
     frequencies, axis_of_pair = rope_inverse_frequencies([16, 56, 56])
-    ids = mx.array(np.random.default_rng(0).integers(0, 64, (96, 3)).astype(np.float32))
-    rotation = rope_rotation(ids, frequencies, axis_of_pair)
-    x = mx.random.normal((2, 96, 3, 128)).astype(mx.bfloat16)
-    cotangent = mx.random.normal(x.shape).astype(mx.bfloat16)
-    results = []
-    for kernel in (True, False):
-        speed.ROPE_KERNEL = kernel
-        try:
-            results.append([apply_rope(x, rotation),
-                            mx.grad(lambda v: (apply_rope(v, rotation) * cotangent).astype(mx.float32).sum())(x)])
-        finally:
-            speed.ROPE_KERNEL = True
-    for got, expected in zip(*results):
-        np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(expected.astype(mx.float32)), atol=0.02)
+    # the kernel reads shapes at run time: one compiled kernel serves both, with the angles shared
+    # over the batch (first) or one set per sample (second)
+    for shape, id_shape, seed in (((2, 96, 3, 128), (96, 3), 0), ((2, 40, 5, 128), (2, 40, 3), 1)):
+        ids = mx.array(np.random.default_rng(seed).integers(0, 64, id_shape).astype(np.float32))
+        rotation = rope_rotation(ids, frequencies, axis_of_pair)
+        x = mx.random.normal(shape).astype(mx.bfloat16)
+        cotangent = mx.random.normal(x.shape).astype(mx.bfloat16)
+        results = []
+        for kernel in (True, False):
+            speed.ROPE_KERNEL = kernel
+            try:
+                results.append([apply_rope(x, rotation),
+                                mx.grad(lambda v: (apply_rope(v, rotation) * cotangent).astype(mx.float32).sum())(x)])
+            finally:
+                speed.ROPE_KERNEL = True
+        for got, expected in zip(*results):
+            np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(expected.astype(mx.float32)), atol=0.02)
 
     weight = (mx.random.normal((256, 512)) * 0.05).astype(mx.bfloat16)
     for bits in (4, 8):

@@ -70,9 +70,20 @@ def dequantize(wq: mx.array, scales: mx.array, biases: mx.array, group_size: int
         output_shapes=[(rows, columns)], output_dtypes=[scales.dtype])[0]
 
 
+def plus_bias(x: mx.array, dense: mx.array, bias: mx.array | None) -> mx.array:
+    """x @ dense.T (+ bias): the bias added by the matmul's own epilogue, so the layer's output is one
+    buffer, not a product and a sum. Inside a queued stage MLX holds every buffer until the GPU has
+    run it (engine/blockwise_step.py), and a people single block has 8 (tokens x hidden) tensors of
+    such sums."""
+    if bias is None:
+        return x @ dense.T
+    return mx.addmm(bias.astype(x.dtype), x, dense.T)
+
+
 @cache
-def dequantized_matmul(group_size: int, bits: int, mode: str):
-    """x @ dequantize(w).T with a backward that recomputes the dense weight."""
+def dequantized_matmul(group_size: int, bits: int, mode: str, with_bias: bool = False):
+    """x @ dequantize(w).T (+ bias, the last input when `with_bias`) with a backward that recomputes
+    the dense weight."""
 
     def dense(wq, scales, biases):
         return dequantize(wq, scales, biases, group_size, bits, mode)
@@ -84,15 +95,15 @@ def dequantized_matmul(group_size: int, bits: int, mode: str):
         return dense(wq, scales, biases).astype(trigger.dtype)
 
     @mx.custom_function
-    def matmul(x, wq, scales, biases):
-        return x @ dense_after(x, wq, scales, biases).T
+    def matmul(x, wq, scales, biases, *bias):
+        return plus_bias(x, dense_after(x, wq, scales, biases), bias[0] if with_bias else None)
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        x, wq, scales, biases = primals
+        x, wq, scales, biases, *bias = primals
         grad_x = cotangent @ dense_after(cotangent, wq, scales, biases)
         # the frozen base gets no gradient; zeros are never evaluated
-        return grad_x, mx.zeros_like(wq), mx.zeros_like(scales), mx.zeros_like(biases)
+        return (grad_x, *(mx.zeros_like(a) for a in (wq, scales, biases, *bias)))
 
     return matmul
 
@@ -131,18 +142,30 @@ class DequantizingLinear(nn.QuantizedLinear):
     # tokens took it: bench/NOTES.md item 36)
     MIN_ROWS = 8
 
+    def takes_dense_route(self, x: mx.array) -> bool:
+        """Whether a call on `x` dequantizes for a plain matmul (otherwise MLX's quantized matmul runs)."""
+        return (self.get("biases") is not None and getattr(self, "mode", "affine") == "affine"
+                and x.size // x.shape[-1] >= self.MIN_ROWS)
+
+    def lora_operands(self, x: mx.array) -> tuple[tuple | None, list[mx.array]]:
+        """For engine.lora_kernels.lora_linear on `x` (where `takes_dense_route`): its `quantized` and
+        its weight arrays: the dense weight while a stage's backward keeps them (keeping_dense_weights),
+        otherwise the packed ones."""
+        if _keep_dense:
+            return None, [dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
+                                     self.mode).astype(x.dtype)]
+        return (self.group_size, self.bits, self.mode), [self["weight"], self["scales"], self["biases"]]
+
     def __call__(self, x: mx.array) -> mx.array:
         biases = self.get("biases")
-        rows = x.size // x.shape[-1]
-        if biases is None or getattr(self, "mode", "affine") != "affine" or rows < self.MIN_ROWS:
+        if not self.takes_dense_route(x):
             return super().__call__(x)
+        bias = self.get("bias")
         if _keep_dense:
-            y = x @ dequantize(self["weight"], self["scales"], biases, self.group_size, self.bits, self.mode).astype(x.dtype).T
-        else:
-            y = dequantized_matmul(self.group_size, self.bits, self.mode)(x, self["weight"], self["scales"], biases)
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
+            dense = dequantize(self["weight"], self["scales"], biases, self.group_size, self.bits, self.mode)
+            return plus_bias(x, dense.astype(x.dtype), bias)
+        matmul = dequantized_matmul(self.group_size, self.bits, self.mode, bias is not None)
+        return matmul(x, self["weight"], self["scales"], biases, *([] if bias is None else [bias]))
 
 
 def prefer_dequantizing() -> bool:

@@ -58,10 +58,16 @@ def rope_rotation(ids: mx.array, inverse_frequencies: mx.array, axis_of_pair: mx
 
 
 # One thread per rotated pair of x (B, L, H, D), read and written in x's dtype, rotated in float32;
-# BACKWARD rotates the other way (the vjp). cos/sin are (RB, L, HALF) with RB 1 or B.
+# BACKWARD rotates the other way (the vjp). cos/sin are (RB, L, HALF) with RB 1 or B. The shapes are
+# read at run time, so a process compiles the kernel once per dtype and direction, not once per
+# resolution (MLX keeps no custom kernel on disk: bench/NOTES.md item 37).
 _ROPE_SOURCE = """
+    const long long L = x_shape[1];
+    const long long H = x_shape[2];
+    const long long HALF = x_shape[3] / 2;
+    const long long RB = cos_shape[0];
     const long long index = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (index >= PAIRS) {
+    if (index >= x_shape[0] * L * H * HALF) {
         return;
     }
     const long long token = index / (H * HALF);
@@ -82,12 +88,10 @@ def _rope_kernel():
 
 
 def _rope_cuda(x: mx.array, cos: mx.array, sin: mx.array, backward: bool) -> mx.array:
-    _, length, heads, dim = x.shape
     pairs = x.size // 2
     return _rope_kernel()(
         inputs=[x, cos, sin],
-        template=[("T", x.dtype), ("PAIRS", pairs), ("L", length), ("H", heads), ("HALF", dim // 2),
-                  ("RB", cos.shape[0]), ("BACKWARD", backward)],
+        template=[("T", x.dtype), ("BACKWARD", backward)],
         grid=((pairs + 255) // 256 * 256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[x.shape],
         output_dtypes=[x.dtype])[0]
 
