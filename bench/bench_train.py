@@ -197,7 +197,8 @@ def main() -> None:
     # process): small graphs where the checkpointed step runs one stage at a time
     depths = args.depths or [switches.get("BLOCKWISE_DEPTH", speed.BLOCKWISE_DEPTH)]
     one_stage = set(depths) == {0} and args.checkpointing == ["on"]
-    graph_settings = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage)
+    graph_settings = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage,
+                                                 unbounded=set(depths) == {-1} and args.checkpointing == ["on"])
     rows = []
     device = str(mx.default_device())
     for quant_text in args.quantize:

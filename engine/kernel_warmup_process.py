@@ -33,7 +33,7 @@ def run_plan(plan: WarmupPlan, steps: int = 2, part: tuple[int, int] | None = No
     from engine.optimizers import build_optimizer
     from engine.training_step import make_train_step
 
-    speed.configure_cuda_graphs(one_stage_at_a_time=plan.one_stage)
+    speed.configure_cuda_graphs(one_stage_at_a_time=plan.one_stage, unbounded=plan.depth is not None and plan.depth < 0)
     speed.configure_for_training(steps=plan.steps_left)
     dtype = getattr(mx, plan.dtype)
     mx.random.seed(0)

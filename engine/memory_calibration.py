@@ -72,5 +72,8 @@ CALIBRATION: dict[str, float] = {
     # 0.82 GiB a stage at 512x512; 4-bit depths 1 and 2 (H200) 1.07 and 1.04 GiB, of which the
     # dense copies 0.24 (one dequantize per layer, speed.BLOCKWISE_KEEPS_DENSE).
     "blockwise_stage_tensors": 93.0,
+    # the same step without a bound by stages (speed.BLOCKWISE_DEPTH -1) and 5 kernels a CUDA graph:
+    # what MLX's own bound on graphs in flight holds, in stages (to be fitted: run 17)
+    "blockwise_unbounded_stages": 1.5,
     "blockwise_stage_dense_share": 0.56,
 }

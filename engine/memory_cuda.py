@@ -33,7 +33,7 @@ def cuda_run_ahead(inputs, linears: dict[str, tuple[int, int]], settled: int,
         if bits:
             stage += CALIBRATION["blockwise_stage_dense_share"] * largest_block_dense_bytes(linears, dtype)
         depth = blockwise_depth_to_fit(inputs, settled, int(stage))
-        return int((depth + 1) * stage), False, depth
+        return int(stages_in_flight(depth) * stage), False, depth
     # one graph a step: capped runs (memory_limit.py) are capped this much above the rest
     # (graph_memory_limit) and reach the cap; the others were measured (run 9)
     run_ahead = settled * CALIBRATION["cuda_run_ahead_fraction"] + CALIBRATION["cuda_run_ahead_bytes"]
@@ -55,9 +55,15 @@ def blockwise_depth_to_fit(inputs, settled: int, stage: int) -> int:
     0.213 s with MLX's 20); pets and style were 1.4-1.7x slower at 0 with 20 a graph (bench/NOTES.md
     items 31, 33), so only a run that needs it goes one stage at a time."""
     depth = blockwise_default_depth()
-    if depth and inputs.available_bytes is not None and settled + (depth + 1) * stage > inputs.available_bytes:
+    if depth and inputs.available_bytes is not None and settled + stages_in_flight(depth) * stage > inputs.available_bytes:
         return 0
     return depth
+
+
+def stages_in_flight(depth: int) -> float:
+    """How many stages' buffers the block-by-block step holds at once at `depth`: those queued and the one
+    running; without a bound by stages (-1), what MLX's own bound on CUDA graphs in flight amounts to."""
+    return CALIBRATION["blockwise_unbounded_stages"] if depth < 0 else depth + 1
 
 
 def cuda_preview_run_ahead(inputs, linears: dict[str, tuple[int, int]], hidden_tensor_bytes: int) -> int:

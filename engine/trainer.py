@@ -262,11 +262,13 @@ class Trainer:
 
         description = describe_model(model_name, self.config.quantize, progress=progress)  # load_model finds it again
         depth = blockwise_depth(self.config, ModelConfigs(transformer=description.transformer_config), "cuda", available)
-        one_stage = bool(self.config.gradient_checkpointing) and depth == 0 and depth < speed.BLOCKWISE_DEPTH
+        checkpointed = bool(self.config.gradient_checkpointing)
+        one_stage = checkpointed and depth == 0 and speed.BLOCKWISE_DEPTH != 0
         if one_stage:
             log.info("the checkpointed step runs one block at a time to fit %.1f GiB (slower steps)", available / 2**30)
         self._one_stage_at_a_time = one_stage
-        chosen = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage)
+        chosen = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage,
+                                             unbounded=checkpointed and depth is not None and depth < 0)
         if chosen:
             log.info("MLX CUDA graph settings: %s", ", ".join(f"{k}={v}" for k, v in chosen.items()))
         self._warmup = kernel_warmup.start_for_run(self.config, description, depth, one_stage, available, steps_done)

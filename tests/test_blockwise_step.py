@@ -135,6 +135,25 @@ def test_blockwise_step_keeps_at_most_its_depth_queued(monkeypatch, depth):
     assert most[0] == depth + 1
 
 
+def test_an_unbounded_step_never_waits_between_stages_and_keeps_only_the_last_queued(monkeypatch):
+    # depth -1 (bounded_queue.UNBOUNDED): on CUDA MLX's own bound on graphs in flight holds the host;
+    # the queue keeps no stage's outputs but the last one's (their buffers would stay alive)
+    from engine.flux import bounded_queue
+
+    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", bounded_queue.UNBOUNDED)
+    waits, kept = [], []
+    real_eval, real_push = mx.eval, bounded_queue.BoundedQueue.push
+    monkeypatch.setattr(mx, "eval", lambda *arrays: waits.append(1) or real_eval(*arrays))
+    monkeypatch.setattr(bounded_queue.BoundedQueue, "push",
+                        lambda self, arrays: real_push(self, arrays) or kept.append(len(self.pending)))
+    targets = LAYOUTS["people"]
+    unbounded = train(targets, checkpointing=True, steps=2)
+    assert kept and max(kept) == 1
+    assert len(waits) <= 3 * 2  # the training loop's own reads, not one a stage
+    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", 1)
+    assert_same_training(unbounded, train(targets, checkpointing=True, steps=2))
+
+
 def test_blockwise_step_logs_where_its_first_call_went(caplog):
     # for a time to first step: the trainer's --verbose log says how long the trace took, once
     with caplog.at_level("INFO", logger="engine.blockwise_step"):

@@ -126,6 +126,12 @@ def test_cuda_checkpointed_runs_hold_the_block_by_block_steps_stages_in_flight(m
     expected = 9.65 + 0.09
     assert abs(estimates[2, 4] / GIB / expected - 1) < 0.03
     assert estimates[1, 4] < estimates[2, 4] and estimates[1, None] < estimates[2, None]
+    # without a bound by stages (-1): what MLX's own bound on CUDA graphs in flight holds, in stages
+    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", -1)
+    estimate = estimate_memory(dev_inputs(backend="cuda", quantize=4, gradient_checkpointing=True))
+    stage = c["blockwise_stage_tensors"] * hidden + c["blockwise_stage_dense_share"] * largest_dense
+    assert abs(estimate.parts["CUDA graph run-ahead"] - c["blockwise_unbounded_stages"] * stage) <= 1
+    assert estimate.details["blockwise_depth"] == -1
 
 
 def test_a_checkpointed_cuda_run_goes_one_stage_at_a_time_only_where_its_depth_would_not_fit(monkeypatch):

@@ -55,3 +55,12 @@ def test_small_cuda_graphs_are_set_for_one_stage_at_a_time_on_cuda_only_and_neve
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "40")  # the user's own setting stays
     assert speed.configure_cuda_graphs(one_stage_at_a_time=True) == {}
     assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "40"
+    # without a bound by stages (depth -1): small graphs and a graph cache that holds them, each where unset
+    monkeypatch.setenv("MLX_CUDA_GRAPH_CACHE_SIZE", "recorded")
+    monkeypatch.delenv("MLX_CUDA_GRAPH_CACHE_SIZE")
+    assert speed.configure_cuda_graphs(unbounded=True) == {"MLX_CUDA_GRAPH_CACHE_SIZE": str(speed.CUDA_GRAPH_CACHE_UNBOUNDED)}
+    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
+    monkeypatch.delenv("MLX_CUDA_GRAPH_CACHE_SIZE")
+    assert speed.configure_cuda_graphs(unbounded=True) == {
+        "MLX_MAX_OPS_PER_BUFFER": str(speed.CUDA_OPS_PER_GRAPH_UNBOUNDED),
+        "MLX_CUDA_GRAPH_CACHE_SIZE": str(speed.CUDA_GRAPH_CACHE_UNBOUNDED)}

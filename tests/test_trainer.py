@@ -353,7 +353,8 @@ def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_mu
     # first kernel launch): five kernels a graph one stage at a time
     order = []
     monkeypatch.setattr(speed, "configure_cuda_graphs",
-                        lambda one_stage_at_a_time=False: order.append(("graphs", one_stage_at_a_time)) or {})
+                        lambda one_stage_at_a_time=False, unbounded=False:
+                        order.append(("graphs", one_stage_at_a_time)) or {})
     real_load = loading.load_model
     monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: order.append("load") or real_load(*args, **kwargs))
     from engine import kernel_warmup  # the warm-up compiles the step as it will run: one stage at a time or not

@@ -16,6 +16,12 @@ from collections import deque
 import mlx.core as mx
 
 
+# a depth for "no bound by pieces": the host never waits between pieces. On CUDA, MLX then holds it
+# back by itself once ~10 CUDA graphs are in flight, so with small graphs (engine/flux/speed.py:
+# CUDA_OPS_PER_GRAPH_UNBOUNDED) only the buffers of a few dozen kernels are held (bench/NOTES.md item 40)
+UNBOUNDED = -1
+
+
 class BoundedQueue:
     """Queues pieces of a computation (lazy graphs, which hold no buffers until queued), waiting
     for the oldest whenever more than `depth` are queued, so at most depth + 1 hold their buffers.
@@ -28,7 +34,7 @@ class BoundedQueue:
     or a gradient transform."""
 
     def __init__(self, depth: int):
-        self.depth, self.pending = max(0, depth), deque()
+        self.depth, self.pending = max(UNBOUNDED, depth), deque()
 
     def drain(self) -> None:
         while self.pending:
@@ -39,5 +45,11 @@ class BoundedQueue:
             self.drain()
         mx.async_eval(arrays)
         self.pending.append(arrays)
+        if self.depth == UNBOUNDED:
+            # only the last piece is kept, for `drain` (one stream runs its work in order): holding every
+            # piece's outputs would keep their buffers, 0.5 GiB of block outputs in a people step
+            while len(self.pending) > 1:
+                self.pending.popleft()
+            return
         while len(self.pending) > max(self.depth, 1):
             mx.eval(self.pending.popleft())

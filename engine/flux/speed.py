@@ -61,8 +61,11 @@ BLOCKWISE_KEEPS_DENSE = True
 # "why still missed": the people 4-bit peak at depth 1 is 8.67 GiB, 0.67 over the target)
 BLOCKWISE_SPLIT_BACKWARD = False
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch):
-# people 4-bit held 8.67 GiB at 0.157 s with 1, 9.63 GiB at 0.160 s with 2 (H200, item 24)
-BLOCKWISE_DEPTH = 1
+# people 4-bit held 8.67 GiB at 0.157 s with 1, 9.63 GiB at 0.160 s with 2 (H200, item 24). -1
+# (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between stages; on CUDA MLX holds
+# it back once ~10 CUDA graphs are in flight, each CUDA_OPS_PER_GRAPH_UNBOUNDED kernels (item 40).
+# DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH sets it for a process (benchmarks)
+BLOCKWISE_DEPTH = int(os.environ.get("DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH", 1))
 # Inference (previews, `generate`) queues the transformer block by block and the VAE decoder piece by
 # piece, this many pieces ahead of the GPU (engine/flux/bounded_queue.py): queued whole, a 4-bit
 # preview took people's whole-run peak from 8.9 to 17.8 GiB (H200, bench/NOTES.md item 30)
@@ -77,6 +80,12 @@ INFERENCE_DEPTH = 1
 # beyond the 10% that one setting varies between processes (people bf16 0.094 / 0.093 / 0.103 s
 # for 100 / 4096 / 100), and MLX's own check found no thrashing. MLX reads these once per process.
 CUDA_OPS_PER_GRAPH_ONE_STAGE = 5
+# Where that step never waits between stages (depth -1), also small graphs: MLX holds the host back
+# once ~10 graphs are in flight, so their size bounds how far it runs ahead. People 4-bit
+# checkpointed on an H100: 5 a graph 0.150 s at 8.17 GiB, 10 a graph 0.158 s at 8.93, MLX's own
+# size 0.125 s at 24.5 GiB (item 40); MLX's graph cache then holds 4096 graphs, not 100
+CUDA_OPS_PER_GRAPH_UNBOUNDED = 5
+CUDA_GRAPH_CACHE_UNBOUNDED = 4096
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
 
@@ -90,15 +99,19 @@ def on_cuda() -> bool:
         return False
 
 
-def configure_cuda_graphs(one_stage_at_a_time: bool) -> dict[str, str]:
-    """On CUDA, for a step run one stage at a time, MLX's kernels per CUDA graph (above), where the
-    environment does not set it already; returns what it set. MLX reads it once, at its first kernel
-    launch, so this must come before the first kernel runs (the trainer calls it before it loads the
-    model); later calls change nothing. Elsewhere nothing is set: Metal reads MLX_MAX_OPS_PER_BUFFER
-    too, for its command buffers, with other numbers."""
-    if not (one_stage_at_a_time and on_cuda()) or "MLX_MAX_OPS_PER_BUFFER" in os.environ:
+def configure_cuda_graphs(one_stage_at_a_time: bool = False, unbounded: bool = False) -> dict[str, str]:
+    """On CUDA, for a step run one stage at a time or without a bound by stages (depth -1), MLX's
+    kernels per CUDA graph and graph cache (above), each where the environment does not set it
+    already; returns what it set. MLX reads them once, at its first kernel launch, so this must come
+    before the first kernel runs (the trainer calls it before it loads the model); later calls change
+    nothing. Elsewhere nothing is set: Metal reads MLX_MAX_OPS_PER_BUFFER too, for its command
+    buffers, with other numbers."""
+    if not ((one_stage_at_a_time or unbounded) and on_cuda()):
         return {}
-    chosen = {"MLX_MAX_OPS_PER_BUFFER": str(CUDA_OPS_PER_GRAPH_ONE_STAGE)}
+    wanted = ({"MLX_MAX_OPS_PER_BUFFER": str(CUDA_OPS_PER_GRAPH_ONE_STAGE)} if one_stage_at_a_time else
+              {"MLX_MAX_OPS_PER_BUFFER": str(CUDA_OPS_PER_GRAPH_UNBOUNDED),
+               "MLX_CUDA_GRAPH_CACHE_SIZE": str(CUDA_GRAPH_CACHE_UNBOUNDED)})
+    chosen = {name: value for name, value in wanted.items() if name not in os.environ}
     os.environ.update(chosen)
     return chosen
 

@@ -158,8 +158,9 @@ async def test_a_bad_config_is_reported_not_crashed(tmp_path, monkeypatch):
 
 
 async def test_real_training_pause_checkpoint_preview_and_stop_with_checkpoint(tmp_path, monkeypatch):
-    # requests are made while paused, so the test does not race the (fast or slow) steps
-    config = write_tiny_config(tmp_path, num_images=4, epochs=10)
+    # requests are made while paused, so the test does not race the (fast or slow) steps; the run is
+    # long (400 steps) so that it is still going when the second pause is asked for while it runs
+    config = write_tiny_config(tmp_path, num_images=4, epochs=100)
     events: list[dict] = []
     app = train_app(WizardState(model="tiny", config_path=config), recording_factory(events), monkeypatch)
 
@@ -193,7 +194,7 @@ async def test_real_training_pause_checkpoint_preview_and_stop_with_checkpoint(t
         await pilot.press("y")
         await wait_until(pilot, lambda: first(events, "finished"), REAL_TIMEOUT, f"stop in {kinds(events)}")
         finished = first(events, "finished")
-        assert finished["stopped"] and finished["step"] < 40
+        assert finished["stopped"] and finished["step"] < 400
         assert Path(finished["checkpoint_path"]).name == f"{finished['step']:07d}_checkpoint.zip"
         assert Path(finished["checkpoint_path"]).is_file()
         await wait_until(pilot, lambda: not screen.training_running, what="worker end")
