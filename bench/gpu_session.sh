@@ -362,6 +362,8 @@ s18b)
     # run 17, second call: the step without a bound by stages (depth -1) now keeps no stage's outputs
     # but the last; 5 kernels a graph (the bench sets MLX's graph cache to 4096 with it, as the
     # trainer does); every template at it; people's whole run at depth 1 and -1 through the trainer
+    PYTHONPATH=$PYTHONPATH:$root/.pytestpkgs timeout 60 python -m pytest -q -p no:cacheprovider --tb=line \
+        tests/test_lora_kernels.py -k "fused_lora_layer or joint_attention_trains" 2>&1 | tail -4
     cold_run cold ""
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
     q4="--quantize 4 --checkpointing on --steps 6"
