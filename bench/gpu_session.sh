@@ -370,7 +370,6 @@ s18b)
     env_rows d1 90 "" --templates people $q4 --depths 1
     env_rows unbounded_k5 120 "" --templates people pets style $q4 --depths -1
     env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6
-    env_rows unbounded_k5_again 80 "" --templates people $q4 --depths -1
     for depth in 1 -1; do
         mkdir -p "$out/warm_$depth"
         OUT=$out/warm_$depth DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH=$depth timeout 100 python bench/time_to_first_step.py \
