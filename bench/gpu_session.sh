@@ -361,22 +361,26 @@ s18)
 s18b)
     # run 17, second call: the step without a bound by stages (depth -1) now keeps no stage's outputs
     # but the last; 5 kernels a graph (the bench sets MLX's graph cache to 4096 with it, as the
-    # trainer does); every template at it; people's whole run at depth 1 and -1 through the trainer
+    # trainer does). Most important first (a cut call keeps what it measured): people's whole run at
+    # depth -1 through the trainer, every template at -1, depth 1 and bf16 rows, the whole run at 1
     PYTHONPATH=$PYTHONPATH:$root/.pytestpkgs timeout 60 python -m pytest -q -p no:cacheprovider --tb=line \
         tests/test_lora_kernels.py -k "fused_lora_layer or joint_attention_trains" 2>&1 | tail -4
     cold_run cold ""
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
-    q4="--quantize 4 --checkpointing on --steps 6"
-    env_rows d1 90 "" --templates people $q4 --depths 1
-    env_rows unbounded_k5 120 "" --templates people pets style $q4 --depths -1
-    env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6
-    for depth in 1 -1; do
+    warm_run() {
+        local depth=$1
         mkdir -p "$out/warm_$depth"
         OUT=$out/warm_$depth DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH=$depth timeout 100 python bench/time_to_first_step.py \
             --template people --quantize 4 --checkpointing --steps 5 >"$out/warm_$depth/stdout.log" 2>&1
         echo "warm depth $depth rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*\|"whole_run_peak_gib": [0-9.]*' "$out/warm_$depth/ttfs.json"
         grep -h "CUDA graph settings\|first block-by-block" "$out/warm_$depth/train_stderr.log" | cut -c1-200
-    done ;;
+    }
+    warm_run -1
+    q4="--quantize 4 --checkpointing on --steps 6"
+    env_rows unbounded_k5 120 "" --templates people pets style $q4 --depths -1
+    env_rows d1 90 "" --templates people $q4 --depths 1
+    env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6
+    warm_run 1 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
