@@ -377,9 +377,10 @@ s18b)
     }
     warm_run -1
     q4="--quantize 4 --checkpointing on --steps 6"
-    env_rows unbounded_k5 120 "" --templates people pets style $q4 --depths -1
-    env_rows d1 90 "" --templates people $q4 --depths 1
+    env_rows unbounded_k5 90 "" --templates people $q4 --depths -1
     env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6
+    env_rows d1 90 "" --templates people $q4 --depths 1
+    env_rows unbounded_k5_pets_style 90 "" --templates pets style $q4 --depths -1
     warm_run 1 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
