@@ -221,6 +221,9 @@ def main() -> None:
                        "mlx_env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
                        "graph_settings_set": graph_settings}
                 try:
+                    # the estimate at this row's settings (the previous row's --depths must not leak in)
+                    speed.configure_for_training()
+                    speed.__dict__.update(row_switches)
                     estimate, parts, limit = estimate_gib(load_template(template), quantize, checkpointing,
                                                           args.resolution)
                     from engine.memory_limit import limits_graph_memory
