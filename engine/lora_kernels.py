@@ -362,14 +362,10 @@ def lora_linear(quantized: tuple | None, with_bias: bool):
     their sum; here LoRA's product is added inside the kernel that computes it, so a layer's backward
     holds one (tokens x in) tensor fewer (5 for a single block's proj_out) and runs one kernel fewer.
     Nor is the base's output kept for the backward, which never reads it."""
-    from engine.flux.quantized import dequantize, plus_bias
+    from engine.flux.quantized import dense_after, plus_bias
 
     def dense(weight, trigger):
-        if quantized is None:
-            return weight[0].astype(trigger.dtype)
-        # after `trigger`, or MLX may dequantize every layer up front, holding all dense weights at once
-        wq, scales, biases = mx.depends(list(weight), [trigger])
-        return dequantize(wq, scales, biases, *quantized).astype(trigger.dtype)
+        return weight[0].astype(trigger.dtype) if quantized is None else dense_after(trigger, weight, *quantized)
 
     def split(arrays):
         weight = arrays[:1] if quantized is None else arrays[:3]

@@ -80,28 +80,27 @@ def plus_bias(x: mx.array, dense: mx.array, bias: mx.array | None) -> mx.array:
     return mx.addmm(bias.astype(x.dtype), x, dense.T)
 
 
+def dense_after(trigger: mx.array, packed, group_size: int, bits: int, mode: str) -> mx.array:
+    """The dense weight of `packed` (wq, scales, biases) in `trigger`'s dtype, dequantized only once
+    `trigger` is: without this ordering MLX may schedule every layer's dequantize up front (they depend
+    only on weights), holding all dense weights at once."""
+    wq, scales, biases = mx.depends(list(packed), [trigger])
+    return dequantize(wq, scales, biases, group_size, bits, mode).astype(trigger.dtype)
+
+
 @cache
 def dequantized_matmul(group_size: int, bits: int, mode: str, with_bias: bool = False):
     """x @ dequantize(w).T (+ bias, the last input when `with_bias`) with a backward that recomputes
     the dense weight."""
 
-    def dense(wq, scales, biases):
-        return dequantize(wq, scales, biases, group_size, bits, mode)
-
-    def dense_after(trigger, wq, scales, biases):
-        # without this ordering MLX may schedule every layer's dequantize up front
-        # (they depend only on weights), holding all dense weights at once
-        wq, scales, biases = mx.depends([wq, scales, biases], [trigger])
-        return dense(wq, scales, biases).astype(trigger.dtype)
-
     @mx.custom_function
     def matmul(x, wq, scales, biases, *bias):
-        return plus_bias(x, dense_after(x, wq, scales, biases), bias[0] if with_bias else None)
+        return plus_bias(x, dense_after(x, (wq, scales, biases), group_size, bits, mode), bias[0] if with_bias else None)
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, wq, scales, biases, *bias = primals
-        grad_x = cotangent @ dense_after(cotangent, wq, scales, biases)
+        grad_x = cotangent @ dense_after(cotangent, (wq, scales, biases), group_size, bits, mode)
         # the frozen base gets no gradient; zeros are never evaluated
         return (grad_x, *(mx.zeros_like(a) for a in (wq, scales, biases, *bias)))
 
@@ -147,25 +146,26 @@ class DequantizingLinear(nn.QuantizedLinear):
         return (self.get("biases") is not None and getattr(self, "mode", "affine") == "affine"
                 and x.size // x.shape[-1] >= self.MIN_ROWS)
 
+    def _dense(self, dtype: mx.Dtype) -> mx.array:
+        return dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
+                          self.mode).astype(dtype)
+
     def lora_operands(self, x: mx.array) -> tuple[tuple | None, list[mx.array]]:
         """For engine.lora_kernels.lora_linear on `x` (where `takes_dense_route`): its `quantized` and
         its weight arrays: the dense weight while a stage's backward keeps them (keeping_dense_weights),
         otherwise the packed ones."""
         if _keep_dense:
-            return None, [dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits,
-                                     self.mode).astype(x.dtype)]
+            return None, [self._dense(x.dtype)]
         return (self.group_size, self.bits, self.mode), [self["weight"], self["scales"], self["biases"]]
 
     def __call__(self, x: mx.array) -> mx.array:
-        biases = self.get("biases")
         if not self.takes_dense_route(x):
             return super().__call__(x)
         bias = self.get("bias")
         if _keep_dense:
-            dense = dequantize(self["weight"], self["scales"], biases, self.group_size, self.bits, self.mode)
-            return plus_bias(x, dense.astype(x.dtype), bias)
+            return plus_bias(x, self._dense(x.dtype), bias)
         matmul = dequantized_matmul(self.group_size, self.bits, self.mode, bias is not None)
-        return matmul(x, self["weight"], self["scales"], biases, *([] if bias is None else [bias]))
+        return matmul(x, self["weight"], self["scales"], self["biases"], *([] if bias is None else [bias]))
 
 
 def prefer_dequantizing() -> bool:
