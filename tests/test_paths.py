@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 import mlx.core as mx
 
 from engine import paths
@@ -64,3 +66,15 @@ def test_small_cuda_graphs_are_set_for_one_stage_at_a_time_on_cuda_only_and_neve
     assert speed.configure_cuda_graphs(unbounded=True) == {
         "MLX_MAX_OPS_PER_BUFFER": str(speed.CUDA_OPS_PER_GRAPH_UNBOUNDED),
         "MLX_CUDA_GRAPH_CACHE_SIZE": str(speed.CUDA_GRAPH_CACHE_UNBOUNDED)}
+
+
+def test_the_depth_from_the_environment_takes_whole_numbers_and_warns_otherwise(monkeypatch):
+    from engine.flux import speed
+
+    for text, depth in (("-1", -1), (" 2 ", 2), ("", 1)):
+        monkeypatch.setenv("DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH", text)
+        assert speed._depth_from_environment(1) == depth
+    for text in ("deep", "-2", "1.5"):
+        monkeypatch.setenv("DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH", text)
+        with pytest.warns(UserWarning, match="DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH"):
+            assert speed._depth_from_environment(1) == 1

@@ -9,6 +9,7 @@ step was compiled has no effect on that step: build a new one.
 from __future__ import annotations
 
 import os
+import warnings
 from functools import cache
 
 import mlx.core as mx
@@ -65,7 +66,17 @@ BLOCKWISE_SPLIT_BACKWARD = False
 # (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between stages; on CUDA MLX holds
 # it back once ~10 CUDA graphs are in flight, each CUDA_OPS_PER_GRAPH_UNBOUNDED kernels (item 40).
 # DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH sets it for a process (benchmarks)
-BLOCKWISE_DEPTH = int(os.environ.get("DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH", 1))
+def _depth_from_environment(default: int) -> int:
+    text = os.environ.get("DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH", "").strip()
+    if text.lstrip("-").isdigit() and int(text) >= -1:
+        return int(text)
+    if text:
+        warnings.warn(f"DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH={text!r} is not a whole number of -1 or more; "
+                      f"the checkpointed step runs at depth {default}", stacklevel=2)
+    return default
+
+
+BLOCKWISE_DEPTH = _depth_from_environment(1)
 # Inference (previews, `generate`) queues the transformer block by block and the VAE decoder piece by
 # piece, this many pieces ahead of the GPU (engine/flux/bounded_queue.py): queued whole, a 4-bit
 # preview took people's whole-run peak from 8.9 to 17.8 GiB (H200, bench/NOTES.md item 30)
