@@ -178,7 +178,7 @@ def main() -> None:
                         help="the block-by-block step's forward and backward peaks (each step then waits for its end)")
     parser.add_argument("--depths", type=int, nargs="+",
                         help="checkpointed rows: one row per block-by-block depth (BLOCKWISE_DEPTH), in one process; "
-                             "a large number queues every stage, leaving MLX's own limit of in-flight CUDA graphs")
+                             "-1 never waits between stages, leaving MLX's own limit of in-flight CUDA graphs")
     parser.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
                         help="set a switch of engine/flux/speed.py after the trainer's own choice (repeatable; "
                              "a number for the integer ones: BLOCKWISE_DEPTH=3)")
