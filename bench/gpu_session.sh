@@ -28,7 +28,8 @@
 #   s17e    the people first run again; pets' first run (4-bit, one-graph step)               ~5 min
 #   s17f    pets' first run with the block-by-block shares beside the one-graph warm-up        ~3 min
 #   s18     run 17: the host's run-ahead in kernels (graph size x MLX's 10 graphs in flight), depths 1/1000/0 ~8 min
-#   s18b    run 17: depth -1 (unbounded, 5 a graph) for every template; whole runs at depth 1 and -1   ~5 min
+#   s18b    run 17: depth -1 (unbounded, 5 a graph) for every template; whole runs at depth 1 and -1   ~7 min
+#   s18c    run 18: people without our kernels (a user's short run) at depth 1 and bf16; their compile time ~4 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -380,8 +381,20 @@ s18b)
     env_rows unbounded_k5 90 "" --templates people $q4 --depths -1
     env_rows bf16_people 90 "" --templates people --quantize none --checkpointing off --steps 6
     env_rows d1 90 "" --templates people $q4 --depths 1
+    # the route a user's people run takes (750 steps: too few to win back our kernels' compile)
+    env_rows fallback_unbounded 90 "" --templates people $q4 --depths -1 --switch LORA_KERNELS=0 --switch ROPE_KERNEL=0
     env_rows unbounded_k5_pets_style 90 "" --templates pets style $q4 --depths -1
     warm_run 1 ;;
+s18c)
+    # run 18, a second call on the warm machine after s18b: the kernel-less route at depth 1 and for
+    # bf16 (a user's 750-step run either way), then what our CUDA kernels cost a process to compile
+    # (speed.KERNEL_COMPILE_S: measured before they read their shapes at run time)
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    off="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
+    env_rows fallback_d1 90 "" --templates people --quantize 4 --checkpointing on --steps 6 --depths 1 $off
+    env_rows fallback_bf16 90 "" --templates people --quantize none --checkpointing off --steps 6 $off
+    OUT=$out timeout 300 python bench/probe_first_step.py --variants all all ~LORA_KERNELS ~ROPE_KERNEL \
+        --checkpointing --timeout 70 2>&1 | cut -c1-400 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
