@@ -57,6 +57,7 @@ from engine.config_schema import (
     model_source,
 )
 from engine.errors import ConfigError
+from engine.paths import atomic_write
 
 # The config's API lives here; its schema, reader and checks each have their own module.
 __all__ = [
@@ -156,10 +157,8 @@ def save_config(cfg: TrainingConfig, path: str | Path) -> Path:
         for section, key, absolute in (("examples", "path", cfg.examples_dir), ("save", "output_path", cfg.output_dir)):
             if not Path(data[section][key]).expanduser().is_absolute():
                 data[section][key] = os.path.relpath(absolute, path.parent)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    with atomic_write(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
 
 

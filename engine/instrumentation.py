@@ -7,11 +7,11 @@ what the LoRA learned.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from engine.paths import atomic_write
 
 PLOTS = Path("_validation") / "plots"
 IMAGES = Path("_validation") / "images"
@@ -35,14 +35,12 @@ def write_validation_image(output_dir: Path, step: int, model, validation, cfg) 
 def write_loss_history(output_dir: Path, step: int, history: list[dict]) -> Path:
     """`NNNNNNN_loss.json` and a PNG plot of it; returns the PNG's path."""
     folder = Path(output_dir) / PLOTS
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder / f"{step:07d}_loss.json", json.dumps(history, indent=1).encode())
+    with atomic_write(folder / f"{step:07d}_loss.json") as temporary:
+        temporary.write_text(json.dumps(history, indent=1))
     png = folder / f"{step:07d}_loss.png"
     image = draw_loss_plot([entry["step"] for entry in history], [entry["loss"] for entry in history])
-    handle, temporary = tempfile.mkstemp(prefix=f".{png.name}.", dir=folder)
-    os.close(handle)
-    image.save(temporary, format="PNG")
-    os.replace(temporary, png)
+    with atomic_write(png) as temporary:
+        image.save(temporary, format="PNG")
     return png
 
 
@@ -80,10 +78,3 @@ def draw_loss_plot(steps: list[int], losses: list[float], size: tuple[int, int] 
     draw.text((right - 70, bottom + 8), f"step {steps[-1]}", fill="black")
     draw.text((left + 8, top + 4), "loss (thick: moving average)", fill="black")
     return image
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)

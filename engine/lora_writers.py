@@ -5,9 +5,7 @@ block-diagonal up). Files are written atomically."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +21,7 @@ from engine.lora_names import (
     MFLUX_VERSION,
     SWAPPED_HALVES,
 )
+from engine.paths import atomic_write
 
 
 def save_mflux(path: str, source, metadata: dict | None = None) -> None:
@@ -179,20 +178,13 @@ def _metadata(header: dict, user: dict | None, merged: dict, lora_format: str) -
 
 def _write(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    folder = os.path.dirname(os.path.abspath(path))
+    # bytes written by Python, so a full disk is an OSError that says so (safetensors' own writer hides it)
+    data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata)
     try:
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(handle)
+        with atomic_write(path, suffix=".safetensors") as temporary:
+            temporary.write_bytes(data)
     except OSError as error:
-        raise OutputError(f"Cannot write the LoRA file {path}: {error.strerror}.") from error
-    try:
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, temporary, metadata)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise OutputError(f"Cannot write the LoRA file {path}: {error.strerror}.") from error
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        raise OutputError(f"cannot write the LoRA file {path} ({error.strerror})",
+                          "choose a folder you can write to, or free disk space") from error

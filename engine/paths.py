@@ -1,12 +1,24 @@
-"""Where the engine keeps its own files: the tiny model, encoding caches, logs.
+"""Where the engine keeps its own files (the tiny model, encoding caches, logs) and how it writes the user's.
 
 `DREAMBOOTH_WIZARD_HOME` overrides the platform folders (tests use it so they
-never touch the user's home).
+never touch the user's home). `atomic_write` is how every file a user keeps is
+written: whole or not at all, readable as any other file they make.
 """
 from __future__ import annotations
 
 import os
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
+from typing import Iterator
+
+from engine.errors import OutputError
+
+# mkstemp makes 0600 files; a file we write gets the mode any new file would (a ComfyUI service account must read
+# a LoRA). The umask can only be read by setting it, and it is process-wide: read once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _folder(kind: str, create: bool = True) -> Path:
@@ -45,6 +57,51 @@ def keep_compiled_gpu_kernels(mlx_version: str) -> str:
     return folder
 
 
+def new_file_mode() -> int:
+    """The permission bits a file created now gets (0644 under the usual umask 022)."""
+    return 0o666 & ~_UMASK
+
+
+@contextmanager
+def atomic_write(path: str | Path, suffix: str = ".tmp", fsync: bool = False) -> Iterator[Path]:
+    """Write `path` whole or not at all: yields a temporary file beside it to write to.
+
+    When the block ends, the temporary file gets `new_file_mode()`, is flushed to the disk if `fsync` (and the
+    rename with it), and replaces `path` in one rename; if the block raises, it is removed and `path` is untouched.
+    Its name is `.<name>.<random><suffix>`. OSError (no permission, full disk) reaches the caller, who says what
+    to do."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.chmod(temporary, new_file_mode())  # after the block: a writer may have made the file anew
+        if fsync:
+            _fsync(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename), to the disk; a file system that cannot is let be."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def unwritable_reason(folder: Path) -> str | None:
     """Why `folder` cannot be written to (it is created if missing, then probed), or None."""
     try:
@@ -53,5 +110,32 @@ def unwritable_reason(folder: Path) -> str | None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        return error.strerror or str(error)
+        return _file_in_the_way(folder) or error.strerror or str(error)
     return None
+
+
+def _file_in_the_way(folder: Path) -> str | None:
+    """Says so where `folder`, or a folder above it, is a file (mkdir's "File exists" or "Not a directory")."""
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            if os.path.isdir(path):
+                return None
+            return "it is a file, not a folder" if path == folder else f"{path} is a file, not a folder"
+    return None
+
+
+def prepare_output_folder(output: Path, fresh: bool) -> Path:
+    """The folder a run writes to, created and probed. A fresh run never writes into an earlier run's folder:
+    it gets a new one beside it, with the date (mflux appends a timestamp the same way)."""
+    try:
+        earlier_run = fresh and output.is_dir() and any(output.iterdir())
+    except OSError as error:
+        raise OutputError(f"cannot read the output folder {output} ({error.strerror})",
+                          "set save.output_path to a folder you can read and write") from error
+    if earlier_run:
+        output = output.with_name(f"{output.name}_{datetime.now():%Y%m%d_%H%M%S}")
+    reason = unwritable_reason(output)
+    if reason:
+        raise OutputError(f"cannot write to the output folder {output} ({reason})",
+                          "set save.output_path to a folder you can write to")
+    return output

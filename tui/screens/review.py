@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from textual.widgets import Input, Label, Static
 from engine.errors import ConfigError
 from tui.screens.config_builder import (CONFIG_FILE_NAME, build_config, config_for_file, default_output_dir,
                                         images_folder)
-from engine.paths import unwritable_reason
+from engine.paths import atomic_write, unwritable_reason
 from tui.screens.step import StepScreen, display_path
 
 log = logging.getLogger(__name__)
@@ -142,9 +141,8 @@ from it without the wizard, or share it. It is saved next to your photos.
         if data is None:
             return
         try:
-            temporary = config_path.with_name(f".{config_path.name}.tmp")
-            temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-            os.replace(temporary, config_path)
+            with atomic_write(config_path) as temporary:
+                temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         except OSError as error:
             # only a back step reaches here unchecked: the config is simply not saved
             log.warning("config not saved to %s: %s", config_path, error)
