@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
+import shlex
 import time
 import zipfile
 import zlib
@@ -22,14 +21,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from engine.errors import CheckpointError, OutputError
+from engine.paths import atomic_write
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FOLDER = "_checkpoints"
 PARTIAL_SUFFIX = ".partial"
-# mkstemp makes 0600 files; a checkpoint gets the permissions any other file would (read once: umask is process-wide)
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 # a temporary file older than this process and not touched for a minute belongs to a run that died mid-write
 _PROCESS_START = time.time()
 STALE_PARTIAL_S = 60.0
@@ -89,29 +86,15 @@ def write_checkpoint(output_dir: Path, contents: CheckpointContents, started: da
 
 def write_zip_atomically(target: Path, members: dict[str, bytes]) -> None:
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent)
-    except OSError as error:
-        raise OutputError(f"cannot write checkpoints to {target.parent} ({error.strerror})",
-                          "choose an output folder you can write to (save.output_path)") from error
-    try:
-        os.fchmod(handle, 0o666 & ~_UMASK)
-        with os.fdopen(handle, "wb") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED) as archive:
+        with atomic_write(target, suffix=PARTIAL_SUFFIX, fsync=True) as temporary:
+            with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as archive:
                 for name, data in members.items():
                     archive.writestr(name, data)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(temporary, target)
-        _fsync_folder(target.parent)
-        remove_stale_partials(target.parent)
     except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise OutputError(f"could not write checkpoint {target.name} ({error.strerror})",
-                          "free disk space or choose another output folder; earlier checkpoints are intact") from error
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        raise OutputError(f"could not write checkpoint {target.name} to {target.parent} ({error.strerror})",
+                          "free disk space or choose an output folder you can write to (save.output_path); "
+                          "earlier checkpoints are intact") from error
+    remove_stale_partials(target.parent)
 
 
 def remove_stale_partials(folder: Path) -> list[Path]:
@@ -131,27 +114,22 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     return removed
 
 
-def _fsync_folder(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def read_checkpoint(path: Path) -> CheckpointContents:
     """Open, check and read a checkpoint zip (ours or mflux's)."""
     from safetensors.numpy import load as load_safetensors
 
     path = Path(path)
+    if path.is_dir():
+        newest = newest_checkpoint(path)
+        raise CheckpointError(f"{path} is a folder, not a checkpoint zip",
+                              f"pass a checkpoint zip inside it; the newest is {newest}" if newest else
+                              "there is no checkpoint in it; pass a NNNNNNN_checkpoint.zip, which training writes "
+                              f"to <output>/{CHECKPOINT_FOLDER}/")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist", "give the path of a NNNNNNN_checkpoint.zip")
     try:
+        with open(path, "rb") as file:
+            _refuse_other_files(path, file.read(64))
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
             for name in names:
@@ -187,6 +165,42 @@ def read_checkpoint(path: Path) -> CheckpointContents:
     return CheckpointContents(step=step, adapter=data["adapter"],
                               optimizer={k: mx.array(v) for k, v in optimizer_state_from_mflux(optimizer_np).items()},
                               iterator=iterator, loss=loss, config=config, manifest=manifest)
+
+
+def _refuse_other_files(path: Path, head: bytes) -> None:
+    """A LoRA or a config given as a checkpoint is named for what it is, not called a damaged zip."""
+    if head.startswith(b"PK"):
+        return
+    newest = newest_checkpoint(path.parent)
+    instead = f"pass a checkpoint zip instead: {newest or f'<output>/{CHECKPOINT_FOLDER}/NNNNNNN_checkpoint.zip'}"
+    # safetensors: 8 bytes giving the length of a JSON header, then the header
+    if len(head) > 8 and head[8:9] == b"{":
+        raise CheckpointError(f"{path.name} is a LoRA file, not a checkpoint",
+                              "a LoRA is already the result of training: use it as it is (dreambooth-wizard generate "
+                              f"--lora-paths {shlex.quote(str(path))}); to export it in another format or to resume "
+                              f"training, {instead}")
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] != b"{":
+        return  # damaged, or no checkpoint at all: the zip reader says so
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError:  # not JSON after all; an OSError is read_checkpoint's to report
+        data = None
+    if not isinstance(data, dict) or ("lora_layers" not in data and "examples" not in data):
+        raise CheckpointError(f"{path.name} is a JSON file, not a checkpoint", instead)
+    output = data.get("save", {}).get("output_path") if isinstance(data.get("save"), dict) else None
+    if isinstance(output, str) and output.strip():
+        newest = newest_checkpoint(path.parent / Path(output).expanduser()) or newest  # relative to the config
+        instead = f"pass a checkpoint zip instead: {newest}" if newest else instead
+    raise CheckpointError(f"{path.name} is a training config, not a checkpoint",
+                          f"{instead} (to train from this config: dreambooth-wizard train --train-config "
+                          f"{shlex.quote(str(path))})")
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint zip with the most steps in an output folder (or its _checkpoints folder), by name."""
+    found = [zip_path for where in (Path(folder) / CHECKPOINT_FOLDER, Path(folder)) if where.is_dir()
+             for zip_path in where.glob("*_checkpoint.zip")]
+    return max(found, key=lambda zip_path: zip_path.name) if found else None
 
 
 def _check_shapes(path: Path, iterator, loss, config) -> None:

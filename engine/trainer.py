@@ -20,7 +20,7 @@ from mlx.utils import tree_unflatten
 from engine.checkpoint import CheckpointContents, flatten_optimizer_state, read_checkpoint, write_checkpoint
 from engine.config import TrainingConfig, config_to_dict, lora_targets, parse_config, validate
 from engine.dataset import BatchIterator, build_training_set
-from engine.errors import CheckpointError, OutputError, UserError
+from engine.errors import CheckpointError, UserError
 from engine.export import adapter_from_bytes, adapter_metadata, adapter_to_bytes
 from engine.events import EventCallback, TrainingControls, make_event
 from engine.flux import speed
@@ -28,8 +28,8 @@ from engine.flux.latents import latent_image_ids, latent_size, text_ids
 from engine.flux.sampler import sigma_grid
 from engine.instrumentation import write_loss_history, write_validation_image
 from engine.lora import apply_lora, load_lora_parameters, lora_parameters
-from engine.optimizers import build_optimizer
-from engine.paths import unwritable_reason
+from engine.optimizers import build_optimizer, state_mismatch
+from engine.paths import prepare_output_folder
 from engine.training_step import make_train_step
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Trainer:
         resume = read_checkpoint(self.resume_from) if self.resume_from else None
         # missing photos are named now, before minutes of loading (block limits are checked once the model is known)
         validate(cfg, None, None, check_files=True)
-        self.output_dir = self._prepare_output_dir(resume is not None)
+        self.output_dir = prepare_output_folder(cfg.output_dir, fresh=resume is None)
         started = datetime.now()
         if resume and resume.iterator.get("start_date_time"):
             try:
@@ -349,11 +349,13 @@ class Trainer:
                 "resume with the checkpoint's own config and model, or start a new training")
         load_lora_parameters(transformer, adapter)
         if resume.optimizer:
-            try:
-                optimizer.state = tree_unflatten(list(resume.optimizer.items()))
-            except Exception as error:
-                raise CheckpointError(f"{self.resume_from.name} has an optimizer state that does not fit ({error})",
-                                      "the checkpoint was written with another optimizer; start a new training") from error
+            state = tree_unflatten(list(resume.optimizer.items()))
+            problem = state_mismatch(optimizer, state)  # MLX would take any dict, AdamW's moments into SGD
+            if problem:
+                raise CheckpointError(f"{self.resume_from.name} has an optimizer state that does not fit ({problem})",
+                                      "resume with the optimizer the checkpoint was written with "
+                                      "(its config's optimizer.name), or start a new training")
+            optimizer.state = state
         saved_examples = resume.iterator.get("num_examples", num_examples)
         if saved_examples != num_examples:
             raise CheckpointError(
@@ -361,17 +363,6 @@ class Trainer:
                 "restore the original images, or start a new training")
         iterator = BatchIterator.from_state(resume.iterator, num_examples, self.config.seed)
         return iterator, list(resume.loss)
-
-    def _prepare_output_dir(self, resuming: bool) -> Path:
-        output = self.config.output_dir
-        if not resuming and output.exists() and any(output.iterdir()):
-            # never overwrite an earlier run (mflux appends a timestamp the same way)
-            output = output.with_name(f"{output.name}_{datetime.now():%Y%m%d_%H%M%S}")
-        reason = unwritable_reason(output)
-        if reason:
-            raise OutputError(f"cannot write to the output folder {output} ({reason})",
-                              "set save.output_path to a folder you can write to")
-        return output
 
 
 @dataclass

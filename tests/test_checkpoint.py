@@ -319,7 +319,75 @@ def test_not_a_zip_or_not_there(tmp_path):
     (tmp_path / "0000001_checkpoint.zip").write_text("just text")
     expect_refused(tmp_path / "0000001_checkpoint.zip", "not a readable zip")
     expect_refused(tmp_path / "missing.zip", "does not exist")
-    expect_refused(tmp_path, "does not exist")  # a folder
+
+
+# ---------------------------------------------------------------- something else given as a checkpoint
+
+
+def test_an_output_folder_is_a_folder_and_its_newest_checkpoint_is_named(trained, tmp_path):
+    folder, _ = trained
+    for given in (folder / "out", folder / "out" / "_checkpoints"):
+        error = expect_refused(given, "is a folder", "not a checkpoint")
+        assert "does not exist" not in str(error)
+        assert str(folder / "out" / "_checkpoints" / "0000002_checkpoint.zip") in error.hint
+    error = expect_refused(tmp_path, "is a folder")
+    assert "no checkpoint" in error.hint and "_checkpoints" in error.hint
+
+
+def test_the_final_lora_is_called_the_result_not_a_damaged_zip(trained):
+    # training ends with "done: LoRA <output>/adapter.safetensors": the file a beginner tries first
+    folder, _ = trained
+    error = expect_refused(folder / "out" / "adapter.safetensors", "adapter.safetensors is a LoRA file")
+    assert "damaged" not in str(error)
+    assert "already" in error.hint and "--lora-paths" in error.hint
+    assert str(folder / "out" / "_checkpoints" / "0000002_checkpoint.zip") in error.hint
+
+
+def test_a_training_config_is_called_a_config(trained, tmp_path):
+    folder, _ = trained
+    error = expect_refused(folder / "config.json", "config.json is a training config")
+    assert "damaged" not in str(error) and "--train-config" in error.hint
+    assert str(folder / "out" / "_checkpoints" / "0000002_checkpoint.zip") in error.hint  # from its save.output_path
+    (tmp_path / "notes.json").write_text('{"loss": [1, 2]}')
+    assert "damaged" not in str(expect_refused(tmp_path / "notes.json", "not a checkpoint"))
+
+
+# ---------------------------------------------------------------- the optimizer state of a resume
+
+
+def test_the_state_of_another_optimizer_is_named_as_such():
+    import mlx.core as mx
+
+    from engine.optimizers import build_optimizer, state_mismatch
+
+    parameters = {"layer": {"lora_A": mx.zeros((2, 8)), "lora_B": mx.zeros((8, 2))}}
+    adamw = build_optimizer("AdamW", 1e-3)
+    adamw.init(parameters)
+    sgd = build_optimizer("SGD", 1e-3)
+    sgd.init(parameters)
+    problem = state_mismatch(sgd, adamw.state)
+    assert "Adam, AdamW or Adamax" in problem and "SGD" in problem
+    same = build_optimizer("AdamW", 1e-3)
+    same.init(parameters)
+    assert state_mismatch(same, adamw.state) is None  # a resume with the same optimizer
+    wrong_shape = build_optimizer("AdamW", 1e-3)
+    wrong_shape.init({"layer": {"lora_A": mx.zeros((4, 8)), "lora_B": mx.zeros((8, 4))}})
+    assert "shape" in state_mismatch(wrong_shape, adamw.state)
+    # a weight the saved state does not mention starts afresh, as MLX's own init makes it
+    partial = {"step": adamw.state["step"], "layer": {"lora_A": adamw.state["layer"]["lora_A"]}}
+    assert state_mismatch(same, partial) is None
+
+
+def test_resuming_refuses_an_optimizer_state_its_config_does_not_name(trained, tmp_path):
+    _, result = trained
+    contents = members(result.checkpoint_path)
+    config = json.loads(contents["0000002_config.json"])
+    config["optimizer"]["name"] = "SGD"  # its state holds AdamW's m and v
+    path = rezip(tmp_path / "0000002_checkpoint.zip", {**contents, "0000002_config.json": json.dumps(config).encode()})
+    with pytest.raises(CheckpointError) as caught:
+        Trainer.from_checkpoint(path).run()
+    assert "optimizer state" in str(caught.value) and "SGD" in str(caught.value) and "AdamW" in str(caught.value)
+    assert caught.value.hint
 
 
 def test_listing_skips_damaged_zips_and_temporary_files(trained, tmp_path):

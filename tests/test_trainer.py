@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 import threading
 
 import mlx.core as mx
@@ -167,6 +169,15 @@ def test_outputs_and_instrumentation_files(tmp_path):
     names = set(zipfile.ZipFile(out / "_checkpoints" / "0000002_checkpoint.zip").namelist())
     assert names == {"0000002_adapter.safetensors", "0000002_optimizer.safetensors", "0000002_iterator.json",
                      "0000002_loss.json", "0000002_config.json", "checkpoint.json"}
+    # every file is written through a temporary one (mkstemp's 0600) yet readable as any other new file: a ComfyUI
+    # service account must read the LoRA
+    umask = os.umask(0o022)
+    os.umask(umask)
+    kept = [path for path in out.rglob("*") if path.is_file()]
+    assert {path.suffix for path in kept} == {".safetensors", ".zip", ".png", ".json"}
+    assert {str(path.relative_to(out)): stat.S_IMODE(path.stat().st_mode) for path in kept} == {
+        str(path.relative_to(out)): 0o666 & ~umask for path in kept}
+    assert not [path for path in out.rglob(".*")]  # no temporary file left
 
 
 def test_a_second_fresh_run_never_overwrites_the_first(tmp_path, caplog):
@@ -240,10 +251,10 @@ def test_a_crop_in_the_config_is_what_gets_trained(tmp_path):
     assert not mx.array_equal(cropped.examples[0].latents, centred.examples[0].latents)
     data["examples"]["images"][0]["crop"] = [60, 60, 48, 48]  # outside the 96x96 photo
     config.write_text(json.dumps(data))
-    from engine.errors import ImageError
+    from engine.errors import ConfigError
 
-    with pytest.raises(ImageError, match="crop"):
-        Trainer(load_config(config)).run()
+    with pytest.raises(ConfigError, match="crop"):  # refused as the config is read, before any loading
+        load_config(config)
 
 
 def test_compiled_step_with_lora_on_both_modulations_of_several_joint_blocks():
