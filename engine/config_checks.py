@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
+import shlex
 
 from engine.config_schema import (
     FLUX1_JOINT_BLOCKS,
@@ -23,6 +25,8 @@ from engine.config_schema import (
     show_value,
 )
 
+SEED_LIMIT = 2**64
+
 
 def value_problems(cfg: TrainingConfig, num_joint: int | None, num_single: int | None) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
@@ -36,6 +40,8 @@ def value_problems(cfg: TrainingConfig, num_joint: int | None, num_single: int |
                                   'repo id like "black-forest-labs/FLUX.1-dev", an existing local folder, or "tiny"'))
     if cfg.seed < 0:
         problems.append(("seed", f"seed = {cfg.seed}: must be 0 or more, e.g. 42"))
+    elif cfg.seed >= SEED_LIMIT:  # MLX's random key holds 64 bits; a larger seed would crash the run's first step
+        problems.append(("seed", f"seed = {cfg.seed}: too large; use 0 to {SEED_LIMIT - 1}, e.g. 42"))
     at_least("steps", cfg.steps, 1, "the noise-level grid needs at least one step; 20 is usual for dev")
     if not math.isfinite(cfg.guidance) or cfg.guidance < 0:
         problems.append(("guidance", f"guidance = {show_value(cfg.guidance)}: must be 0 or more; 3.0-4.0 suits dev"))
@@ -79,6 +85,44 @@ def value_problems(cfg: TrainingConfig, num_joint: int | None, num_single: int |
         if not example.prompt.strip():
             problems.append((f"{where}.prompt", f'{where}.prompt = {show_value(example.prompt)}: write a caption with the '
                                                 'trigger word, e.g. "photo of sks dog"'))
+    if cfg.width >= 16 and cfg.height >= 16:
+        problems += crop_problems(cfg)
+    return problems
+
+
+def crop_problems(cfg: TrainingConfig) -> list[tuple[str, str]]:
+    """Crops outside their photo or of another shape than the training size, found now rather than
+    minutes later when the photos are encoded; reads only the headers of photos that have a crop."""
+    if all(example.crop is None for example in cfg.examples.images):
+        return []
+    from engine.crops import CropBox, default_crop, fit_crop  # Pillow loads only for configs with crops
+    from engine.errors import ImageError
+    from engine.images import displayed_size
+
+    problems = []
+    for i, example in enumerate(cfg.examples.images):
+        path = cfg.examples_dir / example.image if isinstance(example.image, str) and example.image else None
+        if example.crop is None or path is None or not path.is_file():
+            continue  # a missing photo is the file check's to report
+        try:
+            width, height = displayed_size(path)
+        except ImageError:
+            continue  # reported with its fix when the photo is opened
+        box, where = CropBox.of(example.crop), f"examples.images[{i}].crop"
+        centred = list(default_crop((width, height), cfg.width, cfg.height))
+        # a pixel of rounding is allowed, as engine/crops.py allows it
+        misshapen = abs(box.width * cfg.height - box.height * cfg.width) > max(cfg.width, cfg.height)
+        if box.right > width or box.bottom > height:
+            edges = [f"{side} edge at {edge}" for side, edge, limit in
+                     (("right", box.right, width), ("bottom", box.bottom, height)) if edge > limit]
+            problems.append((where, f"{where} = {show_value(list(box))}: reaches past the {width}x{height} photo "
+                                    f"{path.name} ({', '.join(edges)}); keep left + width <= {width} and top + height <= "
+                                    f'{height}, or remove "crop" for the centred box {centred}'))
+        elif misshapen:
+            fitted = list(fit_crop(box, (width, height), cfg.width, cfg.height))
+            problems.append((where, f"{where} = {show_value(list(box))}: a {box.width}x{box.height} box does not have the "
+                                    f"shape of the {cfg.width}x{cfg.height} training size, so the photo would be "
+                                    f'stretched; use e.g. {fitted}, or remove "crop" for the centred box {centred}'))
     return problems
 
 
@@ -143,10 +187,15 @@ def missing_files(cfg: TrainingConfig) -> list[str]:
         return []
     problems = []
     for i, example in enumerate(cfg.examples.images):
-        if isinstance(example.image, str) and example.image and not (cfg.examples_dir / example.image).is_file():
+        if not isinstance(example.image, str) or not example.image:
+            continue
+        path = cfg.examples_dir / example.image
+        if not path.is_file():
             problems.append(f"examples.images[{i}].image = {show_value(example.image)}: no file at "
-                            f"{cfg.examples_dir / example.image}; check examples.path ({show_value(cfg.examples.path)}) "
-                            "and the file name")
+                            f"{path}; check examples.path ({show_value(cfg.examples.path)}) and the file name")
+        elif not os.access(path, os.R_OK):
+            problems.append(f"examples.images[{i}].image = {show_value(example.image)}: no permission to read {path}; "
+                            f"fix the file's permissions (its owner can run chmod a+r {shlex.quote(str(path))})")
     return problems
 
 

@@ -15,6 +15,7 @@ from engine.config_checks import value_problems
 from engine.config_schema import (
     FLUX1_JOINT_BLOCKS,
     FLUX1_SINGLE_BLOCKS,
+    TEMPLATES_DIR,
     BlockRange,
     ExampleImage,
     Examples,
@@ -33,8 +34,6 @@ logger = logging.getLogger("engine.config")
 _KIND_EXAMPLES = {"int": "42", "number": "0.0001", "str": '"text"', "bool": "true", "list": "[...]", "object": "{...}"}
 
 
-
-
 def _join(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
@@ -47,6 +46,7 @@ class _Reader:
     def __init__(self):
         self.problems: list[tuple[str, str]] = []  # (key path, message)
         self.unknown: list[str] = []
+        self.misspelled: set[str] = set()  # key paths already reported through their misspelling
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append((path, message))
@@ -59,8 +59,16 @@ class _Reader:
         for key in raw:
             if key not in known and key not in ignored:
                 near = difflib.get_close_matches(key, sorted(known), n=1)
+                where = _join(path, key)
+                # mflux configs may carry keys we ignore, so unknown keys only warn; but under lora_layers a
+                # misspelling changes what trains ("transformer_block" silently skips the joint blocks)
+                if near and (path == "lora_layers" or path.startswith("lora_layers.")):
+                    self.misspelled.add(_join(path, near[0]))
+                    self.problem(where, f'{where}: unknown key; did you mean "{near[0]}"? rename it: as written it '
+                                        "is ignored, which changes what is trained")
+                    continue
                 hint = f' (did you mean "{near[0]}"?)' if near else ""
-                self.unknown.append(f'unknown key "{_join(path, key)}" ignored{hint}')
+                self.unknown.append(f'unknown key "{where}" ignored{hint}')
         return raw
 
     def read(self, raw: dict, key: str, path: str, kind: str, target: Any, attr: str | None = None,
@@ -69,7 +77,7 @@ class _Reader:
         attr = attr or key
         where = _join(path, key)
         if key not in raw:
-            if required:
+            if required and where not in self.misspelled:
                 example = show_value(_plain(getattr(target, attr)))
                 self.problem(where, f'{where}: missing; add "{key}": {example}')
             return False
@@ -198,7 +206,7 @@ def _read_block_spec(reader: _Reader, raw: Any, path: str) -> LoraBlockSpec:
                                f"{path}.layer_types[{i}] = {show_value(name)}: must be a layer name in quotes, e.g. \"attn.to_q\"")
         spec.layer_types = [name for name in spec.layer_types if isinstance(name, str)]
     where = f"{path}.block_range"
-    if "block_range" not in block and "indices" not in block:
+    if "block_range" not in block and "indices" not in block and where not in reader.misspelled:
         reader.problem(where, f'{where}: missing; add "block_range": {{"start": 0, "end": 38}} or {{"indices": [0, 1, 2]}}')
         return spec
     block_range = reader.obj(block.get("block_range", {}), where, {"start", "end", "indices"})
@@ -300,11 +308,14 @@ def load_config(path: str | Path, *, num_joint_blocks: int | None = FLUX1_JOINT_
     path = Path(path).expanduser()
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: Windows Notepad starts UTF-8 files with a BOM
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found; check the path"], source) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError([f"{path}: cannot be read ({error}); it must be a UTF-8 JSON text file"], source) from None
+    if not text.strip():
+        raise ConfigError([f"{path}: the file is empty; write a training config into it, e.g. a copy of "
+                           f"{TEMPLATES_DIR / 'pets.json'}"], source)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,21 +69,56 @@ def _load(path: Path, max_side: int | None) -> tuple[Image.Image, tuple[int, int
                 image.load()
                 oriented = _apply_orientation(image, path)
                 rgb = to_rgb(oriented)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(
-            f"{path.name} is too large to open safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels)",
-            "downscale it below 50 megapixels first; training uses 512-1024 pixels anyway",
-        ) from None
-    except UnidentifiedImageError:
-        raise _unsupported(path) from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as error:
-        raise ImageError(
-            f"{path.name} is damaged or incomplete ({error})",
-            "open it in an image viewer and save it again, or copy it again from the camera",
-        ) from None
+    except Exception as error:
+        raise _open_failure(path, error) from None
     if max_side:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return rgb, (width, height), orientation not in (None, 1)
+
+
+def displayed_size(path: str | Path) -> tuple[int, int]:
+    """The photo's (width, height) as displayed (EXIF rotation applied), from its header alone: quick enough
+    to check every crop of a config before anything loads."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # opening it for training says so
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(_ORIENTATION_TAG, 1) in (5, 6, 7, 8):
+                    width, height = height, width
+    except Exception as error:
+        raise _open_failure(path, error) from None
+    return width, height
+
+
+def _open_failure(path: Path, error: Exception) -> Exception:
+    """The one message for a photo Pillow could not open or decode; an error that is ours passes unchanged."""
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return _too_large(path)
+    if isinstance(error, UnidentifiedImageError):
+        return _unsupported(path)
+    if isinstance(error, PermissionError):
+        return _not_permitted(path)
+    if isinstance(error, (OSError, SyntaxError, ValueError, EOFError, IndexError)):
+        return _damaged(path, error)
+    return error
+
+
+def _too_large(path: Path) -> ImageError:
+    return ImageError(f"{path.name} is too large to open safely (more than {Image.MAX_IMAGE_PIXELS:,} pixels)",
+                      "downscale it below 50 megapixels first; training uses 512-1024 pixels anyway")
+
+
+def _damaged(path: Path, error: Exception) -> ImageError:
+    return ImageError(f"{path.name} is damaged or incomplete ({error})",
+                      "open it in an image viewer and save it again, or copy it again from the camera")
+
+
+def _not_permitted(path: Path) -> ImageError:
+    return ImageError(f"{path.name} cannot be read: no permission to read {path}",
+                      f"fix the file's permissions: its owner can run chmod a+r {shlex.quote(str(path))}")
 
 
 def _check_file(path: Path) -> None:
@@ -166,9 +202,12 @@ def content_hash(path: str | Path) -> str:
     path = Path(path)
     _check_file(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+    except PermissionError:
+        raise _not_permitted(path) from None
     return digest.hexdigest()
 
 

@@ -69,9 +69,9 @@ DELETE = object()
 SINGLE = "lora_layers__single_transformer_blocks"
 
 
-def problems_of(data, **kwargs) -> list[str]:
+def problems_of(data, base_dir="/tmp", **kwargs) -> list[str]:
     with pytest.raises(ConfigError) as caught:
-        parse_config(data, "/tmp", **kwargs)
+        parse_config(data, base_dir, **kwargs)
     return caught.value.problems
 
 
@@ -137,6 +137,23 @@ def test_missing_file_is_a_config_error(tmp_path):
         load_config(tmp_path / "nope.json")
     assert "not found" in caught.value.problems[0]
     assert isinstance(caught.value, UserError)
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_an_empty_file_is_called_empty_not_bad_json(tmp_path, text):
+    path = tmp_path / "train.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    (problem,) = caught.value.problems
+    assert "empty" in problem and "comma" not in problem and "templates" in problem
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    # Windows Notepad saves UTF-8 with a BOM
+    path = tmp_path / "train.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(VALID).encode())
+    assert load_config(path).seed == 42
 
 
 def test_top_level_must_be_an_object():
@@ -256,6 +273,27 @@ def test_supported_quantize_bits_pass(bits):
 def test_negative_seed_and_guidance_are_rejected():
     assert only_problem(make(seed=-1)).startswith("seed = -1")
     assert only_problem(make(guidance=-2)).startswith("guidance = -2")
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70, 1e30])
+def test_a_seed_of_2_to_the_64_or_more_is_rejected(seed):
+    # MLX's random key takes 64 bits: a larger seed passed the check and crashed training
+    problem = only_problem(make(seed=seed))
+    assert problem.startswith("seed = ") and str(2**64 - 1) in problem and "e.g. 42" in problem
+
+
+def test_the_largest_64_bit_seed_is_accepted():
+    assert parse_config(make(seed=2**64 - 1)).seed == 2**64 - 1
+
+
+def test_estimate_refuses_a_huge_seed_with_exit_2(tmp_path, capsys):
+    from tui.cli import main
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(make(seed=2**64)))
+    assert main(["estimate", "--train-config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "seed = 18446744073709551616" in error and "Traceback" not in error
 
 
 def test_single_block_range_beyond_38_gives_the_exact_fix():
@@ -446,6 +484,31 @@ def test_unknown_keys_are_warned_about_everywhere():
     assert any('"examples.images[0].caption"' in w for w in warnings)
 
 
+def test_a_misspelled_lora_section_is_an_error_not_a_warning():
+    # "transformer_block" would silently train only the single blocks
+    data = make(lora_layers={"transformer_block": {"block_range": {"start": 0, "end": 19}, "layer_types": ["attn.to_q"],
+                                                   "lora_rank": 4},
+                             "single_transformer_blocks": VALID["lora_layers"]["single_transformer_blocks"]})
+    problem = only_problem(data)
+    assert problem.startswith("lora_layers.transformer_block: ") and 'did you mean "transformer_blocks"?' in problem
+    data = make(lora_layers={"single_transformer_block": VALID["lora_layers"]["single_transformer_blocks"]})
+    assert 'did you mean "single_transformer_blocks"?' in only_problem(data)  # not also "lora_layers = {}"
+
+
+def test_misspelled_keys_deeper_in_lora_layers_are_errors_reported_once():
+    # indices next to start/end would be ignored: other blocks trained than asked for
+    problem = only_problem(make(**{f"{SINGLE}__block_range__indice": [0, 1]}))
+    assert problem.startswith(f"{SINGLE.replace('__', '.')}.block_range.indice: ") and '"indices"' in problem
+    data = make(**{f"{SINGLE}__lora_rnak": 8})
+    del data["lora_layers"]["single_transformer_blocks"]["lora_rank"]
+    assert 'did you mean "lora_rank"?' in only_problem(data)  # not also "lora_rank: missing"
+
+
+def test_keys_in_lora_layers_unlike_any_known_one_stay_warnings():
+    warnings = warnings_of(make(lora_layers__notes="my first try", lora_layers__state_path=None))
+    assert warnings == ['unknown key "lora_layers.notes" ignored']
+
+
 def test_mflux_resume_keys_are_not_unknown():
     data = make(statistics={"state_path": None}, optimizer__state_path=None)
     data["training_loop"]["iterator_state_path"] = None
@@ -524,6 +587,79 @@ def test_validate_can_require_the_image_files(tmp_path):
     for i in range(1, 6):
         (tmp_path / "images" / f"0{i}.jpeg").write_bytes(b"x")
     assert validate(cfg, check_files=True) == []
+
+
+def test_validate_names_image_files_it_may_not_read(tmp_path, monkeypatch):
+    import os
+
+    cfg = parse_config(VALID, tmp_path)
+    (tmp_path / "images").mkdir()
+    for i in range(1, 6):
+        (tmp_path / "images" / f"0{i}.jpeg").write_bytes(b"x")
+    blocked = tmp_path.resolve() / "images" / "02.jpeg"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != blocked and real_access(path, mode, **kw))
+    with pytest.raises(ConfigError) as caught:
+        validate(cfg, check_files=True)
+    (problem,) = caught.value.problems
+    assert problem.startswith('examples.images[1].image = "02.jpeg": ') and "permission" in problem
+    assert "chmod" in problem and "damaged" not in problem
+
+
+def crop_config(folder: Path, size=(300, 200), crop=None, width=64, height=64) -> dict:
+    from PIL import Image
+
+    (folder / "images").mkdir(exist_ok=True)
+    Image.new("RGB", size, (90, 120, 150)).save(folder / "images" / "01.png")
+    images = [{"image": "01.png", "prompt": "photo of sks dog", **({"crop": crop} if crop else {})}]
+    return make(width=width, height=height, examples__images=images)
+
+
+def test_a_crop_beyond_the_photo_names_its_key_and_the_photo_s_size(tmp_path):
+    problem = only_problem(crop_config(tmp_path, crop=[0, 0, 10000, 10000]), base_dir=tmp_path)
+    assert problem.startswith("examples.images[0].crop = [0, 0, 10000, 10000]: ")
+    assert "300x200" in problem and "CropBox" not in problem
+    assert "[50, 0, 200, 200]" in problem  # the centred box, as a fix
+    problem = only_problem(crop_config(tmp_path, crop=[250, 0, 100, 100]), base_dir=tmp_path)
+    assert "right edge at 350" in problem and "bottom" not in problem
+
+
+def test_a_crop_of_another_shape_than_the_training_size_is_a_problem(tmp_path):
+    problem = only_problem(crop_config(tmp_path, crop=[0, 0, 300, 100]), base_dir=tmp_path)
+    assert problem.startswith("examples.images[0].crop = [0, 0, 300, 100]: ") and "64x64" in problem
+    assert "default_crop" not in problem
+
+
+def test_crops_inside_the_photo_pass_and_missing_photos_are_left_to_the_file_check(tmp_path):
+    cfg = parse_config(crop_config(tmp_path, crop=[100, 0, 200, 200]), tmp_path)
+    assert cfg.examples.images[0].crop == (100, 0, 200, 200)
+    assert parse_config(crop_config(tmp_path, crop=[0, 0, 300, 100], width=192, height=64), tmp_path)
+    data = crop_config(tmp_path, crop=[0, 0, 10000, 10000])
+    data["examples"]["images"][0]["image"] = "not-there.png"
+    parse_config(data, tmp_path)
+
+
+def test_a_crop_is_checked_against_the_photo_as_displayed(tmp_path):
+    # a portrait phone photo: stored 300x200 with EXIF orientation 6, seen as 200x300
+    from PIL import Image
+
+    data = crop_config(tmp_path, crop=[0, 50, 200, 200])
+    image = Image.new("RGB", (300, 200))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "images" / "01.png", exif=exif)
+    assert parse_config(data, tmp_path).examples.images[0].crop == (0, 50, 200, 200)
+    data["examples"]["images"][0]["crop"] = [50, 0, 200, 200]
+    assert "200x300" in only_problem(data, base_dir=tmp_path)
+
+
+def test_estimate_refuses_a_crop_beyond_the_photo(tmp_path, capsys):
+    from tui.cli import main
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(crop_config(tmp_path, crop=[0, 0, 10000, 10000])))
+    assert main(["estimate", "--train-config", str(path)]) == 2
+    assert "examples.images[0].crop" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- LoRA targets

@@ -132,6 +132,37 @@ def test_missing_file_folder_and_empty_file(tmp_path):
         open_image(tmp_path / "empty.jpg")
 
 
+def test_a_photo_without_read_permission_says_to_fix_permissions(tmp_path, monkeypatch):
+    # as root a chmod cannot take the permission away, so the error is the one open() raises for a non-root user
+    path = save(scene(1), tmp_path / "noperm.png")
+
+    def refused(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(Image, "open", refused)
+    with pytest.raises(ImageError) as caught:
+        open_image(path)
+    assert "permission" in caught.value.message and "damaged" not in str(caught.value)
+    assert "chmod a+r" in caught.value.hint and str(path) in caught.value.hint
+    assert check_image(path).status == "rejected"
+    monkeypatch.setattr("engine.images.open", refused, raising=False)
+    with pytest.raises(ImageError, match="permission"):
+        content_hash(path)
+
+
+def test_displayed_size_reads_the_header_and_applies_exif_rotation(tmp_path):
+    from engine.images import displayed_size
+
+    image = scene(2, (300, 200))
+    exif = image.getexif()
+    exif[0x0112] = 6  # the camera was held upright
+    assert displayed_size(save(image, tmp_path / "upright.jpg", exif=exif)) == (200, 300)
+    assert displayed_size(save(scene(2, (300, 200)), tmp_path / "flat.png")) == (300, 200)
+    (tmp_path / "notes.png").write_text("not pixels")
+    with pytest.raises(ImageError, match="not an image"):
+        displayed_size(tmp_path / "notes.png")
+
+
 def test_non_image_is_an_image_error(tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("these are not pixels " * 20)
