@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import queue
 import signal
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -190,6 +195,177 @@ def test_sigint_writes_a_checkpoint_at_the_current_step_and_exits_130(tmp_path):
     assert steps == [stopped_at + 1, stopped_at + 2] and result.step == stopped_at + 2
 
 
+def test_ctrl_c_twice_quickly_still_saves_the_checkpoint(tmp_path):
+    # a keyboard bounce or an impatient double tap used to abandon the run: every step since the last checkpoint lost
+    config = small_folder(tmp_path, training_loop={"num_epochs": 500, "batch_size": 1},
+                          save={"checkpoint_frequency": 1000})
+    process = subprocess.Popen([sys.executable, "-m", "tui.cli", "train", "--train-config", str(config), "--json"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [said.put(line) for line in process.stderr], daemon=True)
+    reader.start()
+    errors = []
+    try:
+        for line in process.stdout:
+            if json.loads(line)["type"] == "step":
+                process.send_signal(signal.SIGINT)
+                break
+        while "press Ctrl+C again" not in line:  # the first press is answered at once
+            line = said.get(timeout=60)
+            errors.append(line)
+        process.send_signal(signal.SIGINT)  # a moment later
+        rest = process.stdout.read()
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    reader.join(10)
+    errors += list(said.queue)
+    stderr = "".join(errors)
+    assert "stopping after this step and saving a checkpoint; press Ctrl+C again to stop without saving" in stderr
+    assert "Traceback" not in stderr and "without saving:" not in stderr, stderr
+    assert process.returncode == 130, stderr
+    finished = json_events(rest)[-1]
+    assert finished["type"] == "finished" and finished["stopped"] is True
+    zips = sorted((tmp_path / "out" / "_checkpoints").glob("*.zip"))
+    assert [z.name for z in zips] == [f"{finished['step']:07d}_checkpoint.zip"]
+    assert read_checkpoint(zips[0]).step == finished["step"]
+
+
+class ScriptedRun:
+    """A trainer that reports steps 1-5 with a checkpoint at 3, then is sent Ctrl+C twice (real signals)."""
+
+    def __init__(self, controls: TrainingControls, abandoned: bool):
+        self.controls = controls
+        self.abandoned = abandoned  # whether the second press is to abandon the run (then wait for it)
+        self.callback = None
+        self.resume_from = None
+        self.interrupted = False
+
+    def run(self):
+        self.callback({"type": "phase", "phase": "train"})
+        for step in range(1, 6):
+            self.callback({"type": "step", "step": step})
+            if step == 3:
+                self.callback({"type": "checkpoint", "step": 3, "path": CHECKPOINT_SHOWN})
+        os.kill(os.getpid(), signal.SIGINT)
+        wait_until(lambda: self.controls.stop_requested)
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            wait_until(lambda: not self.abandoned)  # an abandoning press interrupts this wait
+        except KeyboardInterrupt:
+            self.interrupted = True
+            raise
+        return SimpleNamespace(stopped=True)
+
+
+CHECKPOINT_SHOWN = "/runs/[dog] out/_checkpoints/0000003_checkpoint.zip"
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "waited in vain"
+        time.sleep(0.01)
+
+
+class Listener(list):
+    def __call__(self, event):
+        self.append(event)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_scripted(monkeypatch, grace_s: float) -> tuple[int, ScriptedRun]:
+    from tui.commands import train
+
+    monkeypatch.setattr(train, "SECOND_PRESS_GRACE_S", grace_s)
+    controls = TrainingControls()
+    trainer, listener = ScriptedRun(controls, abandoned=grace_s == 0), Listener()
+    try:
+        code = train.run_training_headless(trainer, controls, listener)
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt escaped: the run was abandoned without saying what was lost")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own Ctrl+C works again
+    assert [e["step"] for e in listener if e["type"] == "step"] == [1, 2, 3, 4, 5]  # events still reach the listener
+    return code, trainer
+
+
+def test_a_second_ctrl_c_within_the_grace_period_is_the_same_press(monkeypatch, capsys):
+    code, trainer = run_scripted(monkeypatch, grace_s=60.0)
+    shown = capsys.readouterr().err
+    assert code == 130 and not trainer.interrupted
+    assert "press Ctrl+C again to stop without saving" in shown and "counts as the same press" in shown
+    assert "without saving:" not in shown
+
+
+def test_a_later_second_ctrl_c_stops_at_once_and_names_what_is_lost(monkeypatch, capsys):
+    code, trainer = run_scripted(monkeypatch, grace_s=0.0)
+    shown = capsys.readouterr().err
+    assert code == 130 and trainer.interrupted
+    assert "stopping now, without saving" in shown
+    assert (f"stopped without saving: steps 4-5 are lost; the last checkpoint is at step 3: {CHECKPOINT_SHOWN}\n"
+            f"  -> resume with: dreambooth-wizard train --train-checkpoint '{CHECKPOINT_SHOWN}'\n") in shown
+
+
+def test_ctrl_c_presses_by_the_clock():
+    from tui.commands.train import SECOND_PRESS_GRACE_S, RunProgress, StopOnSignal
+
+    now, said, interrupts = [100.0], [], []
+    progress = RunProgress(lambda event: None)
+    controls = TrainingControls()
+    stopper = StopOnSignal(controls, progress, said.append, clock=lambda: now[0], interrupt=lambda: interrupts.append(now[0]))
+    stopper.heard(signal.SIGINT)  # still loading: nothing to save yet
+    assert controls.stop_requested and said == ["stopping once loading ends; press Ctrl+C again to stop now"]
+    now[0] += 0.05
+    stopper.heard(signal.SIGINT)
+    now[0] += SECOND_PRESS_GRACE_S * 0.9
+    stopper.heard(signal.SIGINT)
+    assert interrupts == [] and not stopper.abandoned and len(said) == 2  # "the same press" is said once
+    stopper.on_signal(signal.SIGINT, None)  # Python's own call for each press does nothing until then
+    now[0] += SECOND_PRESS_GRACE_S
+    stopper.heard(signal.SIGINT)
+    assert interrupts == [now[0]] and stopper.abandoned and said[-1] == "stopping now, without saving"
+    with pytest.raises(KeyboardInterrupt):
+        stopper.on_signal(signal.SIGINT, None)
+    stopper.on_signal(signal.SIGINT, None)  # once: a third press must not interrupt the message about what is lost
+    stopper.heard(signal.SIGINT)
+    assert interrupts == [now[0]]
+
+    # SIGTERM (a service manager) always saves; the exit code says which signal stopped the run
+    terminated = StopOnSignal(TrainingControls(), progress, said.append, clock=lambda: now[0], interrupt=interrupts.append)
+    terminated.heard(signal.SIGTERM)
+    now[0] += 10 * SECOND_PRESS_GRACE_S
+    terminated.heard(signal.SIGTERM)
+    assert terminated.first_signal == signal.SIGTERM and not terminated.abandoned
+
+
+def test_what_a_run_stopped_without_saving_lost():
+    from tui.commands.train import RunProgress
+
+    def after(*events, resumed_from=None) -> str:
+        progress = RunProgress(lambda event: None, resumed_from)
+        for event in events:
+            progress(event)
+        return progress.what_was_lost()
+
+    train, step = {"type": "phase", "phase": "train"}, lambda n: {"type": "step", "step": n}
+    assert after() == "stopped before the first training step; nothing was lost"
+    assert after(train, step(1), step(2)) == ("stopped without saving: steps 1-2 are lost, no checkpoint was written yet\n"
+                                              "  -> train again; a checkpoint is written every save.checkpoint_frequency steps")
+    saved = {"type": "checkpoint", "step": 2, "path": "/o/0000002_checkpoint.zip"}
+    assert after(train, step(1), step(2), saved).startswith(
+        "stopped; nothing was lost: the checkpoint at step 2 is /o/0000002_checkpoint.zip\n  -> resume with: ")
+    assert after(train, step(1), step(2), saved, step(3)).startswith(
+        "stopped without saving: step 3 is lost; the last checkpoint is at step 2: /o/0000002_checkpoint.zip\n")
+    resumed = after(train, step(41), step(42), resumed_from="/o/0000040_checkpoint.zip")
+    assert resumed.startswith("stopped without saving: steps 41-42 are lost; the last checkpoint is at step 40: ")
+
+
 # ---------------------------------------------------------------- bad configs
 
 
@@ -328,13 +504,16 @@ def test_a_tiny_image_trains_with_a_warning_naming_it(tmp_path):
     assert events[-1]["type"] == "finished" and events[-1]["step"] == 2
 
 
-def test_an_unwritable_output_folder(tmp_path):
+@pytest.mark.parametrize("where", ["inside a file", "a file"])
+def test_an_output_folder_that_is_or_lies_inside_a_file(tmp_path, where):
     config = small_folder(tmp_path)
     (tmp_path / "a-file").write_text("not a folder")
-    edit_config(config, lambda d: d["save"].update(output_path=str(tmp_path / "a-file" / "out")))
+    output, reason = {"inside a file": (tmp_path / "a-file" / "out", f"{tmp_path / 'a-file'} is a file, not a folder"),
+                      "a file": (tmp_path / "a-file", "it is a file, not a folder")}[where]
+    edit_config(config, lambda d: d["save"].update(output_path=str(output)))
     before = snapshot(tmp_path)
     assert_refused(cli("train", "--train-config", str(config)),
-                   f"cannot write to the output folder {tmp_path / 'a-file' / 'out'}", "set save.output_path")
+                   f"cannot write to the output folder {output} ({reason})", "-> set save.output_path")
     assert snapshot(tmp_path) == before
 
 
