@@ -212,3 +212,45 @@ def test_export_refuses_a_bad_checkpoint_or_output_cleanly(every_format, tmp_pat
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "a-file" in error
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_given_the_final_lora_or_a_folder_says_what_to_pass(every_format, capsys):
+    # "done: LoRA <output>/adapter.safetensors" is what training prints last: a beginner passes it here
+    config, checkpoint = every_format
+    output = config.parent / "never.safetensors"
+    assert main(["export", "--checkpoint", str(config.parent / "out" / "adapter.safetensors"), "-o", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert "adapter.safetensors is a LoRA file, not a checkpoint" in error and "damaged" not in error
+    assert "-> a LoRA is already the result of training" in error and str(checkpoint) in error
+    assert main(["export", "--checkpoint", str(config), "-o", str(output)]) == 2
+    assert "config.json is a training config" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(config.parent / "out"), "-o", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert "is a folder" in error and "does not exist" not in error and str(checkpoint) in error
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("given, words", [("", "-o is empty"), ("{tmp}/", "is a folder"), ("{tmp}", "is a folder")])
+def test_export_to_an_empty_name_or_a_folder_says_to_name_a_file(every_format, tmp_path, capsys, given, words):
+    _, checkpoint = every_format
+    assert main(["export", "--checkpoint", str(checkpoint), "-o", given.format(tmp=tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and words in error
+    assert "-> " in error and f"{checkpoint.stem.removesuffix('_checkpoint')}_diffusers.safetensors" in error
+    assert "Device or resource busy" not in error and "Is a directory" not in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_to_a_folder_it_may_not_write_says_what_to_do(every_format, tmp_path, capsys, monkeypatch):
+    # as root nothing is refused, so the refusal is the one mkstemp raises for other users
+    import tempfile
+
+    _, checkpoint = every_format
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    assert main(["export", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "x.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert "Permission denied" in error and "\n  -> " in error and "folder you can write to" in error

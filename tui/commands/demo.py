@@ -4,16 +4,22 @@ With no flag it opens the wizard with everything filled in (the user still
 walks through each step); `--headless` trains the same config with a progress
 line per step and exits 0, which is what CI runs. The tiny model learns nothing
 useful: the demo shows the flow, checkpoints, previews and resume in about a
-minute on a laptop CPU.
+minute on a laptop CPU. Running it again into the same folder keeps a
+demo_config.json the user has edited.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 DEFAULT_FOLDER = "dreambooth-demo"
+CONFIG_NAME = "demo_config.json"
 DEMO_SIZE = 64
 DEMO_EPOCHS = 4  # 8 images x 4 epochs = 32 steps
 DEMO_EVERY = 8  # checkpoint, preview and plot every 8 steps: 4 of each
@@ -27,23 +33,62 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.errors import UserError
+
+    if args.json and not args.headless:
+        raise UserError("--json only works with --headless: the wizard shows its own progress",
+                        "run `dreambooth-wizard demo --headless --json`, or leave out --json to open the wizard")
     folder = args.folder.expanduser().resolve()
     if args.headless:
-        return run_demo_headless(folder, json_mode=args.json)
+        return run_demo_headless(folder, json_mode=args.json, on_notice=print_notice)
     from tui.commands.wizard import run_wizard
 
-    return run_wizard(start="images", state=demo_state(folder))
+    # built before the wizard opens, so a folder that cannot be written is one message, not a broken screen
+    return run_wizard(start="images", state=demo_state(folder, on_notice=print_notice))
 
 
-def prepare_demo(folder: Path) -> Path:
-    """Draw the photos and write the demo config into `folder`; returns the config path."""
+def print_notice(text: str) -> None:
+    # stderr: with --json, stdout carries only events
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def prepare_demo(folder: Path, on_notice=None) -> Path:
+    """Draw the photos and write the demo config into `folder`; returns the config path.
+
+    A demo_config.json that differs from the demo's own (the user edited it) is kept
+    as it is, and `on_notice(text)` says so: running the demo again never undoes edits.
+    """
+    from engine.errors import OutputError
     from tui.demo_images import draw_demo_images
 
     folder = Path(folder)
-    images = draw_demo_images(folder / "images")
-    config_path = folder / "demo_config.json"
-    config_path.write_text(json.dumps(demo_config(images, folder), indent=2) + "\n", encoding="utf-8")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"the demo folder {folder} is a file", "give --folder a new or existing folder")
+    config_path = folder / CONFIG_NAME
+    try:
+        images = draw_demo_images(folder / "images")
+        config = demo_config(images, folder)
+        if _differs(config_path, config):
+            notice = f"kept your edited {config_path}; delete it to get the demo's own config back"
+            log.info(notice)
+            if on_notice:
+                on_notice(notice)
+        else:
+            config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise OutputError(f"cannot write the demo into {folder} ({error.strerror or error})",
+                          "give --folder a folder you can write to") from error
     return config_path
+
+
+def _differs(config_path: Path, config: dict) -> bool:
+    """Whether `config_path` holds something other than `config` (a file that is not JSON counts)."""
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8")) != config
+    except FileNotFoundError:
+        return False
+    except ValueError:  # not JSON or not UTF-8: still the user's, and the config check will say what is wrong
+        return True
 
 
 def demo_config(images: list[Path], folder: Path) -> dict:
@@ -73,15 +118,17 @@ def demo_config(images: list[Path], folder: Path) -> dict:
     }
 
 
-def demo_state(folder: Path):
+def demo_state(folder: Path, on_notice=None):
     """A WizardState with the demo's photos, labels and config filled in (demo=True, model tiny)."""
     from tui.demo_images import DEMO_CLASS_NOUN, DEMO_TRIGGER
     from tui.state import ImageChoice, WizardState
 
+    from engine.config import load_config
     from engine.flux.tiny import ensure_tiny_model
 
     folder = Path(folder)
-    config_path = prepare_demo(folder)
+    config_path = prepare_demo(folder, on_notice)
+    load_config(config_path)  # a kept, edited config must be one the wizard can read: else one message says why
     config = json.loads(config_path.read_text(encoding="utf-8"))
     # built here, on the calling (main) thread, about a second once: the screens' workers then only read
     # it (MLX work in short-lived threads can abort the process at exit, see tui/mlx_thread.py)
@@ -94,14 +141,14 @@ def demo_state(folder: Path):
         config=config, config_path=config_path, output_dir=folder / config["save"]["output_path"])
 
 
-def run_demo_headless(folder: Path, json_mode: bool = False) -> int:
+def run_demo_headless(folder: Path, json_mode: bool = False, on_notice=None) -> int:
     import engine  # noqa: F401  (preloads the system BLAS before mlx)
     from engine.config import load_config
     from engine.events import TrainingControls
     from engine.trainer import Trainer
     from tui.commands.train import JsonLines, ProgressDisplay, run_training_headless
 
-    config_path = prepare_demo(folder)
+    config_path = prepare_demo(folder, on_notice)
     controls = TrainingControls()
     listener = JsonLines() if json_mode else ProgressDisplay()
     trainer = Trainer(load_config(config_path), listener, controls)

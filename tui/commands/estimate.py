@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 GIB = 2**30
 
@@ -21,6 +22,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_memory_flag(args.memory)
     from engine.config import load_config
     from engine.machine import detect_machine
     from engine.memory import estimate_memory, inputs_for_run
@@ -41,6 +43,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _print_report(estimate, machine, available, fits, fixes)
     return 0
+
+
+def check_memory_flag(memory_gib: float | None) -> None:
+    """--memory must be a real amount: a positive, finite number of GiB."""
+    from engine.errors import UserError
+
+    if memory_gib is not None and not (math.isfinite(memory_gib) and memory_gib > 0):
+        raise UserError(f"--memory {memory_gib:g}: must be a positive number of GiB",
+                        "give the memory to compare with, e.g. --memory 24, or leave it out for this machine's")
 
 
 def _print_report(estimate, machine, available: int, fits: bool, fixes) -> None:
