@@ -120,7 +120,7 @@ def _file_in_the_way(folder: Path) -> str | None:
         if os.path.lexists(path):
             if os.path.isdir(path):
                 return None
-            return "it is a file, not a folder" if path == folder else f"{path} is a file, not a folder"
+            return "it is a file, not a folder" if path == folder else f"{path.name} is a file, not a folder"
     return None
 
 

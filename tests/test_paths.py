@@ -208,7 +208,7 @@ def test_a_file_in_the_way_of_the_output_folder_is_named(tmp_path):
     blocker = tmp_path / "photo.png"
     blocker.write_bytes(b"not a folder")
     assert paths.unwritable_reason(blocker) == "it is a file, not a folder"
-    assert paths.unwritable_reason(blocker / "out" / "deeper") == f"{blocker} is a file, not a folder"
+    assert paths.unwritable_reason(blocker / "out" / "deeper") == f"{blocker.name} is a file, not a folder"
     for output in (blocker, blocker / "out"):
         with pytest.raises(OutputError, match="set save.output_path"):
             paths.prepare_output_folder(output, fresh=True)

@@ -508,7 +508,7 @@ def test_a_tiny_image_trains_with_a_warning_naming_it(tmp_path):
 def test_an_output_folder_that_is_or_lies_inside_a_file(tmp_path, where):
     config = small_folder(tmp_path)
     (tmp_path / "a-file").write_text("not a folder")
-    output, reason = {"inside a file": (tmp_path / "a-file" / "out", f"{tmp_path / 'a-file'} is a file, not a folder"),
+    output, reason = {"inside a file": (tmp_path / "a-file" / "out", "a-file is a file, not a folder"),
                       "a file": (tmp_path / "a-file", "it is a file, not a folder")}[where]
     edit_config(config, lambda d: d["save"].update(output_path=str(output)))
     before = snapshot(tmp_path)
