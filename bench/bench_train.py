@@ -188,14 +188,14 @@ def main() -> None:
     switches = {}
     for text in args.switch:
         name, _, value = text.partition("=")
-        default = speed.DEFAULTS.get(name)
-        if not isinstance(default, (bool, int)) or not value.isdigit() or (isinstance(default, bool) and value not in "01"):
+        default = 1 if name == "BLOCKWISE_DEPTH" else speed.DEFAULTS.get(name)  # an int; None: the backend's
+        if not isinstance(default, (bool, int)) or not value.lstrip("-").isdigit() or (isinstance(default, bool) and value not in "01"):
             parser.error(f"--switch {text}: expected NAME=0 or NAME=1 (a number for an integer one) with NAME one of "
-                         f"{', '.join(k for k, v in speed.DEFAULTS.items() if isinstance(v, (bool, int)))}")
+                         f"{', '.join(k for k, v in speed.DEFAULTS.items() if isinstance(v, (bool, int)) or k == 'BLOCKWISE_DEPTH')}")
         switches[name] = value == "1" if isinstance(default, bool) else int(value)
     # MLX's CUDA-graph settings as the trainer chooses them, before the first kernel (read once a
     # process): small graphs where the checkpointed step runs one stage at a time
-    depths = args.depths or [switches.get("BLOCKWISE_DEPTH", speed.BLOCKWISE_DEPTH)]
+    depths = args.depths or [switches.get("BLOCKWISE_DEPTH", speed.blockwise_depth())]
     one_stage = set(depths) == {0} and args.checkpointing == ["on"]
     graph_settings = speed.configure_cuda_graphs(one_stage_at_a_time=one_stage,
                                                  unbounded=set(depths) == {-1} and args.checkpointing == ["on"])

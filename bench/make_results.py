@@ -77,8 +77,10 @@ ROW_NOTES = {
                                             "8.67 GiB at 0.157 s waiting after, run 13)"
        for template in ("pets", "people", "style") for quantize in (None, 4, 8)},
 }
-# the block-by-block step's depth (engine/flux/speed.py: BLOCKWISE_DEPTH) where a run's rows did not set it
+# the block-by-block step's depth (engine/flux/speed.py: BLOCKWISE_DEPTH) where a run's rows did not set it:
+# 2 in run 13, 1 until run 18 made CUDA's -1 (run 18's rows all name theirs)
 DEPTH_AT_RUN = {"run13": 2, "run13_h100": 2}
+DEPTH_BEFORE_RUN18 = 1
 
 
 def index(rows: list[dict], source: str) -> dict:
@@ -102,7 +104,7 @@ def current_estimate(template: str, quantize, checkpointing: bool, depth: int | 
 
 def row_depth(row: dict) -> int | None:
     depth = (row.get("switches_set") or {}).get("BLOCKWISE_DEPTH")
-    return DEPTH_AT_RUN.get(row["source"]) if depth is None else depth
+    return DEPTH_AT_RUN.get(row["source"], DEPTH_BEFORE_RUN18) if depth is None else depth
 
 
 def main() -> None:

@@ -195,7 +195,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     """A training step with the signature and numbers of engine.training_step.make_train_step's,
     run stage by stage (module docstring). The trained layers must stay as they are while the step
     is in use (which parameters train decides how each stage is compiled). `depth`: stages queued
-    ahead of the GPU (None: speed.BLOCKWISE_DEPTH; 0: one stage at a time, the least memory; 1: the
+    ahead of the GPU (None: speed.blockwise_depth(); 0: one stage at a time, the least memory; 1: the
     GPU runs one stage while the host queues the next; on an H200 a second bought 2% speed for
     0.96 GiB, bench/NOTES.md item 24).
 
@@ -204,7 +204,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     stage functions) it accepts run, each on random stand-ins of its inputs. So several processes,
     each running its share, compile a step's GPU kernels side by side. The step then returns a zero
     loss; the model and optimizer change only if the update ran, and meaninglessly."""
-    depth = speed.BLOCKWISE_DEPTH if depth is None else depth
+    depth = speed.blockwise_depth() if depth is None else depth
     del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
     embed, blocks, head = _stages(transformer)
     stages = [embed, *blocks, head]

@@ -48,7 +48,7 @@ def cuda_run_ahead(inputs, linears: dict[str, tuple[int, int]], settled: int,
 
 
 def blockwise_depth_to_fit(inputs, settled: int, stage: int) -> int:
-    """The block-by-block step's depth for `inputs`: speed.BLOCKWISE_DEPTH, or 0 (one stage at a
+    """The block-by-block step's depth for `inputs`: CUDA's (speed.blockwise_depth), or 0 (one stage at a
     time, each stage's buffers alone) where that depth's peak would not fit `available_bytes`.
     People over a 4-bit base, checkpointed, at 512 on an H200: 8.67 GiB at 0.146-0.152 s with depth 1
     (runs 13, 15), 7.63 GiB at 0.171-0.198 s with 0 and 5 kernels a CUDA graph (run 15; 7.94 GiB at
@@ -89,7 +89,7 @@ def _capped_to_fit(inputs, uncapped_training_peak: float, saved_by_cap: float) -
 def blockwise_default_depth() -> int:
     from engine.flux import speed
 
-    return speed.BLOCKWISE_DEPTH
+    return speed.blockwise_depth(cuda=True)
 
 
 def largest_block_dense_bytes(linears: dict[str, tuple[int, int]], dtype_bytes: int) -> int:

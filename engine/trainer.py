@@ -263,7 +263,7 @@ class Trainer:
         description = describe_model(model_name, self.config.quantize, progress=progress)  # load_model finds it again
         depth = blockwise_depth(self.config, ModelConfigs(transformer=description.transformer_config), "cuda", available)
         checkpointed = bool(self.config.gradient_checkpointing)
-        one_stage = checkpointed and depth == 0 and speed.BLOCKWISE_DEPTH != 0
+        one_stage = checkpointed and depth == 0 and speed.blockwise_depth(cuda=True) != 0
         if one_stage:
             log.info("the checkpointed step runs one block at a time to fit %.1f GiB (slower steps)", available / 2**30)
         self._one_stage_at_a_time = one_stage

@@ -31,7 +31,7 @@ def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, 
     The step is queued for evaluation (model and optimizer state included) and
     its loss returned unevaluated; reading it waits for the step. With the transformer's
     gradient checkpointing on, the step runs block by block (engine/blockwise_step.py), at
-    `blockwise_depth` (None: speed.BLOCKWISE_DEPTH); `compile_only`: see make_blockwise_step."""
+    `blockwise_depth` (None: speed.blockwise_depth()); `compile_only`: see make_blockwise_step."""
     from engine.flux import speed
 
     if transformer.gradient_checkpointing and speed.BLOCKWISE_CHECKPOINTING:

@@ -134,6 +134,26 @@ def test_cuda_checkpointed_runs_hold_the_block_by_block_steps_stages_in_flight(m
     assert estimate.details["blockwise_depth"] == -1
 
 
+def test_the_checkpointed_step_never_waits_between_stages_on_cuda_and_runs_at_depth_1_elsewhere(monkeypatch):
+    # run 18 (H100): people 4-bit checkpointed, the trainer's whole run 7.80 GiB at -1 against 8.87 at 1, 5% slower
+    from engine.flux import speed
+
+    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", None)  # nothing set: the backend's
+    assert speed.blockwise_depth(cuda=True) == -1 and speed.blockwise_depth(cuda=False) == 1
+    assert speed.blockwise_depth() == (-1 if speed.on_cuda() else 1)
+    people = dict(backend="cuda", quantize=4, gradient_checkpointing=True, lora_targets=single_targets(range(10, 38), rank=8))
+    unbounded = estimate_memory(dev_inputs(**people))  # the estimator counts CUDA's wherever it runs
+    assert unbounded.details["blockwise_depth"] == -1
+    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", 1)  # set (the environment, a benchmark): the same everywhere
+    assert speed.blockwise_depth(cuda=True) == speed.blockwise_depth(cuda=False) == 1
+    at_one = estimate_memory(dev_inputs(**people))
+    assert at_one.details["blockwise_depth"] == 1
+    measured = {-1: 7.80, 1: 8.87}  # whole runs through the trainer, encoding included (run 18)
+    for estimate, depth in ((unbounded, -1), (at_one, 1)):
+        assert abs(estimate.peak / GIB / measured[depth] - 1) < 0.10, depth
+    assert unbounded.peak < at_one.peak
+
+
 def test_a_checkpointed_cuda_run_goes_one_stage_at_a_time_only_where_its_depth_would_not_fit(monkeypatch):
     # people 4-bit checkpointed at 512: 8.67 GiB at 0.157 s with depth 1, 7.94 GiB at 0.213 s with 0
     # (H200, bench/NOTES.md item 31): the trainer takes depth 0 only on a card that needs it

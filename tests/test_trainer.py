@@ -345,17 +345,19 @@ def test_trainer_caps_cuda_memory_from_what_was_free_before_it_loaded(tmp_path, 
     assert calls == [("cuda", 7 * 2**30, calls[0][2])] and calls[0][2] > 0
 
 
-@pytest.mark.parametrize("available, depth", [(2**40, 1), (2**20, 0)])
+@pytest.mark.parametrize("set_depth, available, depth", [(1, 2**40, 1), (1, 2**20, 0), (None, 2**40, -1),
+                                                        (None, 2**20, 0)])
 def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_must(tmp_path, monkeypatch, caplog,
-                                                                                   available, depth):
+                                                                                   set_depth, available, depth):
     # on CUDA a checkpointed run whose default depth would not fit what was free goes one stage at a
-    # time (engine/memory_cuda.py: blockwise_depth_to_fit): 7.63 instead of 8.67 GiB, 1.1-1.35x the time (run 15)
+    # time (engine/memory_cuda.py: blockwise_depth_to_fit): 7.63 instead of 8.67 GiB, 1.1-1.35x the time (run 15).
+    # CUDA's default (BLOCKWISE_DEPTH unset) is -1: never waiting between stages, with small CUDA graphs
     import engine.flux.loading as loading
     from engine import blockwise_step
     from engine.flux import speed
     from engine.trainer import Trainer as TrainerClass
 
-    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", 1)
+    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", set_depth)
     monkeypatch.setattr(TrainerClass, "_available_on_cuda", staticmethod(lambda: available))
     depths, real = [], blockwise_step.make_blockwise_step
     monkeypatch.setattr(blockwise_step, "make_blockwise_step",
@@ -365,7 +367,7 @@ def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_mu
     order = []
     monkeypatch.setattr(speed, "configure_cuda_graphs",
                         lambda one_stage_at_a_time=False, unbounded=False:
-                        order.append(("graphs", one_stage_at_a_time)) or {})
+                        order.append(("graphs", one_stage_at_a_time, unbounded)) or {})
     real_load = loading.load_model
     monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: order.append("load") or real_load(*args, **kwargs))
     from engine import kernel_warmup  # the warm-up compiles the step as it will run: one stage at a time or not
@@ -379,7 +381,7 @@ def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_mu
     assert depths == [depth] and result.step == 1
     assert any("one block at a time" in r.getMessage() for r in caplog.records) == (depth == 0)
     # the warm-up starts before the model loads: its processes compile while this one loads and encodes
-    assert order == [("graphs", depth == 0), ("warmup", depth, depth == 0), "load"]
+    assert order == [("graphs", depth == 0, depth == -1), ("warmup", depth, depth == 0), "load"]
 
 
 @pytest.mark.parametrize("beside_training", [False, True])

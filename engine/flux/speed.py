@@ -61,22 +61,37 @@ BLOCKWISE_KEEPS_DENSE = True
 # depth 1 at most two half-stages are held, not two stages. Off until measured on a GPU (bench/NOTES.md,
 # "why still missed": the people 4-bit peak at depth 1 is 8.67 GiB, 0.67 over the target)
 BLOCKWISE_SPLIT_BACKWARD = False
-# how many stages that step queues ahead of the GPU before the host waits (an int, not a switch):
-# people 4-bit held 8.67 GiB at 0.157 s with 1, 9.63 GiB at 0.160 s with 2 (H200, item 24). -1
-# (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between stages; on CUDA MLX holds
-# it back once ~10 CUDA graphs are in flight, each CUDA_OPS_PER_GRAPH_UNBOUNDED kernels (item 40).
-# DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH sets it for a process (benchmarks)
+# how many stages that step queues ahead of the GPU before the host waits (an int, not a switch;
+# None: the backend's, `blockwise_depth`). 1: people 4-bit held 8.67 GiB at 0.157 s, 2: 9.63 GiB at
+# 0.160 s (H200, item 24). -1 (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between
+# stages; on CUDA MLX holds it back once ~10 CUDA graphs are in flight, each CUDA_OPS_PER_GRAPH_UNBOUNDED
+# kernels (item 40). DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH sets it for a process (benchmarks)
 def _depth_from_environment(default: int) -> int:
     text = os.environ.get("DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH", "").strip()
     if text.lstrip("-").isdigit() and int(text) >= -1:
         return int(text)
     if text:
+        at = "its default depth" if default is None else f"depth {default}"
         warnings.warn(f"DREAMBOOTH_WIZARD_BLOCKWISE_DEPTH={text!r} is not a whole number of -1 or more; "
-                      f"the checkpointed step runs at depth {default}", stacklevel=2)
+                      f"the checkpointed step runs at {at}", stacklevel=2)
     return default
 
 
-BLOCKWISE_DEPTH = _depth_from_environment(1)
+BLOCKWISE_DEPTH = _depth_from_environment(None)
+# The backends' depths. On CUDA -1: people 4-bit checkpointed at 512, the trainer's whole run (encoding
+# included) 7.80 GiB against 8.87 at depth 1, the step 0.144 s against 0.137 (5% slower, kernels as a
+# 750-step run takes them; one H100, run 18, item 41). Elsewhere 1: -1 was never measured off CUDA, where
+# MLX has no bound on graphs in flight to hold the host back
+BLOCKWISE_DEPTH_ON_CUDA = -1
+BLOCKWISE_DEPTH_ELSEWHERE = 1
+
+
+def blockwise_depth(cuda: bool | None = None) -> int:
+    """The block-by-block step's depth: BLOCKWISE_DEPTH where set (the environment, a benchmark), else
+    the backend's; `cuda` None: this process's (the estimator asks for CUDA's wherever it runs)."""
+    if BLOCKWISE_DEPTH is not None:
+        return BLOCKWISE_DEPTH
+    return BLOCKWISE_DEPTH_ON_CUDA if (on_cuda() if cuda is None else cuda) else BLOCKWISE_DEPTH_ELSEWHERE
 # Inference (previews, `generate`) queues the transformer block by block and the VAE decoder piece by
 # piece, this many pieces ahead of the GPU (engine/flux/bounded_queue.py): queued whole, a 4-bit
 # preview took people's whole-run peak from 8.9 to 17.8 GiB (H200, bench/NOTES.md item 30)
