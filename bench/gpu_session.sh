@@ -30,6 +30,7 @@
 #   s18     run 17: the host's run-ahead in kernels (graph size x MLX's 10 graphs in flight), depths 1/1000/0 ~8 min
 #   s18b    run 17: depth -1 (unbounded, 5 a graph) for every template; whole runs at depth 1 and -1   ~7 min
 #   s18c    run 18: people without our kernels (a user's short run) at depth 1 and bf16; their compile time ~4 min
+#   s18d    run 18: CUDA's new default (-1): first and next whole people runs; its step against bf16, A/B/A/B ~5 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -395,6 +396,22 @@ s18c)
     env_rows fallback_bf16 90 "" --templates people --quantize none --checkpointing off --steps 6 $off
     OUT=$out timeout 300 python bench/probe_first_step.py --variants all all ~LORA_KERNELS ~ROPE_KERNEL \
         --checkpointing --timeout 70 2>&1 | cut -c1-400 ;;
+s18d)
+    # run 18, after CUDA's default became -1 (nothing set): a machine's first people run and the next,
+    # through the trainer (time to first step, whole-run peak, the graph settings it chose), then
+    # people's step at the default against bf16, both on MLX's routes (a 750-step run), A/B/A/B
+    cold_run cold ""
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    mkdir -p "$out/warm"
+    OUT=$out/warm timeout 100 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+        --steps 5 >"$out/warm/stdout.log" 2>&1
+    echo "warm rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*\|"whole_run_peak_gib": [0-9.]*' "$out/warm/ttfs.json"
+    grep -h "CUDA graph settings\|first block-by-block" "$out/warm/train_stderr.log" | cut -c1-200
+    off="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
+    for round in 1 2; do
+        env_rows default_people_$round 90 "" --templates people --quantize 4 --checkpointing on --steps 8 $off
+        env_rows bf16_people_$round 90 "" --templates people --quantize none --checkpointing off --steps 8 $off
+    done ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
