@@ -411,7 +411,14 @@ s18d)
     for round in 1 2; do
         env_rows default_people_$round 90 "" --templates people --quantize 4 --checkpointing on --steps 8 $off
         env_rows bf16_people_$round 90 "" --templates people --quantize none --checkpointing off --steps 8 $off
-    done ;;
+    done
+    # what each of our kernels saves a step now (speed.KERNEL_SAVING_S_PER_STEP; s18c timed their compile):
+    # bf16 people with both, without LoRA's, without RoPE's; people's 4-bit step at the default with both
+    bf16="--templates people --quantize none --checkpointing off --steps 8"
+    env_rows bf16_kernels 90 "" $bf16
+    env_rows bf16_no_lora_kernels 90 "" $bf16 --switch LORA_KERNELS=0
+    env_rows bf16_no_rope_kernel 90 "" $bf16 --switch ROPE_KERNEL=0
+    env_rows default_people_kernels 90 "" --templates people --quantize 4 --checkpointing on --steps 8 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
