@@ -397,28 +397,27 @@ s18c)
     OUT=$out timeout 300 python bench/probe_first_step.py --variants all all ~LORA_KERNELS ~ROPE_KERNEL \
         --checkpointing --timeout 70 2>&1 | cut -c1-400 ;;
 s18d)
-    # run 18, after CUDA's default became -1 (nothing set): a machine's first people run and the next,
-    # through the trainer (time to first step, whole-run peak, the graph settings it chose), then
-    # people's step at the default against bf16, both on MLX's routes (a 750-step run), A/B/A/B
+    # run 18, after CUDA's default became -1 (nothing set): a machine's first people run through the
+    # trainer (time to first step, whole-run peak, the graph settings it chose), people's step at the
+    # default against bf16, both on MLX's routes (a 750-step run), A/B/A/B; each of our kernels on and
+    # off (speed.KERNEL_SAVING_S_PER_STEP; s18c timed their compile); the next run last
     cold_run cold ""
+    grep -h "CUDA graph settings" "$out/cold/train_stderr.log" | cut -c1-200
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
-    mkdir -p "$out/warm"
-    OUT=$out/warm timeout 100 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
-        --steps 5 >"$out/warm/stdout.log" 2>&1
-    echo "warm rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*\|"whole_run_peak_gib": [0-9.]*' "$out/warm/ttfs.json"
-    grep -h "CUDA graph settings\|first block-by-block" "$out/warm/train_stderr.log" | cut -c1-200
     off="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
     for round in 1 2; do
         env_rows default_people_$round 90 "" --templates people --quantize 4 --checkpointing on --steps 8 $off
         env_rows bf16_people_$round 90 "" --templates people --quantize none --checkpointing off --steps 8 $off
     done
-    # what each of our kernels saves a step now (speed.KERNEL_SAVING_S_PER_STEP; s18c timed their compile):
-    # bf16 people with both, without LoRA's, without RoPE's; people's 4-bit step at the default with both
     bf16="--templates people --quantize none --checkpointing off --steps 8"
     env_rows bf16_kernels 90 "" $bf16
     env_rows bf16_no_lora_kernels 90 "" $bf16 --switch LORA_KERNELS=0
     env_rows bf16_no_rope_kernel 90 "" $bf16 --switch ROPE_KERNEL=0
-    env_rows default_people_kernels 90 "" --templates people --quantize 4 --checkpointing on --steps 8 ;;
+    env_rows default_people_kernels 90 "" --templates people --quantize 4 --checkpointing on --steps 8
+    mkdir -p "$out/warm"
+    OUT=$out/warm timeout 100 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+        --steps 5 >"$out/warm/stdout.log" 2>&1
+    echo "warm rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*\|"whole_run_peak_gib": [0-9.]*' "$out/warm/ttfs.json" ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
