@@ -86,7 +86,8 @@ def check_crop(box: CropBox | tuple[int, int, int, int], image_size: tuple[int, 
     image_width, image_height = image_size
     if box.width < 1 or box.height < 1 or box.left < 0 or box.top < 0 \
             or box.right > image_width or box.bottom > image_height:
-        raise ValueError(f"crop {box} does not lie inside the {image_width}x{image_height} image")
+        raise ValueError(f"crop {list(box.as_tuple())} (left, top, width, height) does not lie inside the "
+                         f"{image_width}x{image_height} image")
     # a rounding pixel is allowed; anything more would stretch the photo
     if abs(box.width * target_height - box.height * target_width) > max(target_width, target_height):
         raise ValueError(f"crop {box.width}x{box.height} does not have the {target_width}x{target_height} aspect; "
