@@ -31,6 +31,7 @@
 #   s18b    run 17: depth -1 (unbounded, 5 a graph) for every template; whole runs at depth 1 and -1   ~7 min
 #   s18c    run 18: people without our kernels (a user's short run) at depth 1 and bf16; their compile time ~4 min
 #   s18d    run 18: CUDA's new default (-1): first and next whole people runs; its step against bf16, A/B/A/B ~5 min
+#   s18e    s18d's first run and one A/B only                                                          ~2 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -418,6 +419,16 @@ s18d)
     OUT=$out/warm timeout 100 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
         --steps 5 >"$out/warm/stdout.log" 2>&1
     echo "warm rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*\|"whole_run_peak_gib": [0-9.]*' "$out/warm/ttfs.json" ;;
+s18e)
+    # s18d's first part alone, for a call with little device time left: a machine's first people run at
+    # CUDA's default with nothing set (the depth and graph settings the trainer chose, the whole-run
+    # peak), then people's step at the default against bf16, both on MLX's routes
+    cold_run cold ""
+    grep -h "CUDA graph settings" "$out/cold/train_stderr.log" | cut -c1-200
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    off="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
+    env_rows default_people 60 "" --templates people --quantize 4 --checkpointing on --steps 8 $off
+    env_rows bf16_people 60 "" --templates people --quantize none --checkpointing off --steps 8 $off ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
