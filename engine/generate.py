@@ -18,7 +18,7 @@ from engine.errors import OutputError, UserError
 from engine.flux import speed
 from engine.flux.latents import latent_image_ids, latent_size, pack_latents, text_ids, unpack_latents
 from engine.flux.sampler import DEV_SCHEDULER, SCHNELL_SCHEDULER, euler_sample, sampling_sigmas
-from engine.paths import atomic_write
+from engine.paths import atomic_write, unwritable_reason
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,6 @@ def check_request(request: GenerationRequest, multiple: int = SIZE_MULTIPLE) -> 
 
 def check_output_file(path: str | Path) -> Path:
     """Raise an OutputError now, before minutes of sampling, if a PNG cannot be written at `path`."""
-    from engine.paths import unwritable_reason
-
     target = Path(path).expanduser()
     if target.is_dir() or str(path).endswith(("/", os.sep)):
         raise OutputError(f"{target} is a folder, not an image file", f"give a file name, e.g. {target / 'image.png'}")
