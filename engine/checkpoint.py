@@ -197,10 +197,9 @@ def _refuse_other_files(path: Path, head: bytes) -> None:
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint zip with the most steps in an output folder (or its _checkpoints folder), by name."""
-    found = [zip_path for where in (Path(folder) / CHECKPOINT_FOLDER, Path(folder)) if where.is_dir()
-             for zip_path in where.glob("*_checkpoint.zip")]
-    return max(found, key=lambda zip_path: zip_path.name) if found else None
+    """The readable checkpoint with the most steps in an output folder (or its _checkpoints folder)."""
+    found = list_checkpoints(folder)
+    return found[-1].path if found else None
 
 
 def _check_shapes(path: Path, iterator, loss, config) -> None:

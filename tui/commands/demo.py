@@ -59,6 +59,7 @@ def prepare_demo(folder: Path, on_notice=None) -> Path:
     as it is, and `on_notice(text)` says so: running the demo again never undoes edits.
     """
     from engine.errors import OutputError
+    from engine.paths import atomic_write
     from tui.demo_images import draw_demo_images
 
     folder = Path(folder)
@@ -74,7 +75,8 @@ def prepare_demo(folder: Path, on_notice=None) -> Path:
             if on_notice:
                 on_notice(notice)
         else:
-            config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            with atomic_write(config_path) as temporary:
+                temporary.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     except OSError as error:
         raise OutputError(f"cannot write the demo into {folder} ({error.strerror or error})",
                           "give --folder a folder you can write to") from error
