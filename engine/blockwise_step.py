@@ -41,6 +41,8 @@ from engine.flux import speed
 from engine.flux.bounded_queue import BoundedQueue
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
+from engine.lora import ComputeCopies, using_compute_copies
+from engine.lora_kernels import float32_gradients
 from engine.training_step import flow_loss, noisy_latents
 
 log = logging.getLogger(__name__)
@@ -134,11 +136,12 @@ def _with_parameters(template: nn.Module, parameters: dict, compute: Callable):
         template.update(saved)
 
 
-def _forward(template, run, parameters, carry, temb, rope):
-    return _with_parameters(template, parameters, lambda: run(template, carry, temb, rope))
+def _forward(template, run, copies: bool, parameters, carry, temb, rope):
+    with using_compute_copies() if copies else nullcontext():
+        return _with_parameters(template, parameters, lambda: run(template, carry, temb, rope))
 
 
-def _backward(template, run, trainable: tuple, carry_grads: int, temb_grad: bool,
+def _backward(template, run, trainable: tuple, carry_grads: int, temb_grad: bool, copies: bool,
               parameters, carry, temb, rope, cotangents):
     """The stage's outputs and the gradients of (its trainable parameters, its first `carry_grads`
     carry arrays, temb if `temb_grad`), recomputing the stage from its inputs."""
@@ -149,7 +152,8 @@ def _backward(template, run, trainable: tuple, carry_grads: int, temb_grad: bool
         values = dict(flat)
         values.update(zip(trainable, arrays))
         given = list(arrays[len(trainable):len(trainable) + carry_grads]) + list(carry[carry_grads:])
-        with keeping_dense_weights() if speed.BLOCKWISE_KEEPS_DENSE else nullcontext():
+        with (keeping_dense_weights() if speed.BLOCKWISE_KEEPS_DENSE else nullcontext(),
+              using_compute_copies() if copies else nullcontext()):
             out = _with_parameters(template, tree_unflatten(list(values.items())),
                                    lambda: run(template, tuple(given), arrays[-1] if temb_grad else temb, rope))
         return list(out) if isinstance(out, tuple) else [out]
@@ -160,8 +164,9 @@ def _backward(template, run, trainable: tuple, carry_grads: int, temb_grad: bool
 class _Functions:
     """One compiled forward and backward per stage layout, traced on the first stage that has it."""
 
-    def __init__(self):
+    def __init__(self, copies: bool = False):
         self._compiled: dict = {}
+        self.copies = copies  # whether LoRA layers read their compute copies (engine/lora.py: ComputeCopies)
 
     @property
     def count(self) -> int:
@@ -177,12 +182,13 @@ class _Functions:
         return self._compiled[key]
 
     def forward(self, stage: _Stage, layout: tuple):
-        return self._get(("forward", layout), lambda: partial(_forward, stage.holder, stage.run))
+        return self._get(("forward", layout), lambda: partial(_forward, stage.holder, stage.run, self.copies))
 
     def backward(self, stage: _Stage, layout: tuple, carry_grads: int, temb_grad: bool):
         trainable = tuple(stage.trainable())
         return self._get(("backward", layout, carry_grads, temb_grad),
-                         lambda: partial(_backward, stage.holder, stage.run, trainable, carry_grads, temb_grad))
+                         lambda: partial(_backward, stage.holder, stage.run, trainable, carry_grads, temb_grad,
+                                         self.copies))
 
 
 def _stand_in(array: mx.array) -> mx.array:
@@ -206,6 +212,8 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     loss; the model and optimizer change only if the update ran, and meaninglessly."""
     depth = speed.blockwise_depth() if depth is None else depth
     del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
+    # before the layouts: the copies are parameters each stage function takes
+    copies = ComputeCopies(transformer, transformer.dtype) if speed.LORA_COMPUTE_COPIES else None
     embed, blocks, head = _stages(transformer)
     stages = [embed, *blocks, head]
     layouts = [stage.layout() for stage in stages]
@@ -213,12 +221,16 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     trained = [i for i, names in enumerate(trainable) if names]
     first = trained[0] if trained else len(stages) - 1  # nothing trained: the loss alone
     temb_grad = bool(trainable[0])  # only the embedders lie behind temb
-    functions = _Functions()
+    functions = _Functions(copies is not None)
     state = [transformer.state, optimizer.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update(grads):
+        if copies is not None:
+            grads = float32_gradients(grads, transformer.trainable_parameters())
         optimizer.update(transformer, grads)
+        if copies is not None:
+            copies.refresh()  # the next step's copies, made with the update's own kernels
 
     first_call = [True]
     warming = compile_only is not None
@@ -226,6 +238,8 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
 
     def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
         started = time.perf_counter()
+        if copies is not None:
+            copies.ensure_fresh()
         stage_times = [(started, 0)]  # (when each forward stage was queued, its index), on the first call
         queue = BoundedQueue(depth)
         rope = transformer.rope(img_ids, txt_ids)
@@ -292,12 +306,16 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         if warming:  # the update last, on stand-ins, where this process runs it
             if grads and compile_only(functions.count):
                 update(tree_map_with_path(lambda path, _: _stand_in(grads[path]), transformer.trainable_parameters()))
+                if copies is not None:
+                    copies.mark_fresh()
                 queue.push([state])
             queue.drain()
             loss = mx.zeros((), mx.float32)
         else:
             if grads:
                 update(tree_map_with_path(lambda path, _: grads[path], transformer.trainable_parameters()))
+                if copies is not None:
+                    copies.mark_fresh()
             queue.push([loss, state])  # the update is the last stage
         if first_call[0]:  # where a first step's time goes: tracing, compiling kernels, running
             first_call[0] = False

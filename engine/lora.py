@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -22,7 +23,7 @@ from mlx.utils import tree_flatten
 
 from engine.errors import LoraFormatError, UserError
 from engine.flux import speed
-from engine.lora_kernels import kernels_apply, lora_linear, lora_update
+from engine.lora_kernels import kernels_apply, lora_linear, lora_linear_from_copies, lora_update
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +133,11 @@ class LoRALinear(nn.Module):
         fused = self._fused_operands(x)
         if fused is not None:
             quantized, weight, bias = fused
-            return lora_linear(quantized, bias is not None)(x, self.lora_A, self.lora_B * self.scale, *weight,
-                                                           *([] if bias is None else [bias]))
+            extra = [] if bias is None else [bias]
+            if _use_compute_copies and "compute_A" in self and self["compute_A"].dtype == x.dtype:
+                return lora_linear_from_copies(quantized, bias is not None, self.scale)(
+                    x, self.lora_A, self.lora_B, self["compute_A"], self["compute_B"], *weight, *extra)
+            return lora_linear(quantized, bias is not None)(x, self.lora_A, self.lora_B * self.scale, *weight, *extra)
         y = self.base(x)
         if y.dtype == x.dtype and kernels_apply(x.dtype, x.shape[-1], self.rank):
             return lora_update(y, x, self.lora_A, self.lora_B * self.scale)
@@ -144,6 +148,72 @@ class LoRALinear(nn.Module):
         if speed.LORA_ADDMM and y.dtype == x.dtype:
             return mx.addmm(y, z, lora_B)  # y + z @ B.T in one kernel
         return y + (z @ lora_B).astype(y.dtype)
+
+
+_use_compute_copies = False  # set by `using_compute_copies` while a training step is traced
+
+
+@contextmanager
+def using_compute_copies():
+    """Inside it (a training step's trace), LoRA layers that carry compute copies (`add_compute_copies`)
+    read them instead of casting their float32 masters in every call. Outside it (previews,
+    generation, tests) the masters are read, so a copy never stands in for a value it was not made
+    from."""
+    global _use_compute_copies
+    before, _use_compute_copies = _use_compute_copies, True
+    try:
+        yield
+    finally:
+        _use_compute_copies = before
+
+
+class ComputeCopies:
+    """The compute copies of a model's adapters for one training step (speed.LORA_COMPUTE_COPIES).
+
+    Each adapter of a training step gets two frozen arrays beside its float32 masters: compute_A = A
+    and compute_B = scale * B, in the dtype the layer computes in. The step makes them inside its
+    optimizer update (`refresh`, where they join the update's own kernels), so a step's stages read
+    them as inputs instead of casting (and scaling) the masters in every forward and backward: on
+    CUDA a checkpointed people step lost ~1200 of its small kernels (bench/NOTES.md item 42).
+    `ensure_fresh`, before each step, remakes them wherever a master was replaced since (a resume,
+    a loaded LoRA): it holds the master arrays each copy was made from and compares identities."""
+
+    def __init__(self, model: nn.Module, dtype: mx.Dtype):
+        self.dtype = dtype
+        self.layers = [layer for layer in lora_layers(model).values() if not isinstance(layer.base, LoRALinear)]
+        for layer in self.layers:
+            self._make(layer)
+            layer.freeze(keys=["compute_A", "compute_B"], recurse=False)
+        mx.eval([[layer["compute_A"], layer["compute_B"]] for layer in self.layers])
+        self.mark_fresh()
+
+    def _make(self, layer: LoRALinear) -> None:
+        layer.compute_A = layer.lora_A.astype(self.dtype)
+        layer.compute_B = (layer.lora_B * layer.scale).astype(self.dtype)
+
+    def refresh(self) -> None:
+        """Remake every copy from the current masters (traced inside the compiled optimizer update)."""
+        for layer in self.layers:
+            self._make(layer)
+
+    def mark_fresh(self) -> None:
+        """Record the masters the copies were just made from (call after the update has run its trace)."""
+        self._sources = [(layer.lora_A, layer.lora_B, layer.scale) for layer in self.layers]
+
+    def stale(self) -> list[LoRALinear]:
+        return [layer for layer, (a, b, scale) in zip(self.layers, self._sources)
+                if layer.lora_A is not a or layer.lora_B is not b or layer.scale != scale
+                or layer.get("compute_A") is None or layer["compute_A"].dtype != self.dtype]
+
+    def ensure_fresh(self) -> int:
+        """Remake the copies of adapters whose masters changed outside the step; returns how many."""
+        stale = self.stale()
+        for layer in stale:
+            self._make(layer)
+        if stale:
+            mx.eval([[layer["compute_A"], layer["compute_B"]] for layer in stale])
+            self.mark_fresh()
+        return len(stale)
 
 
 def _walk(model: nn.Module, path: str):

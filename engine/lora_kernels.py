@@ -298,8 +298,10 @@ def add_low_rank(c: mx.array | None, z: mx.array, b: mx.array, transposed: bool 
     return out.reshape(*z.shape[:-1], width)
 
 
-def reduce_outer(z: mx.array, x: mx.array) -> mx.array:
-    """z.T @ x over all leading axes, in float32: (..., R) x (..., K) -> (R, K)."""
+def reduce_outer(z: mx.array, x: mx.array, float32: bool = True) -> mx.array:
+    """z.T @ x over all leading axes, in float32: (..., R) x (..., K) -> (R, K). With `float32` False,
+    the matmul route leaves its product in x's dtype (it is rounded to that dtype either way), for a
+    caller whose consumer casts it (the optimizer update, with its own kernel)."""
     rank, width = z.shape[-1], x.shape[-1]
     z2, x2 = z.reshape(-1, rank), x.reshape(-1, width)
 
@@ -307,7 +309,8 @@ def reduce_outer(z: mx.array, x: mx.array) -> mx.array:
         # in x's dtype, as autodiff of a LoRA layer would: a float32 copy of x (and of the incoming
         # gradient) per layer was 0.3 GiB more in a 4-bit people backward stage, where runs too short
         # for the kernels (speed.kernels_not_worth_compiling) come here
-        return (z2.astype(x2.dtype).T @ x2).astype(mx.float32)
+        product = z2.astype(x2.dtype).T @ x2
+        return product.astype(mx.float32) if float32 else product
 
     if not kernels_apply(x.dtype, width, rank):
         return by_matmul()
@@ -351,6 +354,21 @@ def _lora_update_vjp(primals, cotangent, output):
     return cotangent.astype(y.dtype), grad_x, grad_A, grad_B
 
 
+def _base_operands(quantized: tuple | None, with_bias: bool):
+    """(dense(weight arrays, trigger), split(arrays) -> (weight arrays, bias or None)) for a frozen base
+    given as its dense weight or, when `quantized` is (group_size, bits, mode), its packed arrays."""
+    from engine.flux.quantized import dense_after
+
+    def dense(weight, trigger):
+        return weight[0].astype(trigger.dtype) if quantized is None else dense_after(trigger, weight, *quantized)
+
+    def split(arrays):
+        weight = arrays[:1] if quantized is None else arrays[:3]
+        return weight, (arrays[len(weight)] if with_bias else None)
+
+    return dense, split
+
+
 @cache
 def lora_linear(quantized: tuple | None, with_bias: bool):
     """A frozen linear and its LoRA as one function: x @ W.T (+ bias) + (x @ A.T) @ B_scaled.T, called
@@ -362,14 +380,9 @@ def lora_linear(quantized: tuple | None, with_bias: bool):
     their sum; here LoRA's product is added inside the kernel that computes it, so a layer's backward
     holds one (tokens x in) tensor fewer (5 for a single block's proj_out) and runs one kernel fewer.
     Nor is the base's output kept for the backward, which never reads it."""
-    from engine.flux.quantized import dense_after, plus_bias
+    from engine.flux.quantized import plus_bias
 
-    def dense(weight, trigger):
-        return weight[0].astype(trigger.dtype) if quantized is None else dense_after(trigger, weight, *quantized)
-
-    def split(arrays):
-        weight = arrays[:1] if quantized is None else arrays[:3]
-        return weight, (arrays[len(weight)] if with_bias else None)
+    dense, split = _base_operands(quantized, with_bias)
 
     @mx.custom_function
     def forward(x, lora_A, lora_B_scaled, *arrays):
@@ -389,3 +402,53 @@ def lora_linear(quantized: tuple | None, with_bias: bool):
         return (grad_x, grad_A, grad_B, *(mx.zeros_like(a) for a in arrays))
 
     return forward
+
+
+@cache
+def lora_linear_from_copies(quantized: tuple | None, with_bias: bool, scale: float):
+    """lora_linear for a training step that keeps each adapter's compute copies (engine/lora.py:
+    add_compute_copies): f(x, lora_A, lora_B, compute_A, compute_B, *weight, *bias), with compute_A
+    = A and compute_B = scale * B in x's dtype, made once a step by the optimizer update. The
+    forward and backward read only the copies; the float32 masters are inputs so that their
+    gradients (the scale applied) come out here, in x's dtype when the scale is 1 (what training
+    uses): a step must pass them through `float32_gradients` inside its optimizer update.
+
+    Casting A, scaling and casting B in every call was 3 small kernels a layer in each forward and
+    about 6 in each backward: ~1200 of a checkpointed people step's kernels, on a step whose time on
+    CUDA is the host queueing kernels (bench/NOTES.md item 42)."""
+    from engine.flux.quantized import plus_bias
+
+    dense, split = _base_operands(quantized, with_bias)
+
+    @mx.custom_function
+    def forward(x, lora_A, lora_B, compute_A, compute_B, *arrays):
+        weight, bias = split(arrays)
+        return add_low_rank(plus_bias(x, dense(weight, x), bias), skinny_matmul(x, compute_A), compute_B)
+
+    @forward.vjp
+    def backward(primals, cotangent, output):
+        x, lora_A, lora_B, compute_A, compute_B, *arrays = primals
+        weight, _ = split(arrays)
+        cotangent = cotangent.astype(x.dtype)
+        dz = skinny_matmul(cotangent, compute_B, transposed=True)  # cotangent @ (s B): (..., rank)
+        grad_x = add_low_rank(cotangent @ dense(weight, cotangent), dz, compute_A, transposed=True)
+        # the masters' gradients in x's dtype where the products are rounded to it anyway (the update
+        # casts them to float32 inside its own kernels: `float32_gradients`); a scale != 1 is applied
+        # in float32
+        exact = scale == 1.0
+        grad_A = reduce_outer(dz, x, float32=not exact)  # dz.T @ x: (rank, in), the scale inside dz
+        grad_B = reduce_outer(skinny_matmul(x, compute_A), cotangent, float32=not exact)  # z.T @ cotangent
+        if not exact:  # before the transpose: the multiply joins reduce_outer's cast to float32
+            grad_B = grad_B * scale
+        # neither the frozen base nor the copies get a gradient; zeros are never evaluated
+        return (grad_x, grad_A, grad_B.T, *(mx.zeros_like(a) for a in (compute_A, compute_B, *arrays)))
+
+    return forward
+
+
+def float32_gradients(gradients, parameters):
+    """Each gradient in its parameter's dtype (float32 for LoRA's masters): inside a compiled optimizer
+    update, where each cast joins that parameter's update kernel."""
+    from mlx.utils import tree_map
+
+    return tree_map(lambda gradient, parameter: gradient.astype(parameter.dtype), gradients, parameters)

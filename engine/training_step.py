@@ -48,20 +48,35 @@ def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, 
                                  guidance.astype(compute_dtype) if has_guidance else None)
         return flow_loss(prediction, latents, noise)
 
+    from engine.lora import ComputeCopies, using_compute_copies
+    from engine.lora_kernels import float32_gradients
+
     loss_and_grad = nn.value_and_grad(transformer, loss_fn)
+    copies = ComputeCopies(transformer, compute_dtype) if speed.LORA_COMPUTE_COPIES else None
     state = [transformer.state, optimizer.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def compiled_step(*arrays):
-        loss, grads = loss_and_grad(*arrays)
+        if copies is None:
+            loss, grads = loss_and_grad(*arrays)
+        else:
+            with using_compute_copies():
+                loss, grads = loss_and_grad(*arrays)
+            grads = float32_gradients(grads, transformer.trainable_parameters())
         optimizer.update(transformer, grads)
+        if copies is not None:
+            copies.refresh()  # the next step's copies, made with the update's own kernels
         return loss
 
     def step(*arrays):
+        if copies is not None:
+            copies.ensure_fresh()
         # Queued, not waited for: a caller that reads the loss (float(loss)) only after
         # queueing the next step lets the host build step n+1's graph while the GPU still
         # runs step n (bench/NOTES.md: the host needs ~20 ms per full-size step).
         loss = compiled_step(*arrays)
+        if copies is not None:
+            copies.mark_fresh()
         mx.async_eval(loss, state)
         return loss
 

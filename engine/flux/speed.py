@@ -27,6 +27,11 @@ LORA_ADDMM = True
 # than autodiff of the base and LoRA apart (two products and their sum): one (tokens x in) tensor
 # and one kernel fewer per layer's backward
 LORA_FUSED_LINEAR = True
+# Each LoRA layer of a training step reads compute copies of its adapter (A and scale * B in the
+# compute dtype), made once a step by the optimizer update (engine/lora.py: ComputeCopies), instead of
+# casting and scaling its float32 masters in every forward and backward: ~1200 small kernels fewer in a
+# checkpointed people step (bench/NOTES.md item 42)
+LORA_COMPUTE_COPIES = True
 # RoPE as one CUDA kernel on the activation's own dtype (engine/flux/rope.py) instead of a
 # float32 copy, a complex multiply and a copy back
 ROPE_KERNEL = True
