@@ -429,6 +429,53 @@ s18e)
     off="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
     env_rows default_people 60 "" --templates people --quantize 4 --checkpointing on --steps 8 $off
     env_rows bf16_people 60 "" --templates people --quantize none --checkpointing off --steps 8 $off ;;
+s19)
+    # run 19: LoRA's compute copies (speed.LORA_COMPUTE_COPIES, NOTES item 42) on and off, people 4-bit
+    # checkpointed at CUDA's default and people bf16 without checkpointing, both on MLX's routes (what a
+    # 750-step run takes), alternating; then where each step's time goes (CUPTI: GPU busy against wall)
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    off="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
+    people4="--templates people --quantize 4 --checkpointing on --steps 10"
+    bf16="--templates people --quantize none --checkpointing off --steps 10"
+    env_rows q4_copies_0 ${FIRST_ROW_TIMEOUT:-200} "" $people4 $off
+    for round in 1 2; do
+        env_rows q4_nocopies_$round 80 "" $people4 $off --switch LORA_COMPUTE_COPIES=0
+        env_rows q4_copies_$round 80 "" $people4 $off
+        env_rows bf16_nocopies_$round 80 "" $bf16 $off --switch LORA_COMPUTE_COPIES=0
+        env_rows bf16_copies_$round 80 "" $bf16 $off
+    done
+    # the graph settings the trainer sets at depth -1 (speed.configure_cuda_graphs), by hand: profile_step
+    # does not set them
+    OUT=$out MLX_MAX_OPS_PER_BUFFER=5 MLX_CUDA_GRAPH_CACHE_SIZE=4096 timeout 100 python bench/profile_step.py \
+        --steps 4 --variants "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none" >"$out/profile_q4.log" 2>&1
+    echo "profile q4 rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step' "$out/profile_q4.log" | cut -c1-300
+    mv -f "$out/profile.json" "$out/profile_q4.json" 2>/dev/null
+    OUT=$out timeout 100 python bench/profile_step.py --steps 4 \
+        --variants "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0" >"$out/profile_bf16.log" 2>&1
+    echo "profile bf16 rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step' "$out/profile_bf16.log" | cut -c1-300
+    mv -f "$out/profile.json" "$out/profile_bf16.json" 2>/dev/null ;;
+s19b)
+    # run 19: a machine's first people run through the trainer at the defaults (nothing set), the next
+    # run; pets and style at CUDA's default; our kernels one at a time (speed.KERNEL_SAVING_S_PER_STEP);
+    # the CUDA tests of our kernels and the copies
+    cold_run cold ""
+    grep -h "CUDA graph settings" "$out/cold/train_stderr.log" | cut -c1-200
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    mkdir -p "$out/warm"
+    OUT=$out/warm timeout 100 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+        --steps 5 >"$out/warm/stdout.log" 2>&1
+    echo "warm rc=$?"; grep -o '"time_to_first_step_s": [0-9.]*\|"whole_run_peak_gib": [0-9.]*' "$out/warm/ttfs.json"
+    off="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
+    env_rows pets_style 120 "" --templates pets style --quantize 4 --checkpointing on --steps 10 $off
+    people4="--templates people --quantize 4 --checkpointing on --steps 10"
+    bf16="--templates people --quantize none --checkpointing off --steps 10"
+    env_rows bf16_off 80 "" $bf16 $off
+    env_rows bf16_rope_kernel 80 "" $bf16 --switch LORA_KERNELS=0
+    env_rows bf16_lora_kernels 80 "" $bf16 --switch ROPE_KERNEL=0
+    env_rows q4_rope_kernel 80 "" $people4 --switch LORA_KERNELS=0
+    env_rows q4_kernels 80 "" $people4
+    PYTHONPATH=$PYTHONPATH:$root/.pytestpkgs timeout 120 python -m pytest -q -p no:cacheprovider --tb=line \
+        tests/test_lora_kernels.py tests/test_compute_copies.py 2>&1 | tail -4 ;;
 s14)
     # run 14: the defaults (depth 1) for every template; people at depth 0 (one stage at a time),
     # each with one dense copy per layer or two; 8-bit checkpointed; bf16 without checkpointing
