@@ -454,6 +454,17 @@ s19)
         --variants "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0" >"$out/profile_bf16.log" 2>&1
     echo "profile bf16 rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step' "$out/profile_bf16.log" | cut -c1-300
     mv -f "$out/profile.json" "$out/profile_bf16.json" 2>/dev/null ;;
+s19c)
+    # run 19, after s19: with the copies, how far the host may run ahead at depth -1 (kernels a graph:
+    # speed.CUDA_OPS_PER_GRAPH_UNBOUNDED), and depth 1, against bf16 in the same call
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    off="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
+    people4="--templates people --quantize 4 --checkpointing on --steps 10"
+    env_rows q4_k6 80 "MLX_MAX_OPS_PER_BUFFER=6 MLX_CUDA_GRAPH_CACHE_SIZE=4096" $people4 $off
+    env_rows q4_k8 80 "MLX_MAX_OPS_PER_BUFFER=8 MLX_CUDA_GRAPH_CACHE_SIZE=4096" $people4 $off
+    env_rows q4_k5 80 "" $people4 $off
+    env_rows q4_depth1 80 "" $people4 $off --switch BLOCKWISE_DEPTH=1
+    env_rows bf16_3 80 "" --templates people --quantize none --checkpointing off --steps 10 $off ;;
 s19b)
     # run 19: a machine's first people run through the trainer at the defaults (nothing set), the next
     # run; pets and style at CUDA's default; our kernels one at a time (speed.KERNEL_SAVING_S_PER_STEP);
