@@ -194,8 +194,6 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         "cached encodings": _cached_encodings(inputs),
         "LoRA weights": lora_parameters * FLOAT32_BYTES,
         "LoRA gradients": lora_parameters * FLOAT32_BYTES,
-        # A and scale * B in the compute dtype, made once a step (engine/lora.py: ComputeCopies)
-        "LoRA compute copies": lora_parameters * dtype,
         "optimizer state": _optimizer_state_bytes(inputs, linears),
         # on CUDA the preview is weighed against the step's activations and run-ahead together (below)
         "activations": activations if inputs.backend == "cuda" else max(activations, _preview_activations(inputs, linears)),
@@ -204,7 +202,7 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
     encoding = ("VAE decoder", "VAE encoder", "T5 encoder", "CLIP encoder",
                 "encoding activations", "cached encodings")
     training = ("transformer weights", "VAE decoder", "cached encodings", "LoRA weights", "LoRA gradients",
-                "LoRA compute copies", "optimizer state", "activations")
+                "optimizer state", "activations")
     blockwise_cuda = inputs.backend == "cuda" and inputs.gradient_checkpointing
     for phase, names in ((ENCODING, encoding), (TRAINING, training)):
         # the block-by-block step's stage volume (below) was fitted with the allocator's overhead in it
