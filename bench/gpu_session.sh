@@ -480,6 +480,7 @@ s19b)
     env_rows pets_style 120 "" --templates pets style --quantize 4 --checkpointing on --steps 10 $off
     people4="--templates people --quantize 4 --checkpointing on --steps 10"
     bf16="--templates people --quantize none --checkpointing off --steps 10"
+    env_rows q4_off 80 "" $people4 $off
     env_rows bf16_off 80 "" $bf16 $off
     env_rows bf16_rope_kernel 80 "" $bf16 --switch LORA_KERNELS=0
     env_rows bf16_lora_kernels 80 "" $bf16 --switch ROPE_KERNEL=0

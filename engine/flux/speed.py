@@ -29,9 +29,11 @@ LORA_ADDMM = True
 LORA_FUSED_LINEAR = True
 # Each LoRA layer of a training step reads compute copies of its adapter (A and scale * B in the
 # compute dtype), made once a step by the optimizer update (engine/lora.py: ComputeCopies), instead of
-# casting and scaling its float32 masters in every forward and backward: ~1200 small kernels fewer in a
-# checkpointed people step (bench/NOTES.md item 42)
-LORA_COMPUTE_COPIES = True
+# casting and scaling its float32 masters in every forward and backward: 1260 of a checkpointed people
+# step's 7431 kernels fewer. Off: on an H100 (run 19, bench/NOTES.md item 42) it bought 1.4% on that step
+# (0.1412-0.1422 s against 0.1430-0.1442) and nothing on bf16's, and raised both peaks (7.71 -> 7.90 GiB,
+# 37.29 -> 38.12 GiB): MLX's run-ahead is counted in kernels, and fewer small ones let it hold more
+LORA_COMPUTE_COPIES = False
 # RoPE as one CUDA kernel on the activation's own dtype (engine/flux/rope.py) instead of a
 # float32 copy, a complex multiply and a copy back
 ROPE_KERNEL = True
