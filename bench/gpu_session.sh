@@ -465,6 +465,21 @@ s19c)
     env_rows q4_k5 80 "" $people4 $off
     env_rows q4_depth1 80 "" $people4 $off --switch BLOCKWISE_DEPTH=1
     env_rows bf16_3 80 "" --templates people --quantize none --checkpointing off --steps 10 $off ;;
+s19d)
+    # run 19: our kernels one at a time against neither (speed.KERNEL_SAVING_S_PER_STEP), A/B/A; the
+    # CUDA tests of our kernels and the copies
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    people4="--templates people --quantize 4 --checkpointing on --steps 10"
+    bf16="--templates people --quantize none --checkpointing off --steps 10"
+    env_rows q4_off_1 ${FIRST_ROW_TIMEOUT:-200} "" $people4 --switch LORA_KERNELS=0 --switch ROPE_KERNEL=0
+    env_rows q4_rope_kernel 80 "" $people4 --switch LORA_KERNELS=0
+    env_rows q4_off_2 80 "" $people4 --switch LORA_KERNELS=0 --switch ROPE_KERNEL=0
+    env_rows bf16_off_1 80 "" $bf16 --switch LORA_KERNELS=0 --switch ROPE_KERNEL=0
+    env_rows bf16_rope_kernel 80 "" $bf16 --switch LORA_KERNELS=0
+    env_rows bf16_lora_kernels 80 "" $bf16 --switch ROPE_KERNEL=0
+    env_rows bf16_off_2 80 "" $bf16 --switch LORA_KERNELS=0 --switch ROPE_KERNEL=0
+    PYTHONPATH=$PYTHONPATH:$root/.pytestpkgs timeout 120 python -m pytest -q -p no:cacheprovider --tb=line \
+        tests/test_lora_kernels.py tests/test_compute_copies.py 2>&1 | tail -4 ;;
 s19b)
     # run 19: a machine's first people run through the trainer at the defaults (nothing set), the next
     # run; pets and style at CUDA's default; our kernels one at a time (speed.KERNEL_SAVING_S_PER_STEP);
