@@ -476,8 +476,8 @@ s19d)
     env_rows q4_off_2 80 "" $people4 --switch LORA_KERNELS=0 --switch ROPE_KERNEL=0
     env_rows bf16_off_1 80 "" $bf16 --switch LORA_KERNELS=0 --switch ROPE_KERNEL=0
     env_rows bf16_rope_kernel 80 "" $bf16 --switch LORA_KERNELS=0
-    env_rows bf16_lora_kernels 80 "" $bf16 --switch ROPE_KERNEL=0
     env_rows bf16_off_2 80 "" $bf16 --switch LORA_KERNELS=0 --switch ROPE_KERNEL=0
+    env_rows bf16_lora_kernels 80 "" $bf16 --switch ROPE_KERNEL=0
     PYTHONPATH=$PYTHONPATH:$root/.pytestpkgs timeout 120 python -m pytest -q -p no:cacheprovider --tb=line \
         tests/test_lora_kernels.py tests/test_compute_copies.py 2>&1 | tail -4 ;;
 s19b)
