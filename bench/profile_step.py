@@ -258,7 +258,7 @@ def lora_kernel_probe(repeats: int = 50) -> list[dict]:
             mx.eval(outs)
             results[f"us_{kernels}"] = round((time.perf_counter() - start) / repeats * 1e6, 1)
             del outs
-        speed.LORA_KERNELS = True
+        speed.LORA_KERNELS = speed.DEFAULTS["LORA_KERNELS"]
         names = ["skinny", "skinny_transposed", "add_low_rank", "add_low_rank_transposed_no_c", "reduce_outer",
                  "grad_y", "grad_x", "grad_A", "grad_B"]
         row = {"in": in_dim, "out": out_dim, "rank": rank,

@@ -313,7 +313,7 @@ def test_trainer_weighs_our_cuda_kernels_compile_time_against_the_steps_it_runs(
     finally:
         speed.configure_for_training = configure_for_training
         speed.configure_for_training()
-    assert speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT
+    assert not speed.LORA_KERNELS and speed.ROPE_KERNEL and speed.GELU_SAVES_INPUT
 
 
 def test_trainer_caps_cuda_memory_from_what_was_free_before_it_loaded(tmp_path, monkeypatch):

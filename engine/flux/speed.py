@@ -41,8 +41,13 @@ ROPE_KERNEL = True
 # than mx.dequantize; elsewhere this has no effect
 CUDA_DEQUANTIZE = True
 # LoRA's rank-sized products through engine/lora_kernels.py's CUDA kernels instead of
-# cuBLAS (which runs such skinny shapes at a few percent of the card's bandwidth)
-LORA_KERNELS = True
+# cuBLAS (which runs such skinny shapes at a few percent of the card's bandwidth). Off: on H100s they
+# lose to cuBLAS since run 17's fused LoRA layer. CUPTI put their kernels at ~44 ms of a people 4-bit
+# checkpointed step and ~34 ms of a bf16 step (run 17), against ~19 and ~15 ms for the same products
+# on cuBLAS (run 19). End to end, with RoPE's kernel, bf16 took 0.0950-0.0955 s against 0.0902-0.0912 s
+# without either (run 18; bench/NOTES.md items 41-42). On an H200 (run 11) they had beaten the autodiff
+# route that run 17 replaced. Their 1.1 GiB less in bf16 without checkpointing is not worth 5%.
+LORA_KERNELS = False
 # Attention through mx.fast.scaled_dot_product_attention (cuDNN on CUDA) rather than two
 # matmuls around a float32 softmax (which keeps the (heads, L, L) probabilities for backward)
 FAST_SDPA = True
@@ -149,13 +154,15 @@ def configure_cuda_graphs(one_stage_at_a_time: bool = False, unbounded: bool = F
     return chosen
 
 
-# Our own CUDA kernels are compiled (NVRTC) afresh in every process: MLX keeps its own compiled
-# kernels in a disk cache (/tmp/mlx), but none of mx.fast.cuda_kernel's were found there. On an
-# H200 (run 11, bench/probe_first_step.py) LoRA's kernels added ~25 s to the first step and
-# RoPE's ~6 s; they save ~10 ms and ~3 ms a step (bench/NOTES.md, items 9 and 11). A run of
-# fewer steps than compile time / saving finishes sooner without them.
-KERNEL_COMPILE_S = {"LORA_KERNELS": 25.0, "ROPE_KERNEL": 6.0}
-KERNEL_SAVING_S_PER_STEP = {"LORA_KERNELS": 0.010, "ROPE_KERNEL": 0.003}
+# Our own CUDA kernels that a run switches on are compiled (NVRTC) afresh in every process: MLX keeps
+# its own compiled kernels in a disk cache (/tmp/mlx), but none of mx.fast.cuda_kernel's were found
+# there. On an H200 (run 11, bench/probe_first_step.py) RoPE's kernel added ~6 s to the first step
+# (~2.5 s on an H100 in run 18) and saved ~3 ms a step (bench/NOTES.md, items 9 and 11; run 19's
+# profile puts its float32 route at ~13 ms a 4-bit step, the kernel at ~3, not measured end to end
+# alone). A run of fewer steps than compile time / saving finishes sooner without it. LoRA's kernels
+# are off whatever the length (LORA_KERNELS above).
+KERNEL_COMPILE_S = {"ROPE_KERNEL": 6.0}
+KERNEL_SAVING_S_PER_STEP = {"ROPE_KERNEL": 0.003}
 
 
 def kernels_not_worth_compiling(steps: int) -> list[str]:
