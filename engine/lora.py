@@ -173,8 +173,9 @@ class ComputeCopies:
     Each adapter of a training step gets two frozen arrays beside its float32 masters: compute_A = A
     and compute_B = scale * B, in the dtype the layer computes in. The step makes them inside its
     optimizer update (`refresh`, where they join the update's own kernels), so a step's stages read
-    them as inputs instead of casting (and scaling) the masters in every forward and backward: on
-    CUDA a checkpointed people step lost ~1200 of its small kernels (bench/NOTES.md item 42).
+    them as inputs instead of casting (and scaling) the masters in every forward and backward: 1260 of
+    a checkpointed people step's kernels. On an H100 that bought 1.4% and raised the peak, so the step
+    makes them only where speed.LORA_COMPUTE_COPIES is on (off by default; bench/NOTES.md item 42).
     `ensure_fresh`, before each step, remakes them wherever a master was replaced since (a resume,
     a loaded LoRA): it holds the master arrays each copy was made from and compares identities."""
 

@@ -369,6 +369,32 @@ def _base_operands(quantized: tuple | None, with_bias: bool):
     return dense, split
 
 
+def _lora_linear_pieces(quantized: tuple | None, with_bias: bool):
+    """(forward(x, A, B_scaled, arrays), backward(x, cotangent, A, B_scaled, arrays, float32, scale_of_B))
+    of a frozen linear with its LoRA, A and B_scaled in x's dtype or cast to it; backward returns the
+    gradients of x, A and B (B's times `scale_of_B`)."""
+    from engine.flux.quantized import plus_bias
+
+    dense, split = _base_operands(quantized, with_bias)
+
+    def forward(x, lora_A, lora_B_scaled, arrays):
+        weight, bias = split(arrays)
+        return add_low_rank(plus_bias(x, dense(weight, x), bias), skinny_matmul(x, lora_A), lora_B_scaled)
+
+    def backward(x, cotangent, lora_A, lora_B_scaled, arrays, float32: bool = True, scale_of_B: float = 1.0):
+        weight, _ = split(arrays)
+        cotangent = cotangent.astype(x.dtype)
+        dz = skinny_matmul(cotangent, lora_B_scaled, transposed=True)  # cotangent @ B: (..., rank)
+        grad_x = add_low_rank(cotangent @ dense(weight, cotangent), dz, lora_A, transposed=True)
+        grad_A = reduce_outer(dz, x, float32=float32)  # dz.T @ x: (rank, in)
+        grad_B = reduce_outer(skinny_matmul(x, lora_A), cotangent, float32=float32)  # z.T @ cotangent
+        if scale_of_B != 1.0:  # before the transpose: the multiply joins reduce_outer's cast to float32
+            grad_B = grad_B * scale_of_B
+        return grad_x, grad_A, grad_B.T  # B's as (out, rank)
+
+    return forward, backward
+
+
 @cache
 def lora_linear(quantized: tuple | None, with_bias: bool):
     """A frozen linear and its LoRA as one function: x @ W.T (+ bias) + (x @ A.T) @ B_scaled.T, called
@@ -380,26 +406,17 @@ def lora_linear(quantized: tuple | None, with_bias: bool):
     their sum; here LoRA's product is added inside the kernel that computes it, so a layer's backward
     holds one (tokens x in) tensor fewer (5 for a single block's proj_out) and runs one kernel fewer.
     Nor is the base's output kept for the backward, which never reads it."""
-    from engine.flux.quantized import plus_bias
-
-    dense, split = _base_operands(quantized, with_bias)
+    compute, gradients = _lora_linear_pieces(quantized, with_bias)
 
     @mx.custom_function
     def forward(x, lora_A, lora_B_scaled, *arrays):
-        weight, bias = split(arrays)
-        return add_low_rank(plus_bias(x, dense(weight, x), bias), skinny_matmul(x, lora_A), lora_B_scaled)
+        return compute(x, lora_A, lora_B_scaled, arrays)
 
     @forward.vjp
     def backward(primals, cotangent, output):
         x, lora_A, lora_B_scaled, *arrays = primals
-        weight, _ = split(arrays)
-        cotangent = cotangent.astype(x.dtype)
-        dz = skinny_matmul(cotangent, lora_B_scaled, transposed=True)  # cotangent @ B: (..., rank)
-        grad_x = add_low_rank(cotangent @ dense(weight, cotangent), dz, lora_A, transposed=True)
-        grad_A = reduce_outer(dz, x)  # dz.T @ x: (rank, in)
-        grad_B = reduce_outer(skinny_matmul(x, lora_A), cotangent).T  # (z.T @ cotangent).T: (out, rank)
         # the frozen base gets no gradient; zeros are never evaluated
-        return (grad_x, grad_A, grad_B, *(mx.zeros_like(a) for a in arrays))
+        return (*gradients(x, cotangent, lora_A, lora_B_scaled, arrays), *(mx.zeros_like(a) for a in arrays))
 
     return forward
 
@@ -407,41 +424,27 @@ def lora_linear(quantized: tuple | None, with_bias: bool):
 @cache
 def lora_linear_from_copies(quantized: tuple | None, with_bias: bool, scale: float):
     """lora_linear for a training step that keeps each adapter's compute copies (engine/lora.py:
-    add_compute_copies): f(x, lora_A, lora_B, compute_A, compute_B, *weight, *bias), with compute_A
-    = A and compute_B = scale * B in x's dtype, made once a step by the optimizer update. The
-    forward and backward read only the copies; the float32 masters are inputs so that their
-    gradients (the scale applied) come out here, in x's dtype when the scale is 1 (what training
-    uses): a step must pass them through `float32_gradients` inside its optimizer update.
+    ComputeCopies): f(x, lora_A, lora_B, compute_A, compute_B, *weight, *bias), with compute_A = A and
+    compute_B = scale * B in x's dtype, made once a step by the optimizer update. The forward and
+    backward read only the copies; the float32 masters are inputs so that their gradients (the scale
+    applied) come out here, in x's dtype when the scale is 1 (what training uses; the products are
+    rounded to it anyway): a step must pass them through `float32_gradients` inside its update.
 
-    Casting A, scaling and casting B in every call was 3 small kernels a layer in each forward and
-    about 6 in each backward: ~1200 of a checkpointed people step's kernels, on a step whose time on
-    CUDA is the host queueing kernels (bench/NOTES.md item 42)."""
-    from engine.flux.quantized import plus_bias
-
-    dense, split = _base_operands(quantized, with_bias)
+    It saves the 3 small kernels a layer that casting and scaling the masters takes in each forward, and
+    about 6 in each backward; on an H100 that bought 1.4% (bench/NOTES.md item 42), so it is off."""
+    compute, gradients = _lora_linear_pieces(quantized, with_bias)
 
     @mx.custom_function
     def forward(x, lora_A, lora_B, compute_A, compute_B, *arrays):
-        weight, bias = split(arrays)
-        return add_low_rank(plus_bias(x, dense(weight, x), bias), skinny_matmul(x, compute_A), compute_B)
+        return compute(x, compute_A, compute_B, arrays)
 
     @forward.vjp
     def backward(primals, cotangent, output):
         x, lora_A, lora_B, compute_A, compute_B, *arrays = primals
-        weight, _ = split(arrays)
-        cotangent = cotangent.astype(x.dtype)
-        dz = skinny_matmul(cotangent, compute_B, transposed=True)  # cotangent @ (s B): (..., rank)
-        grad_x = add_low_rank(cotangent @ dense(weight, cotangent), dz, compute_A, transposed=True)
-        # the masters' gradients in x's dtype where the products are rounded to it anyway (the update
-        # casts them to float32 inside its own kernels: `float32_gradients`); a scale != 1 is applied
-        # in float32
-        exact = scale == 1.0
-        grad_A = reduce_outer(dz, x, float32=not exact)  # dz.T @ x: (rank, in), the scale inside dz
-        grad_B = reduce_outer(skinny_matmul(x, compute_A), cotangent, float32=not exact)  # z.T @ cotangent
-        if not exact:  # before the transpose: the multiply joins reduce_outer's cast to float32
-            grad_B = grad_B * scale
+        exact = scale == 1.0  # else the scale is applied in float32
+        grads = gradients(x, cotangent, compute_A, compute_B, arrays, float32=not exact, scale_of_B=scale)
         # neither the frozen base nor the copies get a gradient; zeros are never evaluated
-        return (grad_x, grad_A, grad_B.T, *(mx.zeros_like(a) for a in (compute_A, compute_B, *arrays)))
+        return (*grads, *(mx.zeros_like(a) for a in (compute_A, compute_B, *arrays)))
 
     return forward
 
