@@ -42,7 +42,7 @@ from engine.flux.bounded_queue import BoundedQueue
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
 from engine.lora import ComputeCopies, using_compute_copies
-from engine.lora_kernels import float32_gradients
+from engine.lora_fused import float32_gradients
 from engine.training_step import flow_loss, noisy_latents
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from mlx.utils import tree_flatten
 
 from engine.errors import LoraFormatError, UserError
 from engine.flux import speed
-from engine.lora_kernels import kernels_apply, lora_linear, lora_linear_from_copies, lora_update
+from engine.lora_fused import lora_linear, lora_linear_from_copies
+from engine.lora_kernels import kernels_apply, lora_update
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ _use_compute_copies = False  # set by `using_compute_copies` while a training st
 
 @contextmanager
 def using_compute_copies():
-    """Inside it (a training step's trace), LoRA layers that carry compute copies (`add_compute_copies`)
+    """Inside it (a training step's trace), LoRA layers that carry compute copies (`ComputeCopies`)
     read them instead of casting their float32 masters in every call. Outside it (previews,
     generation, tests) the masters are read, so a copy never stands in for a value it was not made
     from."""

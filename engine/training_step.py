@@ -49,7 +49,7 @@ def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, 
         return flow_loss(prediction, latents, noise)
 
     from engine.lora import ComputeCopies, using_compute_copies
-    from engine.lora_kernels import float32_gradients
+    from engine.lora_fused import float32_gradients
 
     loss_and_grad = nn.value_and_grad(transformer, loss_fn)
     copies = ComputeCopies(transformer, compute_dtype) if speed.LORA_COMPUTE_COPIES else None

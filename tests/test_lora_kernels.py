@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from engine.flux import speed
-from engine.lora_kernels import add_low_rank, kernels_apply, lora_linear, lora_update, reduce_outer, skinny_matmul
+from engine.lora_fused import lora_linear
+from engine.lora_kernels import add_low_rank, kernels_apply, lora_update, reduce_outer, skinny_matmul
 
 ON_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
 

@@ -157,16 +157,6 @@ class FluxAttention(nn.Module):
         x = projection(x).reshape(batch, length, self.heads, self.head_dim)
         return norm(x) if norm is not None else x
 
-    def attend(self, query: mx.array, key: mx.array, value: mx.array, rope, joint: bool = False) -> mx.array:
-        """Attention over projected (B, L, heads, head_dim) queries, keys (both normed) and values, rotary
-        positions applied here: (B, L, heads * head_dim). A single block whose input projections run as
-        one matmul (engine/flux/fused_inputs.py) comes in here."""
-        # (B, heads, L, head_dim) for the fused attention
-        query, key, value = (t.transpose(0, 2, 1, 3) for t in (apply_rope(query, rope), apply_rope(key, rope), value))
-        out = attention(query, key, value, self.head_dim**-0.5, backward=_joint_backward() if joint else "fused")
-        batch, _, length, _ = out.shape
-        return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-
     def __call__(self, x: mx.array, rope, context: mx.array | None = None):
         query = self._heads(x, self.to_q, self.norm_q)
         key = self._heads(x, self.to_k, self.norm_k)
@@ -176,7 +166,11 @@ class FluxAttention(nn.Module):
             query = mx.concatenate([self._heads(context, self.add_q_proj, self.norm_added_q), query], axis=1)
             key = mx.concatenate([self._heads(context, self.add_k_proj, self.norm_added_k), key], axis=1)
             value = mx.concatenate([self._heads(context, self.add_v_proj), value], axis=1)
-        out = self.attend(query, key, value, rope, joint=context is not None)
+        # (B, heads, L, head_dim) for the fused attention
+        query, key, value = (t.transpose(0, 2, 1, 3) for t in (apply_rope(query, rope), apply_rope(key, rope), value))
+        out = attention(query, key, value, self.head_dim**-0.5, backward=_joint_backward() if context is not None else "fused")
+        batch, _, length, _ = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
         if context is None:
             return out
         text_length = context.shape[1]

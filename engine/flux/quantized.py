@@ -151,7 +151,7 @@ class DequantizingLinear(nn.QuantizedLinear):
                           self.mode).astype(dtype)
 
     def lora_operands(self, x: mx.array) -> tuple[tuple | None, list[mx.array]]:
-        """For engine.lora_kernels.lora_linear on `x` (where `takes_dense_route`): its `quantized` and
+        """For engine.lora_fused.lora_linear on `x` (where `takes_dense_route`): its `quantized` and
         its weight arrays: the dense weight while a stage's backward keeps them (keeping_dense_weights),
         otherwise the packed ones."""
         if _keep_dense:

@@ -22,7 +22,7 @@ GELU_SAVES_INPUT = True
 # LoRA's low-rank product added inside its second matmul (mx.addmm) rather than
 # by a separate pass over the layer's output
 LORA_ADDMM = True
-# A LoRA layer over a plain or dequantizing linear as one function (engine/lora_kernels.py:
+# A LoRA layer over a plain or dequantizing linear as one function (engine/lora_fused.py:
 # lora_linear) whose backward adds LoRA's input gradient inside the kernel that computes it, rather
 # than autodiff of the base and LoRA apart (two products and their sum): one (tokens x in) tensor
 # and one kernel fewer per layer's backward
