@@ -49,6 +49,36 @@ def count(outputs) -> Counter:
     return Counter(re.findall(r'label ="([^"]+)", shape=rectangle', buffer.getvalue()))
 
 
+def full_depth_model(template: str, quantize: int | None, width: int, checkpointing: bool, switches=()):
+    """FLUX.1's 19 + 38 blocks at a small width (bf16, random), quantized and with the template's LoRA
+    layers as the trainer makes them, and an AdamW for it: (transformer, optimizer). `switches`: "NAME=0|1"
+    texts for engine/flux/speed.py, set first."""
+    for text in switches:
+        name, _, value = text.partition("=")
+        setattr(speed, name, value == "1")
+    config = {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+              "num_attention_heads": width // 128, "joint_attention_dim": 64, "pooled_projection_dim": 32,
+              "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
+    transformer = FluxTransformer(config)
+    transformer.update(tree_map(lambda a: a.astype(mx.bfloat16), transformer.parameters()))
+    if quantize:
+        quantize_module(transformer, quantize)
+    apply_lora(transformer, lora_targets(load_template(template), 19, 38), key=mx.random.key(0))
+    transformer.gradient_checkpointing = checkpointing
+    optimizer = optim.AdamW(learning_rate=1e-4)
+    optimizer.init(transformer.trainable_parameters())
+    mx.eval(transformer.parameters(), optimizer.state)
+    return transformer, optimizer
+
+
+def step_arrays() -> tuple:
+    """One step's inputs for `full_depth_model`'s transformer: 64 image tokens, 32 text tokens."""
+    arrays = (mx.random.normal((1, 16, 64)), mx.random.normal((1, 16, 64)), mx.random.normal((1, 32, 64)),
+              mx.random.normal((1, 32)), mx.array([0.5]), mx.array([3.0]), latent_image_ids(8, 8), text_ids(32))
+    mx.eval(arrays)
+    return arrays
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--template", default="people")
@@ -57,22 +87,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256, help="heads x 128 (FLUX.1: 3072); counts do not depend on it")
     parser.add_argument("--switch", action="append", default=[], metavar="NAME=0|1")
     args = parser.parse_args()
-    for text in args.switch:
-        name, _, value = text.partition("=")
-        setattr(speed, name, value == "1")
-    config = {"num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-              "num_attention_heads": args.width // 128, "joint_attention_dim": 64, "pooled_projection_dim": 32,
-              "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
-    transformer = FluxTransformer(config)
-    transformer.update(tree_map(lambda a: a.astype(mx.bfloat16), transformer.parameters()))
-    if args.quantize:
-        quantize_module(transformer, args.quantize)
-    template = load_template(args.template)
-    apply_lora(transformer, lora_targets(template, 19, 38), key=mx.random.key(0))
-    transformer.gradient_checkpointing = args.checkpointing == "on"
-    optimizer = optim.AdamW(learning_rate=1e-4)
-    optimizer.init(transformer.trainable_parameters())
-    mx.eval(transformer.parameters(), optimizer.state)
+    transformer, optimizer = full_depth_model(args.template, args.quantize, args.width, args.checkpointing == "on",
+                                              args.switch)
 
     queued = []
     # nothing is evaluated: every queued array keeps its graph for the count
@@ -80,9 +96,7 @@ def main() -> None:
     blockwise_step.BoundedQueue.drain = lambda self: None
     mx.async_eval = lambda *arrays: queued.append(arrays)
     step = make_train_step(transformer, optimizer, mx.bfloat16, has_guidance=True, blockwise_depth=1)
-    arrays = (mx.random.normal((1, 16, 64)), mx.random.normal((1, 16, 64)), mx.random.normal((1, 32, 64)),
-              mx.random.normal((1, 32)), mx.array([0.5]), mx.array([3.0]), latent_image_ids(8, 8), text_ids(32))
-    mx.eval(arrays)
+    arrays = step_arrays()
     queued.append([step(*arrays)])
     leaves = [leaf for _, leaf in tree_flatten(queued) if isinstance(leaf, mx.array)]
     primitives = count(leaves)

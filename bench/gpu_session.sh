@@ -32,6 +32,7 @@
 #   s18c    run 18: people without our kernels (a user's short run) at depth 1 and bf16; their compile time ~4 min
 #   s18d    run 18: CUDA's new default (-1): first and next whole people runs; its step against bf16, A/B/A/B ~5 min
 #   s18e    s18d's first run and one A/B only                                                          ~2 min
+#   s20     run 20: the host's share (this commit against OLD_ROOT's, A/B/A/B), graphs cut by bytes, without graphs, RoPE's kernel ~4 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -84,7 +85,8 @@ PY
 env_rows() {
     local name=$1 limit=$2 vars=$3; shift 3
     local started=$SECONDS
-    OUT=$out env $vars timeout $limit python bench/bench_train.py "$@" >"$out/$name.log" 2>&1
+    # ROW_ROOT: another checkout's bench and engine (an A/B of two commits in one call)
+    (cd "${ROW_ROOT:-$root}" && OUT=$out env $vars timeout $limit python bench/bench_train.py "$@" >"$out/$name.log" 2>&1)
     echo "$name [$vars] rc=$? $((SECONDS - started)) s"
     grep -h -i "thrash" "$out/$name.log" | sort | uniq -c | head -3
     mv -f "$out/ours.json" "$out/ours_$name.json" 2>/dev/null && python - "$out/ours_$name.json" <<'PY' || tail -c 600 "$out/$name.log"
@@ -94,6 +96,20 @@ for r in json.load(open(sys.argv[1])):
           {k: r.get(k) for k in ("s_per_step_median", "s_per_step_min", "peak_gib", "estimate_gib", "losses_finite",
                                  "switches_set", "error")})
 PY
+}
+
+# the two rows of people's 1.5x target, and the switches a 750-step run takes (MLX's routes)
+PEOPLE4="--templates people --quantize 4 --checkpointing on --steps 10"
+PEOPLE_BF16="--templates people --quantize none --checkpointing off --steps 10"
+ROUTES_750="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
+
+# where one variant's step time goes (CUPTI): profile_rows NAME "VAR=VALUE ..." VARIANT (bench/profile_step.py
+# sets no CUDA-graph settings: give the trainer's by hand)
+profile_rows() {
+    local name=$1 vars=$2 variant=$3
+    OUT=$out env $vars timeout 100 python bench/profile_step.py --steps 4 --variants "$variant" >"$out/profile_$name.log" 2>&1
+    echo "profile $name rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step' "$out/profile_$name.log" | cut -c1-300
+    mv -f "$out/profile.json" "$out/profile_$name.json" 2>/dev/null
 }
 
 # a machine's first run (every kernel cache emptied first): cold_run NAME "VAR=VALUE ..." (timeout COLD_TIMEOUT)
@@ -446,14 +462,35 @@ s19)
     done
     # the graph settings the trainer sets at depth -1 (speed.configure_cuda_graphs), by hand: profile_step
     # does not set them
-    OUT=$out MLX_MAX_OPS_PER_BUFFER=5 MLX_CUDA_GRAPH_CACHE_SIZE=4096 timeout 100 python bench/profile_step.py \
-        --steps 4 --variants "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none" >"$out/profile_q4.log" 2>&1
-    echo "profile q4 rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step' "$out/profile_q4.log" | cut -c1-300
-    mv -f "$out/profile.json" "$out/profile_q4.json" 2>/dev/null
-    OUT=$out timeout 100 python bench/profile_step.py --steps 4 \
-        --variants "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0" >"$out/profile_bf16.log" 2>&1
-    echo "profile bf16 rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step' "$out/profile_bf16.log" | cut -c1-300
-    mv -f "$out/profile.json" "$out/profile_bf16.json" 2>/dev/null ;;
+    profile_rows q4 "MLX_MAX_OPS_PER_BUFFER=5 MLX_CUDA_GRAPH_CACHE_SIZE=4096" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
+    profile_rows bf16 "" "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0" ;;
+s20)
+    # run 20: the host's share of people's checkpointed 4-bit step (NOTES item 44). This commit (stage
+    # parameters gathered by parameter_tree, the update fed a flat list) against OLD_ROOT's commit, A/B/A/B;
+    # MLX's graph cut by bytes (MLX_MAX_MB_PER_BUFFER) and launching without graphs at depth -1; RoPE's
+    # kernel alone (its policy); bf16 references between. MLX's routes, as a 750-step run takes them
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    people4=$PEOPLE4 bf16=$PEOPLE_BF16 off=$ROUTES_750
+    env_rows q4_new_1 ${FIRST_ROW_TIMEOUT:-200} "" $people4 $off
+    env_rows bf16_1 80 "" $bf16 $off
+    for round in 1 2; do
+        [ -n "${OLD_ROOT:-}" ] && ROW_ROOT=$OLD_ROOT env_rows q4_old_$round 80 "" $people4 $off
+        env_rows q4_new_$((round + 1)) 80 "" $people4 $off
+    done
+    for ops in 30 10; do
+        for mb in 50 100 200; do
+            env_rows q4_ops${ops}_mb$mb 80 "MLX_MAX_OPS_PER_BUFFER=$ops MLX_MAX_MB_PER_BUFFER=$mb" $people4 $off
+        done
+    done
+    env_rows q4_ops5_mb50 80 "MLX_MAX_MB_PER_BUFFER=50" $people4 $off
+    env_rows bf16_2 80 "" $bf16 $off
+    env_rows q4_nographs_ops5 80 "MLX_USE_CUDA_GRAPHS=0" $people4 $off
+    env_rows q4_nographs_ops20 80 "MLX_USE_CUDA_GRAPHS=0 MLX_MAX_OPS_PER_BUFFER=20" $people4 $off
+    env_rows q4_rope_kernel 80 "" $people4 --switch LORA_KERNELS=0
+    env_rows bf16_rope_kernel 80 "" $bf16 --switch LORA_KERNELS=0
+    env_rows q4_new_4 80 "" $people4 $off
+    env_rows bf16_3 80 "" $bf16 $off
+    profile_rows q4 "MLX_MAX_OPS_PER_BUFFER=5 MLX_CUDA_GRAPH_CACHE_SIZE=4096" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none" ;;
 s19c)
     # run 19, after s19: with the copies, how far the host may run ahead at depth -1 (kernels a graph:
     # speed.CUDA_OPS_PER_GRAPH_UNBOUNDED), and depth 1, against bf16 in the same call

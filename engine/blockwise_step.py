@@ -35,7 +35,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from engine.flux import speed
 from engine.flux.bounded_queue import BoundedQueue
@@ -75,6 +75,43 @@ class _Stage:
             for path, module in self.holder.named_modules())
         arrays = tuple((name, tuple(a.shape), str(a.dtype)) for name, a in self.parameters())
         return self.run, settings, arrays, tuple(self.trainable())
+
+
+def parameter_tree(module: nn.Module) -> dict:
+    """`module.parameters()`, the same tree of the same arrays, gathered in a third of the time: a step
+    gathers every stage's parameters again each call (an update replaces the arrays), ~3 ms a full-depth
+    step through `parameters()` on a fast host, while the GPU, held to a few kernels ahead of it at
+    depth -1, waits (bench/NOTES.md item 44)."""
+    return {key: _parameter_value(value) for key, value in module.items()
+            if isinstance(value, (dict, list, mx.array)) and not key.startswith("_")}
+
+
+def _parameter_value(value):
+    if isinstance(value, mx.array):
+        return value
+    if isinstance(value, nn.Module):
+        return parameter_tree(value)
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    kept = {key: _parameter_value(item) if isinstance(item, (dict, list, mx.array)) else {} for key, item in items}
+    return kept if isinstance(value, dict) else list(kept.values())
+
+
+def _skeleton(tree):
+    """The nested dicts and lists of `tree`, its arrays left out (None): to rebuild it from its leaves."""
+    if isinstance(tree, dict):
+        return {key: _skeleton(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_skeleton(value) for value in tree]
+    return None
+
+
+def _rebuild(skeleton, leaves):
+    """`skeleton` (from `_skeleton`) with its None leaves taken in order from the iterator `leaves`."""
+    if isinstance(skeleton, dict):
+        return {key: _rebuild(value, leaves) for key, value in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [_rebuild(value, leaves) for value in skeleton]
+    return next(leaves)
 
 
 def _container(**modules: nn.Module) -> nn.Module:
@@ -223,9 +260,17 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     temb_grad = bool(trainable[0])  # only the embedders lie behind temb
     functions = _Functions(copies is not None)
     state = [transformer.state, optimizer.state]
+    # the update takes the gradients as a flat list in this order and rebuilds the optimizer's tree while
+    # it is traced: built each step with tree_map_with_path over trainable_parameters(), ~4 ms of host
+    # time at full depth while the GPU ran out of queued work (bench/NOTES.md item 44)
+    trained_tree = transformer.trainable_parameters()
+    trained_names = [name for name, _ in tree_flatten(trained_tree)]
+    trained_skeleton = _skeleton(trained_tree)
+    del trained_tree  # the skeleton keeps no arrays
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def update(grads):
+    def update(flat_grads):
+        grads = _rebuild(trained_skeleton, iter(flat_grads))
         if copies is not None:
             grads = float32_gradients(grads, transformer.trainable_parameters())
         optimizer.update(transformer, grads)
@@ -244,7 +289,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         queue = BoundedQueue(depth)
         rope = transformer.rope(img_ids, txt_ids)
         inputs = (latents, noise, sigma, hidden, pooled) + ((guidance,) if has_guidance else ())
-        params = [stage.holder.parameters() for stage in stages]
+        params = [parameter_tree(stage.holder) for stage in stages]
         saved = {}  # the input of every stage the backward recomputes (the checkpoints)
 
         # forward: the embedders, then each block; the head's forward runs inside its backward
@@ -305,7 +350,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
                 queue.push(list(vjps))
         if warming:  # the update last, on stand-ins, where this process runs it
             if grads and compile_only(functions.count):
-                update(tree_map_with_path(lambda path, _: _stand_in(grads[path]), transformer.trainable_parameters()))
+                update([_stand_in(grads[name]) for name in trained_names])
                 if copies is not None:
                     copies.mark_fresh()
                 queue.push([state])
@@ -313,7 +358,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             loss = mx.zeros((), mx.float32)
         else:
             if grads:
-                update(tree_map_with_path(lambda path, _: grads[path], transformer.trainable_parameters()))
+                update([grads[name] for name in trained_names])
                 if copies is not None:
                     copies.mark_fresh()
             queue.push([loss, state])  # the update is the last stage

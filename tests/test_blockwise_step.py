@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
@@ -203,3 +204,34 @@ def test_a_backward_split_at_its_recomputed_forward_trains_the_same_and_queues_i
     # (0), 19 joint blocks, the join (20), 38 single blocks (21-58) and the head (59)
     first_trained = {"people": 21 + 10, "style": 1 + 5}[layout]
     assert split - len(pushes) == 3 * (59 - first_trained)
+
+
+def _identities(tree):
+    return [(name, id(value)) for name, value in tree_flatten(tree)]
+
+
+def test_parameter_tree_is_the_modules_own_parameters():
+    # the step gathers every stage's parameters with it each call: same names, same arrays, same nesting
+    transformer = load_model("tiny", text_encoders=False).transformer
+    quantize_module(transformer, 4)
+    apply_lora(transformer, LAYOUTS["style"], key=mx.random.key(0))
+    for module in (transformer, transformer.transformer_blocks[5], transformer.single_transformer_blocks[20]):
+        assert _identities(blockwise_step.parameter_tree(module)) == _identities(module.parameters())
+    # the odd cases parameters() handles: private keys, plain dicts and lists, values that are not arrays
+    odd = nn.Module()
+    odd.kept = mx.zeros(2)
+    odd._private = mx.zeros(3)
+    odd.table = {"a": mx.ones(1), "b": [mx.ones(2), 7], "c": "text"}
+    odd.layers = [nn.Linear(2, 2), {"x": mx.ones(3)}]
+    odd.number = 3
+    assert blockwise_step.parameter_tree(odd).keys() == odd.parameters().keys()
+    assert _identities(blockwise_step.parameter_tree(odd)) == _identities(odd.parameters())
+    assert blockwise_step.parameter_tree(odd)["table"]["b"][1] == {} == odd.parameters()["table"]["b"][1]
+
+
+def test_the_update_rebuilds_the_gradients_tree_from_its_flat_list():
+    tree = {"a": [{}, {"w": mx.zeros(1), "v": mx.ones(2)}], "b": {"c": mx.full(3, 2.0)}}
+    leaves = [value for _, value in tree_flatten(tree)]
+    rebuilt = blockwise_step._rebuild(blockwise_step._skeleton(tree), iter(leaves))
+    assert _identities(rebuilt) == _identities(tree)
+    assert rebuilt["a"][0] == {}
