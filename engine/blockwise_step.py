@@ -222,9 +222,9 @@ class _Functions:
         return self._get(("forward", layout), lambda: partial(_forward, stage.holder, stage.run, self.copies))
 
     def backward(self, stage: _Stage, layout: tuple, carry_grads: int, temb_grad: bool):
-        trainable = tuple(stage.trainable())
+        # the trained names from the layout (its last part), not from the module tree on every call
         return self._get(("backward", layout, carry_grads, temb_grad),
-                         lambda: partial(_backward, stage.holder, stage.run, trainable, carry_grads, temb_grad,
+                         lambda: partial(_backward, stage.holder, stage.run, layout[-1], carry_grads, temb_grad,
                                          self.copies))
 
 
