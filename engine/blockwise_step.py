@@ -78,10 +78,11 @@ class _Stage:
 
 
 def parameter_tree(module: nn.Module) -> dict:
-    """`module.parameters()`, the same tree of the same arrays, gathered in a third of the time: a step
-    gathers every stage's parameters again each call (an update replaces the arrays), ~3 ms a full-depth
-    step through `parameters()` on a fast host, while the GPU, held to a few kernels ahead of it at
-    depth -1, waits (bench/NOTES.md item 44)."""
+    """`module.parameters()`, the same tree of the same arrays, without its filter machinery: a step
+    gathers every stage's parameters again each call (an update replaces the arrays), 2.1 ms a full-depth
+    step through `parameters()` against 1.3 ms this way (bench/probe_host_overhead.py's model, a 2-core
+    host), time in which the GPU, held to a few kernels ahead of the host at depth -1, may run dry
+    (bench/NOTES.md item 44)."""
     return {key: _parameter_value(value) for key, value in module.items()
             if isinstance(value, (dict, list, mx.array)) and not key.startswith("_")}
 
