@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from engine.errors import OutputError, UserError
 from engine.flux import speed
 from engine.flux.latents import latent_image_ids, latent_size, pack_latents, text_ids, unpack_latents
 from engine.flux.sampler import DEV_SCHEDULER, SCHNELL_SCHEDULER, euler_sample, sampling_sigmas
-from engine.paths import atomic_write, unwritable_reason
+from engine.paths import atomic_write, output_file, unwritable_reason
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +82,7 @@ def check_request(request: GenerationRequest, multiple: int = SIZE_MULTIPLE) -> 
 
 def check_output_file(path: str | Path) -> Path:
     """Raise an OutputError now, before minutes of sampling, if a PNG cannot be written at `path`."""
-    target = Path(path).expanduser()
-    if target.is_dir() or str(path).endswith(("/", os.sep)):
-        raise OutputError(f"{target} is a folder, not an image file", f"give a file name, e.g. {target / 'image.png'}")
+    target = output_file(path, "image.png", "image file")
     reason = unwritable_reason(target.parent)
     if reason:
         raise OutputError(f"cannot write {target} ({reason})", "choose a folder you can write to")

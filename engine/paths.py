@@ -102,6 +102,20 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def output_file(output: str | Path, example_name: str, what: str) -> Path:
+    """`output` (a command's -o) as the path of a file to write: an OutputError where it is empty or names a
+    folder, which would otherwise end in a puzzling OS error (writing onto "."), with `example_name` as the
+    file to suggest and `what` as what the file is ("LoRA file", "image file")."""
+    text = str(output)
+    if not text.strip():
+        raise OutputError("no output file given (-o is empty)", f"name the {what} to write, e.g. -o {example_name}")
+    path = Path(text).expanduser()
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise OutputError(f"{text} is a folder; -o names the {what} to write",
+                          f"name a file in it, e.g. -o {path / example_name}")
+    return path
+
+
 def unwritable_reason(folder: Path) -> str | None:
     """Why `folder` cannot be written to (it is created if missing, then probed), or None."""
     try:

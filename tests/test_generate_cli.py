@@ -117,17 +117,19 @@ def test_the_largest_seed_draws(tmp_path, capsys):
     assert code == 0 and (tmp_path / "x.png").is_file()
 
 
-@pytest.mark.parametrize("case", ["existing folder", "trailing slash", "parent is a file"])
+@pytest.mark.parametrize("case", ["existing folder", "trailing slash", "parent is a file", "empty"])
 def test_an_output_that_is_not_a_file_path_is_one_message(tmp_path, capsys, case):
     (tmp_path / "gen").mkdir()
     (tmp_path / "notes.txt").write_text("x")
     output = {"existing folder": str(tmp_path / "gen"), "trailing slash": str(tmp_path / "new") + "/",
-              "parent is a file": str(tmp_path / "notes.txt" / "x.png")}[case]
+              "parent is a file": str(tmp_path / "notes.txt" / "x.png"), "empty": " "}[case]
     code, stderr = generate_exit(tmp_path, capsys, output=output)
     assert code == 2
     assert_one_message(stderr, "-> ")
-    if case != "parent is a file":
+    if case in ("existing folder", "trailing slash"):
         assert "is a folder" in stderr and "image.png" in stderr
+    if case == "empty":
+        assert "-o is empty" in stderr and "-o image.png" in stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["gen", "notes.txt"]
 
 

@@ -204,6 +204,19 @@ def test_config_writers_leave_no_temporary_when_the_name_is_taken_by_a_folder(tm
 # ---------------------------------------------------------------- output folders
 
 
+def test_an_output_file_must_be_named_and_not_a_folder(tmp_path):
+    assert paths.output_file(tmp_path / "a.png", "image.png", "image file") == tmp_path / "a.png"
+    assert paths.output_file("~/x.safetensors", "lora.safetensors", "LoRA file") == Path.home() / "x.safetensors"
+    with pytest.raises(OutputError, match="-o is empty") as empty:
+        paths.output_file("  ", "image.png", "image file")
+    assert "name the image file to write, e.g. -o image.png" in str(empty.value.hint)
+    for folder in (tmp_path, f"{tmp_path / 'new'}/"):
+        with pytest.raises(OutputError, match="is a folder; -o names the LoRA file to write") as error:
+            paths.output_file(folder, "lora.safetensors", "LoRA file")
+        assert str(Path(folder) / "lora.safetensors") in str(error.value.hint)
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_file_in_the_way_of_the_output_folder_is_named(tmp_path):
     blocker = tmp_path / "photo.png"
     blocker.write_bytes(b"not a folder")
