@@ -62,10 +62,17 @@ def build_transformer(quantize: int | None, variant: str = "dev") -> FluxTransfo
 
 
 def clamp_targets(targets):
+    """The template's LoRA layers on the SMALL smoke model: each block index folded into its few blocks
+    (people's single blocks 10-38 onto 0-1), so every template keeps its layer types and ranks (dropping
+    the out-of-range blocks left people with nothing to train)."""
     if not SMALL:
         return targets
     limits = {"transformer_blocks": DEV_CONFIG["num_layers"], "single_transformer_blocks": DEV_CONFIG["num_single_layers"]}
-    return [(p, r) for p, r in targets if int(p.split(".")[1]) < limits[p.split(".")[0]]]
+    folded: dict[str, int] = {}
+    for path, rank in targets:
+        kind, block, layer = path.split(".", 2)
+        folded.setdefault(f"{kind}.{int(block) % limits[kind]}.{layer}", rank)
+    return list(folded.items())
 
 
 def estimate_gib(template_config, quantize, checkpointing, resolution):
