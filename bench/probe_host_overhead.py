@@ -6,7 +6,8 @@ so host work between queueing two stages that takes longer than that leaves the 
 
     python bench/probe_host_overhead.py --template people --quantize 4 [--steps 5]
 
-Prints one JSON line: seconds per step to build the graphs (median), and per stage queued."""
+Prints one JSON line: seconds per step to build the graphs (median), per stage queued, and each kind of
+stage function's call (forward or backward, by what it runs) in ms, the first call (tracing) left out."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402,F401  (preloads the BLAS before mlx)
 import mlx.core as mx  # noqa: E402
+
+from collections import defaultdict  # noqa: E402
 
 from bench.count_step_kernels import full_depth_model, step_arrays  # noqa: E402
 from engine import blockwise_step  # noqa: E402
@@ -44,6 +47,21 @@ def main() -> None:
 
     blockwise_step.BoundedQueue.push = push
     blockwise_step.BoundedQueue.drain = lambda self: None
+    calls = defaultdict(list)  # (direction, what the stage runs) -> seconds of each call after its first
+    get = blockwise_step._Functions._get
+
+    def timed_get(self, key, make):
+        function = get(self, key, make)
+        kind = f"{key[0]} {getattr(key[1][0], '__name__', key[1][0])}"
+
+        def timed(*arguments):
+            started = time.perf_counter()
+            out = function(*arguments)
+            calls[kind].append(time.perf_counter() - started)
+            return out
+        return timed
+
+    blockwise_step._Functions._get = timed_get
     step = make_train_step(transformer, optimizer, mx.bfloat16, has_guidance=True, blockwise_depth=1)
     arrays = step_arrays()
     builds = []
@@ -60,6 +78,8 @@ def main() -> None:
     print(json.dumps({"template": args.template, "quantize": args.quantize, "switches": args.switch,
                       "build_s_per_step": round(build, 5), "stage_pushes": pushes[0],
                       "build_ms_per_push": round(1e3 * build / max(pushes[0], 1), 3),
+                      "call_ms": {kind: round(1e3 * statistics.median(times[1:]), 3)
+                                  for kind, times in sorted(calls.items()) if len(times) > 1},
                       "device": str(mx.default_device())}))
 
 
