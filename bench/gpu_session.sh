@@ -33,7 +33,7 @@
 #   s18d    run 18: CUDA's new default (-1): first and next whole people runs; its step against bf16, A/B/A/B ~5 min
 #   s18e    s18d's first run and one A/B only                                                          ~2 min
 #   s20     run 20: the host's share (this commit against OLD_ROOT's, A/B/A/B), graphs cut by bytes, without graphs, RoPE's kernel ~4 min
-#   s21     run 21: 10 kernels or 40 MB a graph (with and without LoRA's compute copies) against the default and bf16, four rounds ~5 min
+#   s21     run 21: the default (10 kernels or 40 MB a graph; also with LoRA's compute copies) against 5 kernels, and bf16, four rounds ~5 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -493,18 +493,18 @@ s20)
     env_rows bf16_3 80 "" $bf16 $off
     profile_rows q4 "MLX_MAX_OPS_PER_BUFFER=5 MLX_CUDA_GRAPH_CACHE_SIZE=4096" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none" ;;
 s21)
-    # run 21: graphs cut at 10 kernels or 40 MB (NOTES item 45), also with LoRA's compute copies, against
-    # CUDA's default (5 kernels) and bf16, in four rounds: on run 20's machine the processes spread 40%,
-    # so rounds, not rows
+    # run 21: CUDA's graphs at depth -1 cut at 10 kernels or 40 MB (the default since run 20, NOTES item 45)
+    # against run 19's 5 kernels, also with LoRA's compute copies, and bf16, in four rounds: on run 20's
+    # machine the processes spread 40%, so rounds, not rows
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    five="MLX_MAX_OPS_PER_BUFFER=5 MLX_MAX_MB_PER_BUFFER=400"
     env_rows d_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
     for round in 1 2 3 4; do
         env_rows d_$round 80 "" $PEOPLE4 $ROUTES_750
-        env_rows o10m40_$round 80 "MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40" $PEOPLE4 $ROUTES_750
+        env_rows k5_$round 80 "$five" $PEOPLE4 $ROUTES_750
         # LoRA's compute copies (1260 operations fewer, item 42) where the graphs are cut by bytes, which
         # may keep the run-ahead's memory from growing as it did with 5-kernel graphs (+0.19 GiB)
-        env_rows o10m40_copies_$round 80 "MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40" $PEOPLE4 $ROUTES_750 \
-            --switch LORA_COMPUTE_COPIES=1
+        env_rows d_copies_$round 80 "" $PEOPLE4 $ROUTES_750 --switch LORA_COMPUTE_COPIES=1
         env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
     done ;;
 s19c)

@@ -72,11 +72,13 @@ CALIBRATION: dict[str, float] = {
     # 0.82 GiB a stage at 512x512; 4-bit depths 1 and 2 (H200) 1.07 and 1.04 GiB, of which the
     # dense copies 0.24 (one dequantize per layer, speed.BLOCKWISE_KEEPS_DENSE).
     "blockwise_stage_tensors": 93.0,
-    # the same step without a bound by stages (depth -1, CUDA's default) and 5 kernels a CUDA graph:
+    # the same step without a bound by stages (depth -1, CUDA's default) and small CUDA graphs:
     # what MLX's own bound on graphs in flight holds, in stages. 4-bit at 512 on an H100 (run 18):
     # people 7.64 / 7.71 GiB (our kernels / MLX's routes), pets 7.67, style 8.37, people's whole run
     # through the trainer 7.80. 1.3 over-estimates people and pets by 5-6%, the whole run by 4%, and
-    # style (joint blocks: more held than the stage volume says) by -1%; 1.0 would put style at -5%
+    # style (joint blocks: more held than the stage volume says) by -1%; 1.0 would put style at -5%.
+    # With 10 kernels or 40 MB a graph (CUDA's setting since run 20) people's step held 7.48-7.75 GiB
+    # and its whole run 7.61 (one H100): +5..+9% at 1.3, kept; pets and style not measured with it
     "blockwise_unbounded_stages": 1.3,
     "blockwise_stage_dense_share": 0.56,
 }

@@ -62,15 +62,22 @@ def test_small_cuda_graphs_are_set_for_one_stage_at_a_time_on_cuda_only_and_neve
     monkeypatch.setenv("MLX_MAX_OPS_PER_BUFFER", "40")  # the user's own setting stays
     assert speed.configure_cuda_graphs(one_stage_at_a_time=True) == {}
     assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "40"
-    # without a bound by stages (depth -1): small graphs and a graph cache that holds them, each where unset
-    monkeypatch.setenv("MLX_CUDA_GRAPH_CACHE_SIZE", "recorded")
-    monkeypatch.delenv("MLX_CUDA_GRAPH_CACHE_SIZE")
-    assert speed.configure_cuda_graphs(unbounded=True) == {"MLX_CUDA_GRAPH_CACHE_SIZE": str(speed.CUDA_GRAPH_CACHE_UNBOUNDED)}
-    monkeypatch.delenv("MLX_MAX_OPS_PER_BUFFER")
-    monkeypatch.delenv("MLX_CUDA_GRAPH_CACHE_SIZE")
+    # without a bound by stages (depth -1): small graphs cut by kernels and by bytes, and a graph cache that
+    # holds them, each where unset
+    for name in ("MLX_CUDA_GRAPH_CACHE_SIZE", "MLX_MAX_MB_PER_BUFFER"):
+        monkeypatch.setenv(name, "recorded")
+        monkeypatch.delenv(name)
+    assert speed.configure_cuda_graphs(unbounded=True) == {
+        "MLX_MAX_MB_PER_BUFFER": str(speed.CUDA_MB_PER_GRAPH_UNBOUNDED),
+        "MLX_CUDA_GRAPH_CACHE_SIZE": str(speed.CUDA_GRAPH_CACHE_UNBOUNDED)}
+    assert os.environ["MLX_MAX_OPS_PER_BUFFER"] == "40"
+    for name in ("MLX_MAX_OPS_PER_BUFFER", "MLX_CUDA_GRAPH_CACHE_SIZE", "MLX_MAX_MB_PER_BUFFER"):
+        monkeypatch.delenv(name)
     assert speed.configure_cuda_graphs(unbounded=True) == {
         "MLX_MAX_OPS_PER_BUFFER": str(speed.CUDA_OPS_PER_GRAPH_UNBOUNDED),
+        "MLX_MAX_MB_PER_BUFFER": str(speed.CUDA_MB_PER_GRAPH_UNBOUNDED),
         "MLX_CUDA_GRAPH_CACHE_SIZE": str(speed.CUDA_GRAPH_CACHE_UNBOUNDED)}
+    assert int(os.environ["MLX_MAX_OPS_PER_BUFFER"]) < 20  # still small graphs: MLX's own size held 24.5 GiB
 
 
 def test_the_depth_from_the_environment_takes_whole_numbers_and_warns_otherwise(monkeypatch):

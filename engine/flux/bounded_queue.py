@@ -18,7 +18,8 @@ import mlx.core as mx
 
 # a depth for "no bound by pieces": the host never waits between pieces. On CUDA, MLX then holds it
 # back by itself once ~10 CUDA graphs are in flight, so with small graphs (engine/flux/speed.py:
-# CUDA_OPS_PER_GRAPH_UNBOUNDED) only the buffers of a few dozen kernels are held (bench/NOTES.md item 40)
+# CUDA_OPS_PER_GRAPH_UNBOUNDED, CUDA_MB_PER_GRAPH_UNBOUNDED) only the buffers of a few dozen kernels
+# are held (bench/NOTES.md items 40, 45)
 UNBOUNDED = -1
 
 

@@ -121,8 +121,16 @@ CUDA_OPS_PER_GRAPH_ONE_STAGE = 5
 # Where that step never waits between stages (depth -1), also small graphs: MLX holds the host back
 # once ~10 graphs are in flight, so their size bounds how far it runs ahead. People 4-bit
 # checkpointed on an H100: 5 a graph 0.150 s at 8.17 GiB, 10 a graph 0.158 s at 8.93, MLX's own
-# size 0.125 s at 24.5 GiB (item 40); MLX's graph cache then holds 4096 graphs, not 100
-CUDA_OPS_PER_GRAPH_UNBOUNDED = 5
+# size 0.125 s at 24.5 GiB (item 40); MLX's graph cache then holds 4096 graphs, not 100.
+# MLX also cuts a graph once its kernels' inputs pass MLX_MAX_MB_PER_BUFFER MB: 10 kernels or 40 MB
+# a graph keeps the graphs short where the arrays are large (a dequantized weight, an activation) and
+# longer over runs of small kernels (LoRA's, the optimizer's), so the host builds and launches fewer.
+# People 4-bit checkpointed, one H100 (run 20, item 45): 0.1525 s (median of nine processes at 40-50
+# MB) against 0.170 s (seventeen at 5 kernels), the step's peak 7.48-7.75 against 7.57-7.71 GiB, the
+# trainer's whole run 7.61 GiB; that machine's processes spread 40%, so a quiet one should confirm it
+# (gpu_session.sh s21)
+CUDA_OPS_PER_GRAPH_UNBOUNDED = 10
+CUDA_MB_PER_GRAPH_UNBOUNDED = 40
 CUDA_GRAPH_CACHE_UNBOUNDED = 4096
 
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper()}
@@ -139,7 +147,7 @@ def on_cuda() -> bool:
 
 def configure_cuda_graphs(one_stage_at_a_time: bool = False, unbounded: bool = False) -> dict[str, str]:
     """On CUDA, for a step run one stage at a time or without a bound by stages (depth -1), MLX's
-    kernels per CUDA graph and graph cache (above), each where the environment does not set it
+    kernels (and, at -1, MB) per CUDA graph and graph cache (above), each where the environment does not set it
     already; returns what it set. MLX reads them once, at its first kernel launch, so this must come
     before the first kernel runs (the trainer calls it before it loads the model); later calls change
     nothing. Elsewhere nothing is set: Metal reads MLX_MAX_OPS_PER_BUFFER too, for its command
@@ -148,6 +156,7 @@ def configure_cuda_graphs(one_stage_at_a_time: bool = False, unbounded: bool = F
         return {}
     wanted = ({"MLX_MAX_OPS_PER_BUFFER": str(CUDA_OPS_PER_GRAPH_ONE_STAGE)} if one_stage_at_a_time else
               {"MLX_MAX_OPS_PER_BUFFER": str(CUDA_OPS_PER_GRAPH_UNBOUNDED),
+               "MLX_MAX_MB_PER_BUFFER": str(CUDA_MB_PER_GRAPH_UNBOUNDED),
                "MLX_CUDA_GRAPH_CACHE_SIZE": str(CUDA_GRAPH_CACHE_UNBOUNDED)})
     chosen = {name: value for name, value in wanted.items() if name not in os.environ}
     os.environ.update(chosen)
