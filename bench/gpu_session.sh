@@ -33,7 +33,7 @@
 #   s18d    run 18: CUDA's new default (-1): first and next whole people runs; its step against bf16, A/B/A/B ~5 min
 #   s18e    s18d's first run and one A/B only                                                          ~2 min
 #   s20     run 20: the host's share (this commit against OLD_ROOT's, A/B/A/B), graphs cut by bytes, without graphs, RoPE's kernel ~4 min
-#   s21     run 21: the default (10 kernels or 40 MB a graph; also with LoRA's compute copies) against 5 kernels, and bf16, four rounds ~5 min
+#   s21     run 21: the default (10 kernels or 40 MB a graph; also with LoRA's compute copies, and on 4 cores) against 5 kernels, and bf16, four rounds ~6 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -86,8 +86,10 @@ PY
 env_rows() {
     local name=$1 limit=$2 vars=$3; shift 3
     local started=$SECONDS
-    # ROW_ROOT: another checkout's bench and engine (an A/B of two commits in one call)
-    (cd "${ROW_ROOT:-$root}" && OUT=$out env $vars timeout $limit python bench/bench_train.py "$@" >"$out/$name.log" 2>&1)
+    # ROW_ROOT: another checkout's bench and engine (an A/B of two commits in one call); ROW_PREFIX: a
+    # command the row runs under (taskset -c 0-3)
+    (cd "${ROW_ROOT:-$root}" && OUT=$out env $vars ${ROW_PREFIX:-} timeout $limit python bench/bench_train.py "$@" \
+        >"$out/$name.log" 2>&1)
     echo "$name [$vars] rc=$? $((SECONDS - started)) s"
     grep -h -i "thrash" "$out/$name.log" | sort | uniq -c | head -3
     mv -f "$out/ours.json" "$out/ours_$name.json" 2>/dev/null && python - "$out/ours_$name.json" <<'PY' || tail -c 600 "$out/$name.log"
@@ -505,6 +507,8 @@ s21)
         # LoRA's compute copies (1260 operations fewer, item 42) where the graphs are cut by bytes, which
         # may keep the run-ahead's memory from growing as it did with 5-kernel graphs (+0.19 GiB)
         env_rows d_copies_$round 80 "" $PEOPLE4 $ROUTES_750 --switch LORA_COMPUTE_COPIES=1
+        # the process on four cores: is run 20's spread between processes where the host's threads land?
+        ROW_PREFIX="taskset -c 0-3" env_rows d_pinned_$round 80 "" $PEOPLE4 $ROUTES_750
         env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
     done ;;
 s19c)
