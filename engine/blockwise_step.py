@@ -35,7 +35,7 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from engine.flux import speed
 from engine.flux.bounded_queue import BoundedQueue
@@ -95,24 +95,6 @@ def _parameter_value(value):
     items = value.items() if isinstance(value, dict) else enumerate(value)
     kept = {key: _parameter_value(item) if isinstance(item, (dict, list, mx.array)) else {} for key, item in items}
     return kept if isinstance(value, dict) else list(kept.values())
-
-
-def _skeleton(tree):
-    """The nested dicts and lists of `tree`, its arrays left out (None): to rebuild it from its leaves."""
-    if isinstance(tree, dict):
-        return {key: _skeleton(value) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_skeleton(value) for value in tree]
-    return None
-
-
-def _rebuild(skeleton, leaves):
-    """`skeleton` (from `_skeleton`) with its None leaves taken in order from the iterator `leaves`."""
-    if isinstance(skeleton, dict):
-        return {key: _rebuild(value, leaves) for key, value in skeleton.items()}
-    if isinstance(skeleton, list):
-        return [_rebuild(value, leaves) for value in skeleton]
-    return next(leaves)
 
 
 def _container(**modules: nn.Module) -> nn.Module:
@@ -266,12 +248,13 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     # time at full depth while the GPU ran out of queued work (bench/NOTES.md item 44)
     trained_tree = transformer.trainable_parameters()
     trained_names = [name for name, _ in tree_flatten(trained_tree)]
-    trained_skeleton = _skeleton(trained_tree)
-    del trained_tree  # the skeleton keeps no arrays
+    trained_skeleton = tree_map(lambda _: None, trained_tree)  # the tree's shape, no arrays kept
+    del trained_tree
 
     @partial(mx.compile, inputs=state, outputs=state)
     def update(flat_grads):
-        grads = _rebuild(trained_skeleton, iter(flat_grads))
+        leaves = iter(flat_grads)  # in tree_flatten's order, which tree_map walks too
+        grads = tree_map(lambda _: next(leaves), trained_skeleton)
         if copies is not None:
             grads = float32_gradients(grads, transformer.trainable_parameters())
         optimizer.update(transformer, grads)

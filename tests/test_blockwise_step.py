@@ -228,10 +228,3 @@ def test_parameter_tree_is_the_modules_own_parameters():
     assert _identities(blockwise_step.parameter_tree(odd)) == _identities(odd.parameters())
     assert blockwise_step.parameter_tree(odd)["table"]["b"][1] == {} == odd.parameters()["table"]["b"][1]
 
-
-def test_the_update_rebuilds_the_gradients_tree_from_its_flat_list():
-    tree = {"a": [{}, {"w": mx.zeros(1), "v": mx.ones(2)}], "b": {"c": mx.full(3, 2.0)}}
-    leaves = [value for _, value in tree_flatten(tree)]
-    rebuilt = blockwise_step._rebuild(blockwise_step._skeleton(tree), iter(leaves))
-    assert _identities(rebuilt) == _identities(tree)
-    assert rebuilt["a"][0] == {}
