@@ -148,9 +148,9 @@ def on_cuda() -> bool:
 def configure_cuda_graphs(one_stage_at_a_time: bool = False, unbounded: bool = False) -> dict[str, str]:
     """On CUDA, for a step run one stage at a time or without a bound by stages (depth -1), MLX's
     kernels (and, at -1, MB) per CUDA graph and graph cache (above), each where the environment does
-    not set it already; returns what it set. MLX reads them once, at its first kernel launch, so this must come
-    before the first kernel runs (the trainer calls it before it loads the model); later calls change
-    nothing. Elsewhere nothing is set: Metal reads MLX_MAX_OPS_PER_BUFFER too, for its command
+    not set it already; returns what it set. MLX reads them once, at its first kernel launch, so this
+    must come before the first kernel runs (the trainer calls it before it loads the model); later
+    calls change nothing. Elsewhere nothing is set: Metal reads MLX_MAX_OPS_PER_BUFFER too, for its command
     buffers, with other numbers."""
     if not ((one_stage_at_a_time or unbounded) and on_cuda()):
         return {}
