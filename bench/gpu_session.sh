@@ -33,7 +33,8 @@
 #   s18d    run 18: CUDA's new default (-1): first and next whole people runs; its step against bf16, A/B/A/B ~5 min
 #   s18e    s18d's first run and one A/B only                                                          ~2 min
 #   s20     run 20: the host's share (this commit against OLD_ROOT's, A/B/A/B), graphs cut by bytes, without graphs, RoPE's kernel ~4 min
-#   s21     run 21: the default (10 kernels or 40 MB a graph; also with LoRA's compute copies, and on 4 cores) against 5 kernels, and bf16, four rounds ~6 min
+#   s21     run 21: the default (10 kernels or 40 MB a graph; also with LoRA's compute copies, and on 4 cores) against 5 kernels, and bf16, ROUNDS rounds (4) ~6 min
+#   s21r    run 21: results.json's 4-bit rows (every template, checkpointed and not) and mflux's 4-bit step, same call ~7 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -501,7 +502,7 @@ s21)
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
     five="MLX_MAX_OPS_PER_BUFFER=5 MLX_MAX_MB_PER_BUFFER=400"
     env_rows d_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
-    for round in 1 2 3 4; do
+    for round in $(seq 1 ${ROUNDS:-4}); do
         env_rows d_$round 80 "" $PEOPLE4 $ROUTES_750
         env_rows k5_$round 80 "$five" $PEOPLE4 $ROUTES_750
         # LoRA's compute copies (1260 operations fewer, item 42) where the graphs are cut by bytes, which
@@ -510,6 +511,21 @@ s21)
         # the process on four cores: is run 20's spread between processes where the host's threads land?
         ROW_PREFIX="taskset -c 0-3" env_rows d_pinned_$round 80 "" $PEOPLE4 $ROUTES_750
         env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
+    done ;;
+s21r)
+    # run 21, after s21: results.json's 4-bit rows on the code as it is (CUDA's default depth and graphs),
+    # every template checkpointed and not, each in its own process, and mflux's 4-bit step in the same
+    # call (the 8x and 1/3-peak targets, same run). Needs the peer scripts in .peers (../shared/bench)
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    limit=${FIRST_ROW_TIMEOUT:-200}
+    for template in people pets style; do
+        for c in on off; do
+            env_rows q4_${template}_ckpt_$c $limit "" --templates $template --quantize 4 --checkpointing $c --steps 8
+            limit=90
+        done
+    done
+    for template in people_r8 pets_r4 style_r16; do  # the peer script's names
+        (cd .peers && OUT=$out QUANTS=4 timeout 120 python peer_mflux_step.py $template 2>&1 | tail -2 | cut -c1-400)
     done ;;
 s19c)
     # run 19, after s19: with the copies, how far the host may run ahead at depth -1 (kernels a graph:

@@ -78,7 +78,8 @@ ROW_NOTES = {
        for template in ("pets", "people", "style") for quantize in (None, 4, 8)},
 }
 # the block-by-block step's depth (engine/flux/speed.py: BLOCKWISE_DEPTH) where a run's rows did not set it:
-# 2 in run 13, 1 until run 18 made CUDA's -1 (run 18's rows all name theirs)
+# 2 in run 13, 1 until run 18 made CUDA's -1 (run 18's rows all name theirs; later rows that name none
+# ran at CUDA's default)
 DEPTH_AT_RUN = {"run13": 2, "run13_h100": 2}
 DEPTH_BEFORE_RUN18 = 1
 
@@ -104,7 +105,16 @@ def current_estimate(template: str, quantize, checkpointing: bool, depth: int | 
 
 def row_depth(row: dict) -> int | None:
     depth = (row.get("switches_set") or {}).get("BLOCKWISE_DEPTH")
-    return DEPTH_AT_RUN.get(row["source"], DEPTH_BEFORE_RUN18) if depth is None else depth
+    if depth is not None:
+        return depth
+    if row["source"] in DEPTH_AT_RUN:
+        return DEPTH_AT_RUN[row["source"]]
+    number = int("".join(ch for ch in row["source"].split("_")[0] if ch.isdigit()) or 0)
+    if number < 18:
+        return DEPTH_BEFORE_RUN18
+    from engine.flux import speed
+
+    return speed.BLOCKWISE_DEPTH_ON_CUDA  # from run 18 on, a row that names no depth ran at CUDA's default
 
 
 def main() -> None:
