@@ -109,8 +109,7 @@ def row_depth(row: dict) -> int | None:
         return depth
     if row["source"] in DEPTH_AT_RUN:
         return DEPTH_AT_RUN[row["source"]]
-    number = int("".join(ch for ch in row["source"].split("_")[0] if ch.isdigit()) or 0)
-    if number < 18:
+    if int(row["source"].split("_")[0].removeprefix("run")) < 18:  # run13_h100 -> 13
         return DEPTH_BEFORE_RUN18
     from engine.flux import speed
 
