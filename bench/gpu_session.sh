@@ -43,6 +43,7 @@
 #   verify2 full-size style checkpointed with every kernel; are our kernels cached?    ~5 min
 # Then, here: the flat ours_*/peer_*/ttfs*.json files and a run.json (card, date) in bench/raw/runN/, and
 # python bench/make_results.py --run runN --fallback-runs run12 run11 run9 run2 run1
+# Rounds (s21 and the like): python bench/read_rounds.py bench/raw/runN/PART --against bf16 (medians and floors)
 set -u
 part=${1:?"which part: check, bf16, q4, ttfs, ttfs2, q8, verify, verify2, style8 or style"}
 out=${OUT:-/tmp/bench_out}/$part

@@ -128,7 +128,7 @@ CUDA_OPS_PER_GRAPH_ONE_STAGE = 5
 # People 4-bit checkpointed, one H100 (run 20, item 45): 0.1525 s (median of nine processes at 40-50
 # MB) against 0.170 s (seventeen at 5 kernels), the step's peak 7.48-7.75 against 7.57-7.71 GiB, the
 # trainer's whole run 7.61 GiB. Run 21 (another H100, four rounds in one call, item 48): 0.170 against
-# 0.181 s by medians, faster in three rounds of four, the same memory; at the floor both ~0.14 s
+# 0.181 s by medians, faster in three rounds of four, floors 0.141 against 0.149 s, the same memory
 CUDA_OPS_PER_GRAPH_UNBOUNDED = 10
 CUDA_MB_PER_GRAPH_UNBOUNDED = 40
 CUDA_GRAPH_CACHE_UNBOUNDED = 4096
