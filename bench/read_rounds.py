@@ -55,6 +55,9 @@ def summary(groups: dict[str, dict[int, dict]], against: str | None) -> list[dic
     reference = groups.get(against) if against else None
     if against and reference is None:
         raise SystemExit(f"no rows named ours_{against}_N.json in that folder; groups: {', '.join(sorted(groups))}")
+    if reference:
+        ref_median = statistics.median(r["median"] for r in reference.values())
+        ref_floor = min(r["floor"] for r in reference.values())
     for name, rounds in sorted(groups.items()):
         medians = [rounds[n]["median"] for n in sorted(rounds)]
         peaks = [rounds[n]["peak_gib"] for n in sorted(rounds) if rounds[n]["peak_gib"] is not None]
@@ -63,8 +66,6 @@ def summary(groups: dict[str, dict[int, dict]], against: str | None) -> list[dic
                 "floor": round(min(r["floor"] for r in rounds.values()), 4),
                 "peak_gib": [min(peaks), max(peaks)] if peaks else None}
         if reference and name != against:
-            ref_median = statistics.median(r["median"] for r in reference.values())
-            ref_floor = min(r["floor"] for r in reference.values())
             line["ratio_by_medians"] = round(line["median"] / ref_median, 3)
             line["ratio_by_floors"] = round(line["floor"] / ref_floor, 3)
             line["ratio_by_round"] = {n: round(rounds[n]["median"] / reference[n]["median"], 3)

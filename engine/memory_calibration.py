@@ -78,7 +78,8 @@ CALIBRATION: dict[str, float] = {
     # through the trainer 7.80. 1.3 over-estimates people and pets by 5-6%, the whole run by 4%, and
     # style (joint blocks: more held than the stage volume says) by -1%; 1.0 would put style at -5%.
     # With 10 kernels or 40 MB a graph (CUDA's setting since run 20) people's step held 7.48-7.75 GiB
-    # and its whole run 7.61 (one H100): +5..+9% at 1.3, kept; pets and style not measured with it
+    # and its whole run 7.61 (one H100): +5..+9% at 1.3, kept. Run 21 (H100), the steps with it: people
+    # 7.53-7.81 (+4..+8%), pets 7.84 (+4.1%), style 8.10 GiB (+2.2%)
     "blockwise_unbounded_stages": 1.3,
     "blockwise_stage_dense_share": 0.56,
 }

@@ -227,4 +227,3 @@ def test_parameter_tree_is_the_modules_own_parameters():
     assert blockwise_step.parameter_tree(odd).keys() == odd.parameters().keys()
     assert _identities(blockwise_step.parameter_tree(odd)) == _identities(odd.parameters())
     assert blockwise_step.parameter_tree(odd)["table"]["b"][1] == {} == odd.parameters()["table"]["b"][1]
-
