@@ -37,15 +37,22 @@ def rope_inverse_frequencies(axes_dims: list[int], theta: float = 10000.0) -> tu
 
 
 class Rotation(NamedTuple):
-    """The rotation of every (token, pair) as `rope_rotation` builds it, shaped (B or 1, L, 1, head_dim/2)."""
+    """The rotation of every (token, pair) as `rope_rotation` builds it. cos and sin are shaped
+    (B or 1, L, 1, head_dim/2); the other four (B or 1, L, 1, head_dim/2, 2) hold what an even or
+    an odd element of a pair contributes to the rotated pair (even, odd): `by_even` = (cos, sin),
+    `by_odd` = (-sin, cos), and the same for the opposite rotation (the vjp's), `back_by_even` =
+    (cos, -sin), `back_by_odd` = (sin, cos). All float32."""
 
-    cos: mx.array  # float32
-    sin: mx.array  # float32
-    complex: mx.array  # cos + i sin, complex64 (the path without the CUDA kernel)
+    cos: mx.array
+    sin: mx.array
+    by_even: mx.array
+    by_odd: mx.array
+    back_by_even: mx.array
+    back_by_odd: mx.array
 
 
 def rope_rotation(ids: mx.array, inverse_frequencies: mx.array, axis_of_pair: mx.array) -> Rotation:
-    """exp(i * angle) of every rotated pair, broadcastable against (B, L, heads, head_dim/2).
+    """The rotation of every rotated pair, broadcastable against (B, L, heads, head_dim/2).
 
     `ids` is (L, 3) or (B, L, 3). Built once per transformer call for all blocks.
     """
@@ -54,7 +61,8 @@ def rope_rotation(ids: mx.array, inverse_frequencies: mx.array, axis_of_pair: mx
     positions = mx.take(ids.astype(mx.float32), axis_of_pair, axis=-1)
     angles = (positions * inverse_frequencies)[:, :, None]
     cos, sin = mx.cos(angles), mx.sin(angles)
-    return Rotation(cos, sin, cos + 1j * sin)
+    return Rotation(cos, sin, mx.stack([cos, sin], axis=-1), mx.stack([-sin, cos], axis=-1),
+                    mx.stack([cos, -sin], axis=-1), mx.stack([sin, cos], axis=-1))
 
 
 # One thread per rotated pair of x (B, L, H, D), read and written in x's dtype, rotated in float32;
@@ -108,33 +116,43 @@ def _rope_with_kernel_vjp(primals, cotangent, output):
     return _rope_cuda(cotangent.astype(output.dtype), cos, sin, True), mx.zeros_like(cos), mx.zeros_like(sin)
 
 
-def _rotate_float32(x: mx.array, rotation: mx.array) -> mx.array:
-    # Each adjacent float32 pair read as one complex number: a single complex
-    # multiply, about 3x faster on CUDA than gathering even and odd elements.
-    return mx.view(mx.view(x.astype(mx.float32), mx.complex64) * rotation, mx.float32).astype(x.dtype)
+def _turn_pairs(x: mx.array, by_even: mx.array, by_odd: mx.array) -> mx.array:
+    # The even and odd elements are strided views of x (no copy), each broadcast over its pair, so
+    # inside a compiled step the casts, the four products and the sum are one elementwise kernel that
+    # reads x and writes the result once, in x's dtype, with the arithmetic in float32 (as diffusers).
+    # The route before it (x copied to float32, viewed as complex64, multiplied, copied back) took
+    # three kernels and two float32 copies of x; the values are the same (tests/test_rope.py).
+    even, odd = x[..., 0::2, None], x[..., 1::2, None]
+    turned = even.astype(mx.float32) * by_even + odd.astype(mx.float32) * by_odd
+    return turned.astype(x.dtype).reshape(x.shape)
 
 
 @mx.custom_function
-def _rotate_pairs(x: mx.array, rotation: mx.array) -> mx.array:
+def _rotate_pairs(x: mx.array, by_even: mx.array, by_odd: mx.array, back_by_even: mx.array,
+                  back_by_odd: mx.array) -> mx.array:
     # x in its own dtype: training keeps it (for the vjp), never a float32 copy of it
-    return _rotate_float32(x, rotation)
+    return _turn_pairs(x, by_even, by_odd)
 
 
 @_rotate_pairs.vjp
 def _rotate_pairs_vjp(primals, cotangent, output):
-    # mx.view has no autodiff; a rotation's transpose is the opposite rotation.
-    # The rotation comes from position ids, so it never needs a gradient.
-    _, rotation = primals
-    return _rotate_float32(cotangent.astype(output.dtype), mx.conj(rotation)), mx.zeros_like(rotation)
+    # a rotation's transpose is the opposite rotation (autodiff of the strided views would scatter
+    # into zeros); the angles come from position ids and never need a gradient
+    _, *tables = primals
+    back_by_even, back_by_odd = tables[2:]
+    turned = _turn_pairs(cotangent.astype(output.dtype), back_by_even, back_by_odd)
+    return (turned, *(mx.zeros_like(table) for table in tables))
 
 
 def apply_rope(x: mx.array, rotation: Rotation) -> mx.array:
     """Rotate adjacent pairs (x[2i], x[2i+1]) of the last axis of x (B, L, H, D) by `rotation`
-    (from `rope_rotation`), in float32 like diffusers; returns x's dtype. On CUDA, for bf16/fp16,
-    one kernel reads and writes x once (the float32 route copies it there and back)."""
+    (from `rope_rotation`), in float32 like diffusers; returns x's dtype. Either route is one kernel
+    that reads and writes x once inside a compiled step: on CUDA, for bf16/fp16 with ROPE_KERNEL,
+    ours (compiled afresh by each process); elsewhere, or without it, the elementwise one MLX fuses
+    from `_turn_pairs` (kept in MLX's kernel cache on disk)."""
     if speed.ROPE_KERNEL and speed.on_cuda() and x.dtype in (mx.bfloat16, mx.float16) and x.shape[-1] % 2 == 0:
         batch, length = x.shape[:2]
         cos, sin = (a.reshape(a.shape[0], length, -1) for a in (rotation.cos, rotation.sin))
         if cos.shape[0] in (1, batch):
             return _rope_with_kernel(x, cos, sin)
-    return _rotate_pairs(x, rotation.complex)
+    return _rotate_pairs(x, *rotation[2:])
