@@ -138,7 +138,7 @@ class LoRALinear(nn.Module):
             if _use_compute_copies and "compute_A" in self and self["compute_A"].dtype == x.dtype:
                 return lora_linear_from_copies(quantized, bias is not None, self.scale)(
                     x, self.lora_A, self.lora_B, self["compute_A"], self["compute_B"], *weight, *extra)
-            return lora_linear(quantized, bias is not None)(x, self.lora_A, self.lora_B * self.scale, *weight, *extra)
+            return lora_linear(quantized, bias is not None, self.scale)(x, self.lora_A, self.lora_B, *weight, *extra)
         y = self.base(x)
         if y.dtype == x.dtype and kernels_apply(x.dtype, x.shape[-1], self.rank):
             return lora_update(y, x, self.lora_A, self.lora_B * self.scale)

@@ -44,27 +44,38 @@ def _lora_linear_pieces(quantized: tuple | None, with_bias: bool):
 
 
 @cache
-def lora_linear(quantized: tuple | None, with_bias: bool):
-    """A frozen linear and its LoRA as one function: x @ W.T (+ bias) + (x @ A.T) @ B_scaled.T, called
-    as f(x, lora_A, lora_B_scaled, *weight, *bias). `weight` is the dense W, or, when `quantized` is
-    (group_size, bits, mode), the packed (wq, scales, biases), dequantized in the forward and again
-    in the backward (as engine/flux/quantized.py's dequantized_matmul does).
+def lora_linear(quantized: tuple | None, with_bias: bool, scale: float = 1.0):
+    """A frozen linear and its LoRA as one function: x @ W.T (+ bias) + scale * (x @ A.T) @ B.T, called
+    as f(x, lora_A, lora_B, *weight, *bias) with A and B the float32 masters. `weight` is the dense W,
+    or, when `quantized` is (group_size, bits, mode), the packed (wq, scales, biases), dequantized in the
+    forward and again in the backward (as engine/flux/quantized.py's dequantized_matmul does).
 
     Autodiff of the base and lora_update apart computes the input's gradient as two products and
     their sum; here LoRA's product is added inside the kernel that computes it, so a layer's backward
     holds one (tokens x in) tensor fewer (5 for a single block's proj_out) and runs one kernel fewer.
-    Nor is the base's output kept for the backward, which never reads it."""
+    Nor is the base's output kept for the backward, which never reads it.
+
+    The scale is a constant of the function, applied inside it: B's scaling joins its cast to x's
+    dtype in one kernel, and B's gradient is scaled inside the kernel that casts it to float32. Scaled
+    outside (a primal B * scale), each was a kernel of its own, in every forward (the product is an
+    input of the custom function, so MLX keeps it) and in every backward (the chain rule's multiply):
+    420 of a checkpointed people 4-bit step's kernels (6585 left, counted on CPU), most of them a
+    multiply by 1.0 (bench/NOTES.md item 49). The values are the same to the bit."""
     compute, gradients = _lora_linear_pieces(quantized, with_bias)
 
+    def scaled(lora_B):
+        return lora_B if scale == 1.0 else lora_B * scale
+
     @mx.custom_function
-    def forward(x, lora_A, lora_B_scaled, *arrays):
-        return compute(x, lora_A, lora_B_scaled, arrays)
+    def forward(x, lora_A, lora_B, *arrays):
+        return compute(x, lora_A, scaled(lora_B), arrays)
 
     @forward.vjp
     def backward(primals, cotangent, output):
-        x, lora_A, lora_B_scaled, *arrays = primals
+        x, lora_A, lora_B, *arrays = primals
+        grads = gradients(x, cotangent, lora_A, scaled(lora_B), arrays, scale_of_B=scale)
         # the frozen base gets no gradient; zeros are never evaluated
-        return (*gradients(x, cotangent, lora_A, lora_B_scaled, arrays), *(mx.zeros_like(a) for a in arrays))
+        return (*grads, *(mx.zeros_like(a) for a in arrays))
 
     return forward
 
