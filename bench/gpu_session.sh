@@ -35,6 +35,8 @@
 #   s20     run 20: the host's share (this commit against OLD_ROOT's, A/B/A/B), graphs cut by bytes, without graphs, RoPE's kernel ~4 min
 #   s21     run 21: the default (10 kernels or 40 MB a graph; also with LoRA's compute copies, and on 4 cores) against 5 kernels, and bf16, ROUNDS rounds (4) ~6 min
 #   s21r    run 21: results.json's 4-bit rows (every template, checkpointed and not) and mflux's 4-bit step, same call ~7 min
+#   s22     run 22: this session's fewer kernels against OLD_ROOT's commit (people 4-bit ckpt and bf16, ROUNDS rounds),
+#           our RoPE kernel against the fused route, where the GPU waits (CUPTI idle gaps)            ~8 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -113,7 +115,7 @@ ROUTES_750="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
 profile_rows() {
     local name=$1 vars=$2 variant=$3
     OUT=$out env $vars timeout 100 python bench/profile_step.py --steps 4 --variants "$variant" >"$out/profile_$name.log" 2>&1
-    echo "profile $name rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step' "$out/profile_$name.log" | cut -c1-300
+    echo "profile $name rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step|idle_ms' "$out/profile_$name.log" | cut -c1-300
     mv -f "$out/profile.json" "$out/profile_$name.json" 2>/dev/null
 }
 
@@ -381,7 +383,7 @@ s18)
     # is the step held by the host or by the GPU? kernels seen by CUPTI: GPU busy time against wall time
     OUT=$out timeout 150 python bench/profile_step.py --steps 4 --variants people-q4-ckpt@none \
         people-q4-ckpt+BLOCKWISE_DEPTH=1000@none people-bf16-profiled >"$out/profile.log" 2>&1
-    echo "profile rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step' "$out/profile.log" | cut -c1-300 ;;
+    echo "profile rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step|idle_ms' "$out/profile.log" | cut -c1-300 ;;
 s18b)
     # run 17, second call: the step without a bound by stages (depth -1) now keeps no stage's outputs
     # but the last; 5 kernels a graph (the bench sets MLX's graph cache to 4096 with it, as the
@@ -513,6 +515,27 @@ s21)
         ROW_PREFIX="taskset -c 0-3" env_rows d_pinned_$round 80 "" $PEOPLE4 $ROUTES_750
         env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
     done ;;
+s22)
+    # run 22: this session's kernels fewer (RoPE as one fused kernel each way, LoRA's scale inside its
+    # casts: NOTES item 49) against OLD_ROOT's commit (the engine before them, 2ebcdf0), people 4-bit
+    # checkpointed and bf16, ROUNDS rounds (3), MLX's routes as a 750-step run takes them; then our RoPE
+    # kernel against the fused route (is it still worth compiling? speed.KERNEL_SAVING_S_PER_STEP) and
+    # where the GPU waits for the host (CUPTI idle gaps, profile_step.py). Read with
+    # python bench/read_rounds.py bench/raw/run22/s22 --against bf16 (and --against q4_old)
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    env_rows q4_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
+    [ -n "${OLD_ROOT:-}" ] && ROW_ROOT=$OLD_ROOT env_rows q4_old_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
+    for round in $(seq 1 ${ROUNDS:-3}); do
+        env_rows q4_$round 80 "" $PEOPLE4 $ROUTES_750
+        [ -n "${OLD_ROOT:-}" ] && ROW_ROOT=$OLD_ROOT env_rows q4_old_$round 80 "" $PEOPLE4 $ROUTES_750
+        env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
+        [ -n "${OLD_ROOT:-}" ] && ROW_ROOT=$OLD_ROOT env_rows bf16_old_$round 80 "" $PEOPLE_BF16 $ROUTES_750
+        env_rows q4_ropek_$round 80 "" $PEOPLE4 --switch LORA_KERNELS=0
+        env_rows bf16_ropek_$round 80 "" $PEOPLE_BF16 --switch LORA_KERNELS=0
+    done
+    graphs="MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096"  # the trainer's, by hand
+    profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
+    profile_rows bf16 "" "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0" ;;
 s21r)
     # run 21, after s21: results.json's 4-bit rows on the code as it is (CUDA's default depth and graphs),
     # every template checkpointed and not, each in its own process, and mflux's 4-bit step in the same

@@ -87,6 +87,7 @@ def kernel_profile(run_steps, steps: int) -> dict:
         by_name[e.name[:140]] += duration
         counts[e.name[:140]] += 1
     top = sorted(by_name.items(), key=lambda item: -item[1])[:30]
+    gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in kernels], steps)
     return {
         "wall_s_per_step": round(wall / steps, 4),
         "gpu_busy_s_per_step": round(busy / 1e6 / steps, 4),
@@ -95,7 +96,43 @@ def kernel_profile(run_steps, steps: int) -> dict:
         "by_kind_ms_per_step": {k: round(v / 1e3 / steps, 2) for k, v in sorted(by_kind.items(), key=lambda i: -i[1])},
         "top_kernels": [{"name": n, "ms_per_step": round(t / 1e3 / steps, 3), "count_per_step": counts[n] // steps}
                         for n, t in top],
+        "idle": gaps,
     }
+
+
+GAP_BINS_US = (5, 20, 100, 1000)
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 12) -> dict:
+    """Where the GPU waited: every stretch with no kernel running between the first kernel's start
+    and the last one's end, from (start_us, end_us, name) of each kernel. Per step: the idle ms, the
+    gaps by length (ms and count per bin of GAP_BINS_US), and the kernels each gap came after and
+    before (by name, ms of idle and count), which tell the stage where the host fell behind: at depth
+    -1 MLX holds only ~10 graphs in flight, so the GPU waits wherever the host's work between two
+    launches outlasts that queue (bench/NOTES.md items 40, 49)."""
+    ordered = sorted(kernels)
+    bins = {f"<{b}us": [0.0, 0] for b in GAP_BINS_US}
+    bins[f">={GAP_BINS_US[-1]}us"] = [0.0, 0]
+    after, before = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
+    idle, (_, reach, last) = 0.0, ordered[0] if ordered else (0.0, 0.0, "")
+    for start, end, name in ordered[1:]:
+        if start > reach:
+            gap = start - reach
+            idle += gap
+            label = next((f"<{b}us" for b in GAP_BINS_US if gap < b), f">={GAP_BINS_US[-1]}us")
+            for table, key in ((bins, label), (after, last[:100]), (before, name[:100])):
+                table[key][0] += gap
+                table[key][1] += 1
+        if end >= reach:
+            reach, last = end, name
+
+    def per_step(table, limit=None):
+        rows = sorted(table.items(), key=lambda item: -item[1][0])[:limit] if limit else table.items()
+        return [{"name": key, "ms_per_step": round(total / 1e3 / steps, 3), "count_per_step": round(n / steps, 1)}
+                for key, (total, n) in rows]
+
+    return {"idle_ms_per_step": round(idle / 1e3 / steps, 2), "by_length": per_step(bins),
+            "after": per_step(after, top), "before": per_step(before, top)}
 
 
 def run_variant(transformer, template: str, quantize, checkpointing: bool, switches: dict, cap: bool,
