@@ -34,8 +34,11 @@ LORA_FUSED_LINEAR = True
 # (0.1412-0.1422 s against 0.1430-0.1442) and nothing on bf16's, and raised both peaks (7.71 -> 7.90 GiB,
 # 37.29 -> 38.12 GiB): MLX's run-ahead is counted in kernels, and fewer small ones let it hold more
 LORA_COMPUTE_COPIES = False
-# RoPE as one CUDA kernel on the activation's own dtype (engine/flux/rope.py) instead of a
-# float32 copy, a complex multiply and a copy back
+# RoPE as our own CUDA kernel on the activation's own dtype (engine/flux/rope.py) instead of the
+# elementwise kernel MLX fuses from the MLX route. Until this session's fused route (bench/NOTES.md item
+# 49) the alternative was a float32 copy, a complex multiply and a copy back: three kernels, ~13 ms of a
+# 4-bit checkpointed step on an H100 against ~3 for ours (run 19). Against the fused route (one kernel
+# too, kept in MLX's disk cache) ours was not measured yet (gpu_session.sh s22)
 ROPE_KERNEL = True
 # Dequantize a quantized base with our own CUDA kernel (engine/flux/quantized.py) rather
 # than mx.dequantize; elsewhere this has no effect
@@ -168,8 +171,10 @@ def configure_cuda_graphs(one_stage_at_a_time: bool = False, unbounded: bool = F
 # there. On an H200 (run 11, bench/probe_first_step.py) RoPE's kernel added ~6 s to the first step
 # (~2.5 s on an H100 in run 18) and saved ~3 ms a step (bench/NOTES.md, items 9 and 11; run 19's
 # profile puts its float32 route at ~13 ms a 4-bit step, the kernel at ~3, not measured end to end
-# alone). A run of fewer steps than compile time / saving finishes sooner without it. LoRA's kernels
-# are off whatever the length (LORA_KERNELS above).
+# alone). A run of fewer steps than compile time / saving finishes sooner without it. That saving was
+# measured against the float32 route, which the fused one replaced (item 49): against it the saving is
+# likely near nothing, so runs long enough to compile ours (2000 steps and up) may pay ~3-6 s for little;
+# to be measured (s22) before the number changes. LoRA's kernels are off whatever the length (LORA_KERNELS above).
 KERNEL_COMPILE_S = {"ROPE_KERNEL": 6.0}
 KERNEL_SAVING_S_PER_STEP = {"ROPE_KERNEL": 0.003}
 
