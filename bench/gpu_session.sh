@@ -35,8 +35,10 @@
 #   s20     run 20: the host's share (this commit against OLD_ROOT's, A/B/A/B), graphs cut by bytes, without graphs, RoPE's kernel ~4 min
 #   s21     run 21: the default (10 kernels or 40 MB a graph; also with LoRA's compute copies, and on 4 cores) against 5 kernels, and bf16, ROUNDS rounds (4) ~6 min
 #   s21r    run 21: results.json's 4-bit rows (every template, checkpointed and not) and mflux's 4-bit step, same call ~7 min
-#   s22     run 22: this session's fewer kernels against OLD_ROOT's commit (people 4-bit ckpt and bf16, ROUNDS rounds),
-#           our RoPE kernel against the fused route, where the GPU waits (CUPTI idle gaps)            ~8 min
+#   s22     run 22: the CUDA tests of the changed routes, then this session's fewer kernels against OLD_ROOT's
+#           commit (people 4-bit ckpt and bf16) and our RoPE kernel against the fused route, rounds
+#           FIRST_ROUND..ROUNDS (1..3)                                           ~4 min + ~1.5 min a round
+#   s22p    run 22: CUPTI profiles of both rows of the 1.5x with where the GPU waited (idle gaps)   ~2 min
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -518,22 +520,31 @@ s21)
 s22)
     # run 22: this session's kernels fewer (RoPE as one fused kernel each way, LoRA's scale inside its
     # casts: NOTES item 49) against OLD_ROOT's commit (the engine before them, 2ebcdf0), people 4-bit
-    # checkpointed and bf16, ROUNDS rounds (3), MLX's routes as a 750-step run takes them; then our RoPE
-    # kernel against the fused route (is it still worth compiling? speed.KERNEL_SAVING_S_PER_STEP) and
-    # where the GPU waits for the host (CUPTI idle gaps, profile_step.py). Read with
-    # python bench/read_rounds.py bench/raw/run22/s22 --against bf16 (and --against q4_old)
+    # checkpointed and bf16, rounds FIRST_ROUND..ROUNDS (1..3), MLX's routes as a 750-step run takes
+    # them, and our RoPE kernel against the fused route (is it still worth compiling?
+    # speed.KERNEL_SAVING_S_PER_STEP). Round 1 starts with the CUDA tests of the changed routes and a
+    # warm-up row of each tree. Read with python bench/read_rounds.py bench/raw/run22/s22 --against bf16
+    # (and --against q4_old, --against bf16_old)
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
-    env_rows q4_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
-    [ -n "${OLD_ROOT:-}" ] && ROW_ROOT=$OLD_ROOT env_rows q4_old_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
-    for round in $(seq 1 ${ROUNDS:-3}); do
+    if [ "${FIRST_ROUND:-1}" = 1 ]; then
+        PYTHONPATH=$PYTHONPATH:$root/.pytestpkgs timeout 150 python -m pytest -q -p no:cacheprovider --tb=short \
+            tests/test_rope.py tests/test_lora_kernels.py 2>&1 | tail -6
+        env_rows q4_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
+        [ -n "${OLD_ROOT:-}" ] && ROW_ROOT=$OLD_ROOT env_rows q4_old_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
+    fi
+    for round in $(seq ${FIRST_ROUND:-1} ${ROUNDS:-3}); do
         env_rows q4_$round 80 "" $PEOPLE4 $ROUTES_750
         [ -n "${OLD_ROOT:-}" ] && ROW_ROOT=$OLD_ROOT env_rows q4_old_$round 80 "" $PEOPLE4 $ROUTES_750
         env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
         [ -n "${OLD_ROOT:-}" ] && ROW_ROOT=$OLD_ROOT env_rows bf16_old_$round 80 "" $PEOPLE_BF16 $ROUTES_750
         env_rows q4_ropek_$round 80 "" $PEOPLE4 --switch LORA_KERNELS=0
         env_rows bf16_ropek_$round 80 "" $PEOPLE_BF16 --switch LORA_KERNELS=0
-    done
-    graphs="MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096"  # the trainer's, by hand
+    done ;;
+s22p)
+    # run 22, after s22: where each row of the ratio waits for the host (CUPTI idle gaps, profile_step.py),
+    # this commit, MLX's routes; the trainer's CUDA-graph settings for the 4-bit step given by hand
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    graphs="MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096"
     profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
     profile_rows bf16 "" "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0" ;;
 s21r)
