@@ -20,6 +20,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,7 +65,7 @@ def kernel_profile(run_steps, steps: int) -> dict:
     except ImportError as error:
         return {"error": f"no torch profiler: {error}"}
     torch.cuda.init()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         run_steps(steps)
         wall = time.perf_counter() - start
@@ -87,7 +88,9 @@ def kernel_profile(run_steps, steps: int) -> dict:
         by_name[e.name[:140]] += duration
         counts[e.name[:140]] += 1
     top = sorted(by_name.items(), key=lambda item: -item[1])[:30]
-    gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in kernels], steps)
+    host = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type == DeviceType.CPU and e.name.startswith("dbw ")]
+    gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in kernels], steps, host=host or None)
     return {
         "wall_s_per_step": round(wall / steps, 4),
         "gpu_busy_s_per_step": round(busy / 1e6 / steps, 4),
@@ -103,17 +106,22 @@ def kernel_profile(run_steps, steps: int) -> dict:
 GAP_BINS_US = (5, 20, 100, 1000)
 
 
-def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 12) -> dict:
+def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 12,
+              host: list[tuple[float, float, str]] | None = None) -> dict:
     """Where the GPU waited: every stretch with no kernel running between the first kernel's start
     and the last one's end, from (start_us, end_us, name) of each kernel. Per step: the idle ms, the
     gaps by length (ms and count per bin of GAP_BINS_US), and the kernels each gap came after and
     before (by name, ms of idle and count), which tell the stage where the host fell behind: at depth
     -1 MLX holds only ~10 graphs in flight, so the GPU waits wherever the host's work between two
-    launches outlasts that queue (bench/NOTES.md items 40, 49)."""
+    launches outlasts that queue (bench/NOTES.md items 40, 49). With `host`, (start_us, end_us, name)
+    ranges of what the host was doing (`host_ranges`), each gap of 20 us or more is also counted
+    under the innermost range running at its middle ("while"): a compiled call, a queueing, the
+    step's own Python, or nothing of the step's (the caller, between steps)."""
     ordered = sorted(kernels)
     bins = {f"<{b}us": [0.0, 0] for b in GAP_BINS_US}
     bins[f">={GAP_BINS_US[-1]}us"] = [0.0, 0]
     after, before = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
+    during = defaultdict(lambda: [0.0, 0])
     idle, (_, reach, last) = 0.0, ordered[0] if ordered else (0.0, 0.0, "")
     for start, end, name in ordered[1:]:
         if start > reach:
@@ -123,6 +131,12 @@ def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 12
             for table, key in ((bins, label), (after, last[:100]), (before, name[:100])):
                 table[key][0] += gap
                 table[key][1] += 1
+            if host is not None and gap >= 20:
+                middle = (reach + start) / 2
+                inside = [r for r in host if r[0] <= middle <= r[1]]
+                key = min(inside, key=lambda r: r[1] - r[0])[2] if inside else "(no range: between steps)"
+                during[key][0] += gap
+                during[key][1] += 1
         if end >= reach:
             reach, last = end, name
 
@@ -131,8 +145,48 @@ def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 12
         return [{"name": key, "ms_per_step": round(total / 1e3 / steps, 3), "count_per_step": round(n / steps, 1)}
                 for key, (total, n) in rows]
 
-    return {"idle_ms_per_step": round(idle / 1e3 / steps, 2), "by_length": per_step(bins),
-            "after": per_step(after, top), "before": per_step(before, top)}
+    result = {"idle_ms_per_step": round(idle / 1e3 / steps, 2), "by_length": per_step(bins),
+              "after": per_step(after, top), "before": per_step(before, top)}
+    if host is not None:
+        result["while"] = per_step(during, top)
+    return result
+
+
+@contextmanager
+def host_ranges():
+    """While profiling: each compiled-function call (a stage's forward or backward, the update, a
+    one-graph step), each queueing of a stage (BoundedQueue.push, mx.async_eval) and each step as a
+    whole show as ranges of the host in the torch profiler ("dbw ..."), for `idle_gaps`' "while"."""
+    import torch
+
+    from engine import blockwise_step
+
+    def named(function, name):
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(name):
+                return function(*args, **kwargs)
+        return call
+
+    def label(function) -> str:
+        inner = getattr(function, "func", function)  # a stage function is a partial of _forward/_backward
+        run = function.args[1] if getattr(function, "args", None) and len(function.args) > 1 else None
+        return f"dbw call {getattr(inner, '__name__', '?').strip('_')} {getattr(run, '__name__', '')}".strip()
+
+    real_compile, real_push, real_async_eval = mx.compile, blockwise_step.BoundedQueue.push, mx.async_eval
+    real_make = blockwise_step.make_blockwise_step
+    mx.compile = lambda function=None, **kw: (  # noqa: E731  (also used as a decorator with keywords)
+        (lambda f: named(real_compile(f, **kw), label(f))) if function is None else named(real_compile(function, **kw), label(function)))
+    blockwise_step.BoundedQueue.push = lambda self, arrays: named(real_push, "dbw queue")(self, arrays)
+    mx.async_eval = named(real_async_eval, "dbw queue")
+
+    def make(*args, **kwargs):
+        return named(real_make(*args, **kwargs), "dbw step (its Python)")
+    blockwise_step.make_blockwise_step = make
+    try:
+        yield
+    finally:
+        mx.compile, blockwise_step.BoundedQueue.push, mx.async_eval = real_compile, real_push, real_async_eval
+        blockwise_step.make_blockwise_step = real_make
 
 
 def run_variant(transformer, template: str, quantize, checkpointing: bool, switches: dict, cap: bool,
@@ -148,7 +202,14 @@ def run_variant(transformer, template: str, quantize, checkpointing: bool, switc
     mx.set_memory_limit(limit or DEFAULT_MEMORY_LIMIT)
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(transformer.trainable_parameters())
-    step = make_train_step(transformer, optimizer, mx.float32 if SMALL else mx.bfloat16, True)
+    with ExitStack() as ranges:
+        if profile:  # the host's ranges for the profile's idle gaps, from the step's making on
+            ranges.enter_context(host_ranges())
+        return _run_variant(transformer, template, quantize, checkpointing, switches, cap, steps, profile,
+                            limit, make_train_step(transformer, optimizer, mx.float32 if SMALL else mx.bfloat16, True))
+
+
+def _run_variant(transformer, template, quantize, checkpointing, switches, cap, steps, profile, limit, step) -> dict:
     arrays = inputs()
 
     def run_steps(count):

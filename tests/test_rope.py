@@ -43,10 +43,13 @@ def _kernels(outputs) -> list[str]:
     return [name for name in re.findall(r'label ="([^"]+)", shape=rectangle', buffer.getvalue()) if name not in views]
 
 
-def test_rope_is_one_fused_kernel_each_way_inside_a_compiled_step():
+def test_rope_is_one_fused_kernel_each_way_inside_a_compiled_step(monkeypatch):
     # the step's queue of kernels is what a checkpointed 4-bit step waits on (bench/NOTES.md item 49):
     # the rotation must stay one elementwise kernel forward and one backward, with its float32
     # arithmetic inside it, never a float32 copy of q or k beside it
+    from engine.flux import speed
+
+    monkeypatch.setattr(speed, "ROPE_KERNEL", False)  # on CUDA our kernel would take bf16 (test_lora_kernels.py)
     frequencies, axis_of_pair = rope_inverse_frequencies([4, 6, 6])
     ids = mx.array(np.random.default_rng(0).integers(0, 16, (20, 3)).astype(np.float32))
     rotation = rope_rotation(ids, frequencies, axis_of_pair)
