@@ -116,7 +116,7 @@ ROUTES_750="--switch LORA_KERNELS=0 --switch ROPE_KERNEL=0"
 # sets no CUDA-graph settings: give the trainer's by hand)
 profile_rows() {
     local name=$1 vars=$2 variant=$3
-    OUT=$out env $vars timeout 100 python bench/profile_step.py --steps 4 --variants "$variant" >"$out/profile_$name.log" 2>&1
+    OUT=$out env $vars timeout ${PROFILE_TIMEOUT:-100} python bench/profile_step.py --steps 4 --variants "$variant" >"$out/profile_$name.log" 2>&1
     echo "profile $name rc=$?"; grep -E '^\{"template|wall_s|gpu_busy|kernels_per_step|idle_ms' "$out/profile_$name.log" | cut -c1-300
     mv -f "$out/profile.json" "$out/profile_$name.json" 2>/dev/null
 }
