@@ -121,7 +121,9 @@ def _turn_pairs(x: mx.array, by_even: mx.array, by_odd: mx.array) -> mx.array:
     # inside a compiled step the casts, the four products and the sum are one elementwise kernel that
     # reads x and writes the result once, in x's dtype, with the arithmetic in float32 (as diffusers).
     # The route before it (x copied to float32, viewed as complex64, multiplied, copied back) took
-    # three kernels and two float32 copies of x; the values are the same (tests/test_rope.py).
+    # three kernels and two float32 copies of x; the values are the same (tests/test_rope.py). On an
+    # H100 this kernel takes ~46 us a call at FLUX's size (its strided reads), our CUDA kernel ~13:
+    # the steps were 0.6-0.8% faster than with the old route, 3-5 ms slower than with ours (run 22).
     even, odd = x[..., 0::2, None], x[..., 1::2, None]
     turned = even.astype(mx.float32) * by_even + odd.astype(mx.float32) * by_odd
     return turned.astype(x.dtype).reshape(x.shape)

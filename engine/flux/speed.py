@@ -35,10 +35,9 @@ LORA_FUSED_LINEAR = True
 # 37.29 -> 38.12 GiB): MLX's run-ahead is counted in kernels, and fewer small ones let it hold more
 LORA_COMPUTE_COPIES = False
 # RoPE as our own CUDA kernel on the activation's own dtype (engine/flux/rope.py) instead of the
-# elementwise kernel MLX fuses from the MLX route. Until this session's fused route (bench/NOTES.md item
-# 49) the alternative was a float32 copy, a complex multiply and a copy back: three kernels, ~13 ms of a
-# 4-bit checkpointed step on an H100 against ~3 for ours (run 19). Against the fused route (one kernel
-# too, kept in MLX's disk cache) ours was not measured yet (gpu_session.sh s22)
+# elementwise kernel MLX fuses from the MLX route (bench/NOTES.md item 49; before it, a float32 copy, a
+# complex multiply and a copy back). Both are one kernel a call, but MLX's reads q and k through strided
+# views: 10.4 ms of a 4-bit checkpointed step on an H100 (226 calls), ours ~3 (run 22, item 50)
 ROPE_KERNEL = True
 # Dequantize a quantized base with our own CUDA kernel (engine/flux/quantized.py) rather
 # than mx.dequantize; elsewhere this has no effect
@@ -169,14 +168,13 @@ def configure_cuda_graphs(one_stage_at_a_time: bool = False, unbounded: bool = F
 # Our own CUDA kernels that a run switches on are compiled (NVRTC) afresh in every process: MLX keeps
 # its own compiled kernels in a disk cache (/tmp/mlx), but none of mx.fast.cuda_kernel's were found
 # there. On an H200 (run 11, bench/probe_first_step.py) RoPE's kernel added ~6 s to the first step
-# (~2.5 s on an H100 in run 18) and saved ~3 ms a step (bench/NOTES.md, items 9 and 11; run 19's
-# profile puts its float32 route at ~13 ms a 4-bit step, the kernel at ~3, not measured end to end
-# alone). A run of fewer steps than compile time / saving finishes sooner without it. That saving was
-# measured against the float32 route, which the fused one replaced (item 49): against it the saving is
-# likely near nothing, so runs long enough to compile ours (2000 steps and up) may pay ~3-6 s for little;
-# to be measured (s22) before the number changes. LoRA's kernels are off whatever the length (LORA_KERNELS above).
+# (~2.5 s on an H100 in run 18). Against the fused MLX route (item 49) it saved 3.4-5.0 ms a step by
+# floors, 3.9-7.8 by medians (people 4-bit checkpointed and bf16, four rounds on one H100, run 22,
+# bench/NOTES.md item 50): MLX's fused kernel reads q and k through strided views at ~46 us a call,
+# ours at ~13. A run of fewer steps than compile time / saving (1500 with these) finishes sooner
+# without it. LoRA's kernels are off whatever the length (LORA_KERNELS above).
 KERNEL_COMPILE_S = {"ROPE_KERNEL": 6.0}
-KERNEL_SAVING_S_PER_STEP = {"ROPE_KERNEL": 0.003}
+KERNEL_SAVING_S_PER_STEP = {"ROPE_KERNEL": 0.004}
 
 
 def kernels_not_worth_compiling(steps: int) -> list[str]:
