@@ -39,6 +39,8 @@
 #           commit (people 4-bit ckpt and bf16) and our RoPE kernel against the fused route, rounds
 #           FIRST_ROUND..ROUNDS (1..3)                                           ~4 min + ~1.5 min a round
 #   s22p    run 22: CUPTI profiles of both rows of the 1.5x with where the GPU waited (idle gaps)   ~2 min
+#   s23     run 23: adapter gradients queued first at each backward stage against the default (4-bit ckpt,
+#           bf16 beside), rounds FIRST_ROUND..ROUNDS, then both profiled with the host's ranges (PROFILES=0: not) ~3 min + 1 a round
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -547,6 +549,23 @@ s22p)
     graphs="MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096"
     profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
     profile_rows bf16 "" "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0" ;;
+s23)
+    # run 23: each backward stage's adapter gradients queued first (speed.BLOCKWISE_GRADS_FIRST, NOTES item 51)
+    # against the default, people 4-bit checkpointed on MLX's routes, with bf16 beside, rounds
+    # FIRST_ROUND..ROUNDS (1..3); then both 4-bit variants profiled with the host's ranges (which host work
+    # the GPU waited on). Read with python bench/read_rounds.py bench/raw/run23/s23 --against bf16
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    [ "${FIRST_ROUND:-1}" = 1 ] && env_rows q4_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
+    for round in $(seq ${FIRST_ROUND:-1} ${ROUNDS:-3}); do
+        env_rows q4_$round 80 "" $PEOPLE4 $ROUTES_750
+        env_rows q4_gf_$round 80 "" $PEOPLE4 $ROUTES_750 --switch BLOCKWISE_GRADS_FIRST=1
+        env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
+    done
+    graphs="MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096"  # the trainer's, by hand
+    [ -n "${PROFILES:-1}" ] && [ "${PROFILES:-1}" != 0 ] && {
+        profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
+        profile_rows q4_gf "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0,BLOCKWISE_GRADS_FIRST=1@none"
+    } ;;
 s21r)
     # run 21, after s21: results.json's 4-bit rows on the code as it is (CUDA's default depth and graphs),
     # every template checkpointed and not, each in its own process, and mflux's 4-bit step in the same

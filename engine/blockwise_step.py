@@ -38,7 +38,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from engine.flux import speed
-from engine.flux.bounded_queue import BoundedQueue
+from engine.flux.bounded_queue import UNBOUNDED, BoundedQueue
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
 from engine.lora import ComputeCopies, using_compute_copies
@@ -329,6 +329,10 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             if takes_temb:
                 d_temb = vjps[-1] if d_temb is None else d_temb + vjps[-1]
             if not warming:
+                if speed.BLOCKWISE_GRADS_FIRST and names and queue.depth == UNBOUNDED:
+                    # the adapter's gradients (and what they need) queued first, so the stage's last kernels
+                    # are the input gradient's matmuls, which the GPU runs while the host makes the next stage
+                    mx.async_eval(vjps[:len(names)])
                 queue.push(list(vjps) + [loss])
             elif runs(function):
                 queue.push(list(vjps))

@@ -227,3 +227,28 @@ def test_parameter_tree_is_the_modules_own_parameters():
     assert blockwise_step.parameter_tree(odd).keys() == odd.parameters().keys()
     assert _identities(blockwise_step.parameter_tree(odd)) == _identities(odd.parameters())
     assert blockwise_step.parameter_tree(odd)["table"]["b"][1] == {} == odd.parameters()["table"]["b"][1]
+
+
+@pytest.mark.parametrize("layout", ["people", "style"])
+def test_adapter_gradients_queued_first_train_the_same_one_queueing_more_a_stage(monkeypatch, layout):
+    # speed.BLOCKWISE_GRADS_FIRST at depth -1: each backward stage's adapter gradients are queued (mx.async_eval)
+    # before the stage's other outputs, so the stage ends with its input gradient's matmuls; the numbers stay
+    from engine.flux import bounded_queue
+
+    monkeypatch.setattr(speed, "BLOCKWISE_DEPTH", bounded_queue.UNBOUNDED)
+    queued = []
+    real_async_eval = mx.async_eval
+    monkeypatch.setattr(mx, "async_eval", lambda *arrays: queued.append(1) or real_async_eval(*arrays))
+    targets = LAYOUTS[layout]
+    runs = {}
+    for first in (False, True):
+        monkeypatch.setattr(speed, "BLOCKWISE_GRADS_FIRST", first)
+        queued.clear()
+        runs[first] = train(targets, checkpointing=True), len(queued)
+    (together, queued_together), (grads_first, queued_first) = runs[False], runs[True]
+    np.testing.assert_array_equal(grads_first[0], together[0])
+    for name, value in together[1].items():
+        assert mx.array_equal(grads_first[1][name], value), name
+    # three steps, one queueing more for each backward stage that trains something: people trains single
+    # blocks 10-37 (28 stages), style joint blocks 5-15 and single blocks 20-37 (29)
+    assert queued_first - queued_together == 3 * {"people": 28, "style": 29}[layout]

@@ -75,6 +75,12 @@ BLOCKWISE_KEEPS_DENSE = True
 # depth 1 at most two half-stages are held, not two stages. Off until measured on a GPU (bench/NOTES.md,
 # "why still missed": the people 4-bit peak at depth 1 is 8.67 GiB, 0.67 over the target)
 BLOCKWISE_SPLIT_BACKWARD = False
+# At depth -1, each backward stage's adapter gradients queued before the rest of its outputs. Queued
+# together, MLX encoded the gradients' small kernels (their float32 casts) last, and the GPU then waited
+# ~170 us at the end of each backward stage while the host made the next one (32 gaps, 5.6 ms of a 4-bit
+# checkpointed people step on an H100, run 22's profile, bench/NOTES.md item 51). Queued first, a
+# stage ends with its input gradient's matmuls. The same kernels and values; off until measured
+BLOCKWISE_GRADS_FIRST = False
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch;
 # None: the backend's, `blockwise_depth`). 1: people 4-bit held 8.67 GiB at 0.157 s, 2: 9.63 GiB at
 # 0.160 s (H200, item 24). -1 (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between
