@@ -6,7 +6,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from engine import blockwise_step
 from engine.flux import speed
@@ -252,3 +252,31 @@ def test_adapter_gradients_queued_first_train_the_same_one_queueing_more_a_stage
     # three steps, one queueing more for each backward stage that trains something: people trains single
     # blocks 10-37 (28 stages), style joint blocks 5-15 and single blocks 20-37 (29)
     assert queued_first - queued_together == 3 * {"people": 28, "style": 29}[layout]
+
+
+def test_the_steps_update_equals_the_optimizers_own_exactly():
+    # the update takes and gives back the trained arrays (only the optimizer's state is captured): it must
+    # be AdamW's own update, to the bit, step counter and state included, over consecutive steps
+    models, optimizers = [], []
+    for _ in range(2):
+        transformer = load_model("tiny", text_encoders=False).transformer
+        apply_lora(transformer, LAYOUTS["style"], key=mx.random.key(0))
+        transformer.gradient_checkpointing = True
+        optimizer = optim.AdamW(learning_rate=optim.linear_schedule(1e-2, 1e-3, 10))
+        optimizer.init(transformer.trainable_parameters())
+        models.append(transformer)
+        optimizers.append(optimizer)
+    step = make_train_step(models[0], optimizers[0], mx.float32, has_guidance=True)
+    names = step.trained_names
+    assert names == [name for name, _ in tree_flatten(models[1].trainable_parameters())]
+    for seed in range(3):
+        grads = [mx.random.normal(value.shape, key=mx.random.key(seed * 1000 + i))
+                 for i, (_, value) in enumerate(tree_flatten(models[1].trainable_parameters()))]
+        step.update(grads)
+        optimizers[1].update(models[1], tree_unflatten(list(zip(names, grads))))
+        mx.eval(models[0].parameters(), optimizers[0].state, models[1].parameters(), optimizers[1].state)
+    for (name, got), (_, expected) in zip(tree_flatten(models[0].parameters()), tree_flatten(models[1].parameters())):
+        assert mx.array_equal(got, expected), name
+    for (name, got), (_, expected) in zip(tree_flatten(optimizers[0].state), tree_flatten(optimizers[1].state)):
+        assert mx.array_equal(got, expected), name
+    assert optimizers[0].state["step"].item() == 3
