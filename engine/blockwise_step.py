@@ -273,7 +273,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     # Without copies the update takes the trained arrays and gives back the new ones, and only the
     # optimizer's state is the compiled function's captured state: with the whole model's (3012 arrays of
     # a 4-bit people model, 280 of them trained) each call read and wrote back every frozen array too,
-    # 3.1 ms of the host's time on a 2-core CPU against 2.1 (bench/NOTES.md item 51), at the step's end,
+    # 3.1-3.9 ms of the host's time a call on a 2-core CPU against 1.8 (bench/NOTES.md item 51), at the step's end,
     # where the GPU waits for the next step's first kernels
     holders = [_holder(transformer, name) for name in trained_names]  # (module, key) of each trained array
 
@@ -301,8 +301,8 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         rope = transformer.rope(img_ids, txt_ids)
         inputs = (latents, noise, sigma, hidden, pooled) + ((guidance,) if has_guidance else ())
         # each stage's parameters, gathered when the stage is first queued rather than all at the step's
-        # start: there the GPU has only the last step's update in flight and waited for the host (run 22's
-        # profile: ~4.5 ms idle before each step's first kernel), while between forward stages it has work
+        # start: there the GPU has only the last step's update in flight (run 22's profile: ~4.5 ms idle a
+        # step before a kernel that runs once a step, likely the first), while between forward stages it has work
         params: list = [None] * len(stages)
 
         def params_of(i: int) -> dict:
