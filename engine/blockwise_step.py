@@ -35,14 +35,14 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from engine.flux import speed
 from engine.flux.bounded_queue import UNBOUNDED, BoundedQueue
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
 from engine.lora import ComputeCopies, using_compute_copies
-from engine.lora_fused import float32_gradients
+from engine.optimizer_update import make_update
 from engine.training_step import flow_loss, noisy_latents
 
 log = logging.getLogger(__name__)
@@ -95,15 +95,6 @@ def _parameter_value(value):
     items = value.items() if isinstance(value, dict) else enumerate(value)
     kept = {key: _parameter_value(item) if isinstance(item, (dict, list, mx.array)) else {} for key, item in items}
     return kept if isinstance(value, dict) else list(kept.values())
-
-
-def _holder(model: nn.Module, name: str) -> tuple:
-    """(the module or list holding the parameter `name`, e.g. "single_transformer_blocks.10.proj_out.lora_A", its key)."""
-    *path, key = name.split(".")
-    node = model
-    for part in path:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node, (int(key) if isinstance(node, list) else key)
 
 
 def _container(**modules: nn.Module) -> nn.Module:
@@ -252,41 +243,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     temb_grad = bool(trainable[0])  # only the embedders lie behind temb
     functions = _Functions(copies is not None)
     state = [transformer.state, optimizer.state]
-    # the update takes the gradients as a flat list in this order and rebuilds the optimizer's tree while
-    # it is traced: built each step with tree_map_with_path over trainable_parameters(), ~4 ms of host
-    # time at full depth while the GPU ran out of queued work (bench/NOTES.md item 44)
-    trained_tree = transformer.trainable_parameters()
-    trained_names = [name for name, _ in tree_flatten(trained_tree)]
-    trained_skeleton = tree_map(lambda _: None, trained_tree)  # the tree's shape, no arrays kept
-    del trained_tree
-
-    def as_tree(flat: list) -> dict:
-        leaves = iter(flat)  # in tree_flatten's order, which tree_map walks too
-        return tree_map(lambda _: next(leaves), trained_skeleton)
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def update_with_copies(flat_grads):
-        grads = float32_gradients(as_tree(flat_grads), transformer.trainable_parameters())
-        optimizer.update(transformer, grads)
-        copies.refresh()  # the next step's copies, made with the update's own kernels
-
-    # Without copies the update takes the trained arrays and gives back the new ones, and only the
-    # optimizer's state is the compiled function's captured state: with the whole model's (3012 arrays of
-    # a 4-bit people model, 280 of them trained) each call read and wrote back every frozen array too,
-    # 3.1-3.9 ms of the host's time a call on a 2-core CPU against 1.8 (bench/NOTES.md item 51), at the step's end,
-    # where the GPU waits for the next step's first kernels
-    holders = [_holder(transformer, name) for name in trained_names]  # (module, key) of each trained array
-
-    @partial(mx.compile, inputs=[optimizer.state], outputs=[optimizer.state])
-    def updated(flat_grads, flat_params):
-        new = optimizer.apply_gradients(as_tree(flat_grads), as_tree(flat_params))
-        return [value for _, value in tree_flatten(new)]
-
-    def update(flat_grads):
-        if copies is not None:
-            return update_with_copies(flat_grads)
-        for (module, key), value in zip(holders, updated(flat_grads, [module[key] for module, key in holders])):
-            module[key] = value
+    update, trained_names = make_update(transformer, optimizer, copies)
 
     first_call = [True]
     warming = compile_only is not None
