@@ -154,6 +154,11 @@ def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 12
     return result
 
 
+# whether profiles record the host's ranges (--no-host-ranges: not). Each range costs the host a few us
+# (~3000 a 4-bit checkpointed step), so a profile with them waits a little more for the host than without
+HOST_RANGES = True
+
+
 @contextmanager
 def host_ranges():
     """While profiling: each compiled-function call (a stage's forward or backward, the update, a
@@ -205,7 +210,7 @@ def run_variant(transformer, template: str, quantize, checkpointing: bool, switc
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(transformer.trainable_parameters())
     with ExitStack() as ranges:
-        if profile:  # the host's ranges for the profile's idle gaps, from the step's making on
+        if profile and HOST_RANGES:  # the host's ranges for the profile's idle gaps, from the step's making on
             ranges.enter_context(host_ranges())
         return _run_variant(transformer, template, quantize, checkpointing, switches, cap, steps, profile,
                             limit, make_train_step(transformer, optimizer, mx.float32 if SMALL else mx.bfloat16, True))
@@ -394,8 +399,11 @@ def main() -> None:
     parser.add_argument("--switch", action="append", default=[],
                         help="NAME=VALUE of engine.flux.speed for every variant, e.g. GELU_SAVES_INPUT=0")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-host-ranges", action="store_true", help="profiles without the host's ranges (HOST_RANGES)")
     parser.add_argument("--matmuls", action="store_true", help="first, the fused-projection matmul probe")
     args = parser.parse_args()
+    global HOST_RANGES
+    HOST_RANGES = not args.no_host_ranges
     if args.matmuls:
         matmuls = [rope_probe()] + lora_kernel_probe() + dequantize_probe() + matmul_probe()
         if os.environ.get("OUT"):
