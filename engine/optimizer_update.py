@@ -14,16 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+from engine.lora import get_module
 from engine.lora_fused import float32_gradients
-
-
-def _holder(model: nn.Module, name: str) -> tuple:
-    """(the module or list holding the parameter `name`, e.g. "single_transformer_blocks.10.proj_out.lora_A", its key)."""
-    *path, key = name.split(".")
-    node = model
-    for part in path:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node, (int(key) if isinstance(node, list) else key)
 
 
 def make_update(transformer: nn.Module, optimizer, copies=None) -> tuple[Callable[[list], None], list[str]]:
@@ -39,20 +31,29 @@ def make_update(transformer: nn.Module, optimizer, copies=None) -> tuple[Callabl
         leaves = iter(flat)  # in tree_flatten's order, which tree_map walks too
         return tree_map(lambda _: next(leaves), trained_skeleton)
 
-    state = [transformer.state, optimizer.state]
+    if copies is not None:
+        state = [transformer.state, optimizer.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def update_with_copies(flat_grads):
-        grads = float32_gradients(as_tree(flat_grads), transformer.trainable_parameters())
-        optimizer.update(transformer, grads)
-        copies.refresh()  # the next step's copies, made with the update's own kernels
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update_with_copies(flat_grads: list) -> None:
+            grads = float32_gradients(as_tree(flat_grads), transformer.trainable_parameters())
+            optimizer.update(transformer, grads)
+            copies.refresh()  # the next step's copies, made with the update's own kernels
+
+        return update_with_copies, trained_names
 
     # Without copies the update takes the trained arrays and gives back the new ones, and only the
     # optimizer's state is the compiled function's captured state: with the whole model's (3012 arrays of
     # a 4-bit people model, 280 of them trained) each call read and wrote back every frozen array too,
     # 3.1-3.9 ms of the host's time a call on a 2-core CPU against 1.8 (bench/NOTES.md item 51), at the
     # step's end, where the GPU waits for the next step's first kernels
-    holders = [_holder(transformer, name) for name in trained_names]  # (module, key) of each trained array
+    holders = []  # (module, attribute) of each trained array, in trained_names' order
+    for name in trained_names:
+        path, _, key = name.rpartition(".")
+        module = get_module(transformer, path)
+        if module is None:
+            raise ValueError(f"trained array {name!r} does not sit on a module")
+        holders.append((module, key))
 
     @partial(mx.compile, inputs=[optimizer.state], outputs=[optimizer.state])
     def updated(flat_grads, flat_params):
@@ -60,9 +61,6 @@ def make_update(transformer: nn.Module, optimizer, copies=None) -> tuple[Callabl
         return [value for _, value in tree_flatten(new)]
 
     def update(flat_grads: list) -> None:
-        if copies is not None:
-            update_with_copies(flat_grads)
-            return
         for (module, key), value in zip(holders, updated(flat_grads, [module[key] for module, key in holders])):
             module[key] = value
 

@@ -50,3 +50,19 @@ def make_training_folder(folder: Path, count: int = 3, size: int = 96, seed: int
     path = folder / "config.json"
     path.write_text(json.dumps(config, indent=2))
     return path
+
+
+def launches(outputs) -> list[str]:
+    """The primitives that launch work in the graph MLX would run for `outputs`, sorted (views and
+    wrappers launch none; inside a compiled function MLX wraps a lone op as Compiled<op>)."""
+    import io
+    import re
+
+    import mlx.core as mx
+
+    views = {"Broadcast", "Reshape", "Slice", "Transpose", "ExpandDims", "Squeeze", "AsStrided", "Flatten",
+             "Unflatten", "CustomTransforms", "Depends", "StopGradient"}
+    buffer = io.StringIO()
+    mx.export_to_dot(buffer, *outputs)
+    return sorted(name for name in re.findall(r'label ="([^"]+)", shape=rectangle', buffer.getvalue())
+                  if name not in views)

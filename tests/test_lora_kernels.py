@@ -4,7 +4,6 @@ CUDA route. Everywhere, each must equal plain MLX autodiff; on CUDA the kernels
 must also equal the matmuls they replace (those tests skip elsewhere)."""
 from __future__ import annotations
 
-import io
 import re
 from contextlib import nullcontext
 
@@ -16,6 +15,7 @@ import pytest
 from engine.flux import speed
 from engine.lora_fused import lora_linear
 from engine.lora_kernels import add_low_rank, kernels_apply, lora_update, reduce_outer, skinny_matmul
+from tests.helpers import launches
 
 ON_CUDA = hasattr(mx, "cuda") and mx.cuda.is_available()
 
@@ -325,16 +325,6 @@ def test_attention_backward_on_contiguous_copies_equals_the_fused_one():
         np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-6)
 
 
-def _launches(outputs) -> list[str]:
-    # primitives that launch work, from the graph MLX would run (views and wrappers launch none)
-    views = {"Broadcast", "Reshape", "Slice", "Transpose", "ExpandDims", "Squeeze", "Flatten", "Unflatten",
-             "CustomTransforms", "Depends", "StopGradient"}
-    buffer = io.StringIO()
-    mx.export_to_dot(buffer, *outputs)
-    return sorted(name for name in re.findall(r'label ="([^"]+)", shape=rectangle', buffer.getvalue())
-                  if name not in views)
-
-
 def test_a_lora_scale_costs_no_kernel_of_its_own_in_a_compiled_step():
     # the scale is a constant of the fused layer: it joins the casts of B and of B's gradient, where it
     # had been a multiply of its own in every forward and backward (bench/NOTES.md item 49)
@@ -355,7 +345,7 @@ def test_a_lora_scale_costs_no_kernel_of_its_own_in_a_compiled_step():
 
         step = mx.compile(lambda a, b, run=run, cotangent=cotangent: mx.vjp(run, [a, b], [cotangent]))
         outputs, grads = step(layer.lora_A, layer.lora_B)
-        counts[scale] = _launches(outputs + grads)
+        counts[scale] = launches(outputs + grads)
         # a multiply alone (compiled or not): inside a compiled step MLX wraps a lone op as Compiled<op>
         assert not [name for name in counts[scale] if re.fullmatch(r"(Compiled)?(Broadcast)*Multiply", name)], counts
     assert len(counts[0.5]) == len(counts[1.0]), counts

@@ -1,12 +1,10 @@
 """RoPE's MLX route (every backend; CUDA's kernel has its own test in test_lora_kernels.py)."""
-import io
-import re
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from engine.flux.rope import apply_rope, rope_inverse_frequencies, rope_rotation
+from tests.helpers import launches
 
 
 def _reference(x, rotation):
@@ -34,15 +32,6 @@ def test_rope_and_its_gradient_match_plain_autodiff(dtype):
         np.testing.assert_allclose(np.array(g.astype(mx.float32)), np.array(e.astype(mx.float32)), atol=tolerance)
 
 
-def _kernels(outputs) -> list[str]:
-    # primitives that launch work, from the graph MLX would run (views and wrappers launch none)
-    views = {"Broadcast", "Reshape", "Slice", "Transpose", "ExpandDims", "Squeeze", "AsStrided", "CustomTransforms",
-             "Depends", "StopGradient"}
-    buffer = io.StringIO()
-    mx.export_to_dot(buffer, *outputs)
-    return [name for name in re.findall(r'label ="([^"]+)", shape=rectangle', buffer.getvalue()) if name not in views]
-
-
 def test_rope_is_one_fused_kernel_each_way_inside_a_compiled_step(monkeypatch):
     # the step's queue of kernels is what a checkpointed 4-bit step waits on (bench/NOTES.md item 49):
     # the rotation must stay one elementwise kernel forward and one backward, with its float32
@@ -58,8 +47,8 @@ def test_rope_is_one_fused_kernel_each_way_inside_a_compiled_step(monkeypatch):
     cotangent = mx.random.normal((2, 3, 20, 16)).astype(mx.bfloat16).transpose(0, 2, 1, 3)  # as attention hands it back
     mx.eval(x, cotangent)
     forward = mx.compile(lambda v: apply_rope(v, rotation))
-    assert [name.startswith("Compiled") for name in _kernels([forward(x)])] == [True]
+    assert [name.startswith("Compiled") for name in launches([forward(x)])] == [True]
     both = mx.compile(lambda v, c: mx.vjp(lambda u: apply_rope(u, rotation), [v], [c]))
     outputs, grads = both(x, cotangent)
-    kernels = _kernels(outputs + grads)
+    kernels = launches(outputs + grads)
     assert len(kernels) == 2 and all(name.startswith("Compiled") for name in kernels), kernels

@@ -157,4 +157,4 @@ def apply_rope(x: mx.array, rotation: Rotation) -> mx.array:
         cos, sin = (a.reshape(a.shape[0], length, -1) for a in (rotation.cos, rotation.sin))
         if cos.shape[0] in (1, batch):
             return _rope_with_kernel(x, cos, sin)
-    return _rotate_pairs(x, *rotation[2:])
+    return _rotate_pairs(x, rotation.by_even, rotation.by_odd, rotation.back_by_even, rotation.back_by_odd)
