@@ -566,6 +566,28 @@ s23)
         profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
         profile_rows q4_gf "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0,BLOCKWISE_GRADS_FIRST=1@none"
     } ;;
+s24)
+    # run 24: each backward stage updating its own adapters (speed.BLOCKWISE_UPDATE_IN_BACKWARD, NOTES item 53)
+    # against the one update at the step's end (=0), and with BLOCKWISE_GRADS_FIRST on top, people 4-bit
+    # checkpointed on MLX's routes, bf16 beside, rounds FIRST_ROUND..ROUNDS (1..3). Round 1 starts with the
+    # CUDA tests of the block-by-block step (the split update to the bit there too) and a warm-up row. Then,
+    # PROFILES=1, the new step profiled with the host's ranges. Read with
+    # python bench/read_rounds.py bench/raw/run24/s24 --against bf16
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    if [ "${FIRST_ROUND:-1}" = 1 ]; then
+        PYTHONPATH=$PYTHONPATH:$root/.pytestpkgs timeout ${TEST_TIMEOUT:-150} python -m pytest -q -p no:cacheprovider \
+            --tb=short tests/test_blockwise_step.py -k "updates_inside or resumed or trains_as_the_whole" 2>&1 | tail -6
+        env_rows q4_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
+    fi
+    for round in $(seq ${FIRST_ROUND:-1} ${ROUNDS:-3}); do
+        env_rows q4_$round 80 "" $PEOPLE4 $ROUTES_750
+        env_rows q4_whole_$round 80 "" $PEOPLE4 $ROUTES_750 --switch BLOCKWISE_UPDATE_IN_BACKWARD=0
+        env_rows q4_gf_$round 80 "" $PEOPLE4 $ROUTES_750 --switch BLOCKWISE_GRADS_FIRST=1
+        env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
+    done
+    graphs="MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096"  # the trainer's, by hand
+    [ "${PROFILES:-0}" != 0 ] && profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
+    true ;;
 s21r)
     # run 21, after s21: results.json's 4-bit rows on the code as it is (CUDA's default depth and graphs),
     # every template checkpointed and not, each in its own process, and mflux's 4-bit step in the same

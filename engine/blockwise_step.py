@@ -42,7 +42,7 @@ from engine.flux.bounded_queue import UNBOUNDED, BoundedQueue
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
 from engine.lora import ComputeCopies, using_compute_copies
-from engine.optimizer_update import make_update
+from engine.optimizer_update import StageUpdates, holders_of, make_update, updates_by_stage
 from engine.training_step import flow_loss, noisy_latents
 
 log = logging.getLogger(__name__)
@@ -181,12 +181,25 @@ def _backward(template, run, trainable: tuple, carry_grads: int, temb_grad: bool
     return mx.vjp(stage, primals, cotangents)
 
 
+def _backward_updating(updates: StageUpdates, template, run, trainable: tuple, carry_grads: int, temb_grad: bool,
+                       copies: bool, parameters, carry, temb, rope, cotangents, scalars, states):
+    """_backward's, with the stage's trained arrays updated by the optimizer in the same function: (outputs,
+    the gradients of the carry and temb, the new trained arrays, the optimizer's new state for each)."""
+    outputs, vjps = _backward(template, run, trainable, carry_grads, temb_grad, copies, parameters, carry, temb, rope,
+                              cotangents)
+    flat = dict(tree_flatten(parameters))
+    new_parameters, new_states = updates.apply(scalars, vjps[:len(trainable)], [flat[name] for name in trainable],
+                                               states)
+    return outputs, vjps[len(trainable):], new_parameters, new_states
+
+
 class _Functions:
     """One compiled forward and backward per stage layout, traced on the first stage that has it."""
 
-    def __init__(self, copies: bool = False):
+    def __init__(self, copies: bool = False, updates: StageUpdates | None = None):
         self._compiled: dict = {}
         self.copies = copies  # whether LoRA layers read their compute copies (engine/lora.py: ComputeCopies)
+        self.updates = updates  # where backward stages update their own trained arrays
 
     @property
     def count(self) -> int:
@@ -205,7 +218,14 @@ class _Functions:
         return self._get(("forward", layout), lambda: partial(_forward, stage.holder, stage.run, self.copies))
 
     def backward(self, stage: _Stage, layout: tuple, carry_grads: int, temb_grad: bool):
+        """The stage's backward; for a stage with trained arrays where the backward updates them,
+        `_backward_updating`'s."""
         # the trained names from the layout (its last part), not from the module tree on every call
+        updating = self.updates is not None and bool(layout[-1])
+        if updating:
+            return self._get(("backward+update", layout, carry_grads, temb_grad),
+                             lambda: partial(_backward_updating, self.updates, stage.holder, stage.run, layout[-1],
+                                             carry_grads, temb_grad, self.copies))
         return self._get(("backward", layout, carry_grads, temb_grad),
                          lambda: partial(_backward, stage.holder, stage.run, layout[-1], carry_grads, temb_grad,
                                          self.copies))
@@ -241,9 +261,16 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     trained = [i for i, names in enumerate(trainable) if names]
     first = trained[0] if trained else len(stages) - 1  # nothing trained: the loss alone
     temb_grad = bool(trainable[0])  # only the embedders lie behind temb
-    functions = _Functions(copies is not None)
+    # each backward stage updates its own trained arrays (engine/optimizer_update.py: StageUpdates), where
+    # the copies, refreshed by the whole update, are off
+    updates = StageUpdates(transformer, optimizer) if (
+        speed.BLOCKWISE_UPDATE_IN_BACKWARD and copies is None and updates_by_stage(optimizer)) else None
+    functions = _Functions(copies is not None, updates)
     state = [transformer.state, optimizer.state]
     update, trained_names = make_update(transformer, optimizer, copies)
+    holders = [holders_of(stage.holder, names) for stage, names in zip(stages, trainable)]
+    full_names = [[f"{stage.prefix}.{name}" if stage.prefix else name for name in names]
+                  for stage, names in zip(stages, trainable)]
 
     first_call = [True]
     warming = compile_only is not None
@@ -253,6 +280,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         started = time.perf_counter()
         if copies is not None:
             copies.ensure_fresh()
+        scalars = updates.begin() if updates is not None and trained else None
         stage_times = [(started, 0)]  # (when each forward stage was queued, its index), on the first call
         queue = BoundedQueue(depth)
         rope = transformer.rope(img_ids, txt_ids)
@@ -311,24 +339,34 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             if warming:
                 cotangents = [_stand_in(c) for c in cotangents]
             function = functions.backward(stage, layouts[i], carry_grads, takes_temb)
-            outputs, vjps = function(params_of(i), head_carry if i == last else saved.pop(i),
-                                     None if i == 0 else temb, rope, cotangents)
+            arguments = (params_of(i), head_carry if i == last else saved.pop(i), None if i == 0 else temb, rope,
+                         cotangents)
+            names = trainable[i]
+            if updates is not None and names:  # the gradients go straight into the stage's own update
+                states = updates.states(full_names[i])
+                outputs, vjps, new_arrays, new_states = function(*arguments, scalars, states)
+                if not warming:
+                    StageUpdates.store(holders[i], states, new_arrays, new_states)
+                trained_out = new_arrays + [value for new in new_states for value in new.values()]
+            else:
+                outputs, vjps = function(*arguments)
+                grads.update(zip(full_names[i], vjps))
+                trained_out, vjps = list(vjps[:len(names)]), vjps[len(names):]
             loss = outputs[0] if i == last else loss
             if speed.BLOCKWISE_SPLIT_BACKWARD and i != last and not warming:
                 queue.push(list(outputs))  # the recomputed forward first: its values stay for the backward
-            names = trainable[i]
-            grads.update((f"{stage.prefix}.{name}" if stage.prefix else name, grad) for name, grad in zip(names, vjps))
-            cotangents = list(vjps[len(names):len(names) + carry_grads])
+            cotangents = list(vjps[:carry_grads])
             if takes_temb:
                 d_temb = vjps[-1] if d_temb is None else d_temb + vjps[-1]
             if not warming:
-                if speed.BLOCKWISE_GRADS_FIRST and names and queue.depth == UNBOUNDED:
-                    # the adapter's gradients (and what they need) queued first, so the stage's last kernels
-                    # are the input gradient's matmuls, which the GPU runs while the host makes the next stage
-                    mx.async_eval(vjps[:len(names)])
-                queue.push(list(vjps) + [loss])
+                if speed.BLOCKWISE_GRADS_FIRST and trained_out and queue.depth == UNBOUNDED:
+                    # the adapter's gradients or updated arrays (and what they need) queued first, so the stage's
+                    # last kernels are the input gradient's matmuls, which the GPU runs while the host makes the
+                    # next stage
+                    mx.async_eval(trained_out)
+                queue.push(trained_out + list(vjps) + [loss])
             elif runs(function):
-                queue.push(list(vjps))
+                queue.push(trained_out + list(vjps))
         if warming:  # the update last, on stand-ins, where this process runs it
             if grads and compile_only(functions.count):
                 update([_stand_in(grads[name]) for name in trained_names])
@@ -358,4 +396,5 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     step.stage_functions = functions  # for tests: which compiled functions the step made
     step.update = update  # for tests: the optimizer update, fed the gradients as a flat list in trained_names order
     step.trained_names = trained_names
+    step.stage_updates = updates  # for tests: None where the update is the step's last stage
     return step

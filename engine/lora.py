@@ -218,8 +218,9 @@ class ComputeCopies:
         return len(stale)
 
 
-def _walk(model: nn.Module, path: str):
-    # lists (to_out, ff.net) are not modules, so the walk returns them too
+def node_at(model: nn.Module | dict, path: str):
+    """What sits at a dotted path in a module, or in a tree of dicts and lists (an optimizer's state),
+    or None. Lists (to_out, ff.net) are not modules, so the walk returns them too."""
     node = model
     for part in path.split(".") if path else []:
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
@@ -233,13 +234,13 @@ def _walk(model: nn.Module, path: str):
 
 def get_module(model: nn.Module, path: str) -> nn.Module | None:
     """The module at a dotted path ("transformer_blocks.0.attn.to_out.0"), or None."""
-    node = _walk(model, path)
+    node = node_at(model, path)
     return node if isinstance(node, nn.Module) else None
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
-    parent = _walk(model, parent_path)
+    parent = node_at(model, parent_path)
     if isinstance(parent, list):
         parent[int(name)] = module
     else:

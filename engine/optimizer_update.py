@@ -1,9 +1,14 @@
-"""A training step's optimizer update, fed the gradients of the trained arrays as a flat list.
+"""A training step's optimizer update: whole at the step's end, or stage by stage inside the backward.
 
-The block-by-block step (engine/blockwise_step.py) gathers its gradients stage by stage and hands them
-to one compiled update at the step's end, in `trained_names`' order (built once: rebuilding the tree each
-step with tree_map_with_path over trainable_parameters() cost ~4 ms of host time at full depth while the
-GPU ran out of queued work, bench/NOTES.md item 44).
+`make_update`: the block-by-block step (engine/blockwise_step.py) gathers its gradients stage by stage
+and hands them to one compiled update at the step's end, in `trained_names`' order (built once:
+rebuilding the tree each step with tree_map_with_path over trainable_parameters() cost ~4 ms of host
+time at full depth while the GPU ran out of queued work, bench/NOTES.md item 44).
+
+`StageUpdates`: each backward stage's own trained arrays updated inside that stage's compiled function,
+as soon as their gradients exist (a block's adapters are used by nothing later in the step). The same
+arithmetic as the optimizer's `apply_gradients`, to the bit: the step count and schedules advance once
+a step (`begin`), then each array goes through the optimizer's own `apply_single`.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from engine.lora import get_module
+from engine.lora import get_module, node_at
 from engine.lora_fused import float32_gradients
 
 
@@ -47,13 +52,7 @@ def make_update(transformer: nn.Module, optimizer, copies=None) -> tuple[Callabl
     # a 4-bit people model, 280 of them trained) each call read and wrote back every frozen array too,
     # 3.1-3.9 ms of the host's time a call on a 2-core CPU against 1.8 (bench/NOTES.md item 51), at the
     # step's end, where the GPU waits for the next step's first kernels
-    holders = []  # (module, attribute) of each trained array, in trained_names' order
-    for name in trained_names:
-        path, _, key = name.rpartition(".")
-        module = get_module(transformer, path)
-        if module is None:
-            raise ValueError(f"trained array {name!r} does not sit on a module")
-        holders.append((module, key))
+    holders = holders_of(transformer, trained_names)
 
     @partial(mx.compile, inputs=[optimizer.state], outputs=[optimizer.state])
     def updated(flat_grads, flat_params):
@@ -65,3 +64,84 @@ def make_update(transformer: nn.Module, optimizer, copies=None) -> tuple[Callabl
             module[key] = value
 
     return update, trained_names
+
+
+def updates_by_stage(optimizer) -> bool:
+    """Whether `optimizer` updates as MLX's Optimizer.apply_gradients does (schedules, step count, then
+    apply_single per array), which StageUpdates splits; one that changes that keeps the whole update."""
+    import mlx.optimizers as optim
+
+    return (isinstance(optimizer, optim.Optimizer)
+            and type(optimizer).apply_gradients is optim.Optimizer.apply_gradients)
+
+
+class StageUpdates:
+    """The optimizer's update split by stage (module docstring). Per step: `scalars = begin()`; then in
+    each stage function, traced, `apply(scalars, gradients, parameters, states)`; after each call,
+    `store(...)` puts the new arrays in the model and the optimizer's state."""
+
+    def __init__(self, transformer: nn.Module, optimizer):
+        self.transformer, self.optimizer = transformer, optimizer
+        self._states_root, self._states = None, {}
+
+    def begin(self) -> dict[str, mx.array]:
+        """Advance the step count and schedules as `apply_gradients` does before its per-array updates;
+        the optimizer's scalar state (step, learning rate, scheduled values), which each stage function
+        takes as inputs: captured, the compiled functions would keep the first step's values."""
+        optimizer = self.optimizer
+        if not getattr(optimizer, "_initialized", True):  # a fresh optimizer, or a state just restored
+            optimizer.init(self.transformer.trainable_parameters())
+        optimizer.apply_gradients({}, {})  # nothing to update: the schedules and the step count alone
+        return {key: value for key, value in optimizer.state.items() if isinstance(value, mx.array)}
+
+    def apply(self, scalars: dict, gradients: list, parameters: list, states: list[dict]) -> tuple[list, list]:
+        """(new parameters, new states) for one stage's trained arrays; run while a stage is traced, with
+        the optimizer's scalars swapped for the traced ones."""
+        top = self.optimizer.state
+        saved = {key: top[key] for key in scalars}
+        top.update(scalars)
+        try:
+            new_parameters, new_states = [], []
+            for gradient, parameter, state in zip(gradients, parameters, states):
+                state = dict(state)  # apply_single writes into it: the traced values, not the optimizer's
+                new_parameters.append(self.optimizer.apply_single(gradient.astype(parameter.dtype), parameter, state))
+                new_states.append(state)
+            return new_parameters, new_states
+        finally:
+            top.update(saved)
+
+    def states(self, names: list[str]) -> list[dict]:
+        """The optimizer's per-array state dicts (e.g. AdamW's {"m", "v"}) of the arrays at full `names`,
+        looked up again once the optimizer's state is replaced (a resumed run's)."""
+        root = self.optimizer.state
+        if root is not self._states_root:
+            self._states_root, self._states = root, {}
+        found = []
+        for name in names:
+            if name not in self._states:
+                state = node_at(root, name)
+                if not isinstance(state, dict):
+                    raise ValueError(f"the optimizer keeps no state for trained array {name!r}")
+                self._states[name] = state
+            found.append(self._states[name])
+        return found
+
+    @staticmethod
+    def store(holders: list[tuple[nn.Module, str]], states: list[dict], new_parameters: list,
+              new_states: list[dict]) -> None:
+        for (module, key), value in zip(holders, new_parameters):
+            module[key] = value
+        for state, new in zip(states, new_states):
+            state.update(new)
+
+
+def holders_of(module: nn.Module, names: list[str]) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of each trained array at `names` under `module`."""
+    holders = []
+    for name in names:
+        path, _, key = name.rpartition(".")
+        holder = get_module(module, path)
+        if holder is None:
+            raise ValueError(f"trained array {name!r} does not sit on a module")
+        holders.append((holder, key))
+    return holders

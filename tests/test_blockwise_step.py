@@ -280,3 +280,72 @@ def test_the_steps_update_equals_the_optimizers_own_exactly():
     for (name, got), (_, expected) in zip(tree_flatten(optimizers[0].state), tree_flatten(optimizers[1].state)):
         assert mx.array_equal(got, expected), name
     assert optimizers[0].state["step"].item() == 3
+
+
+def _train_with(optimizer_factory, targets, steps=3):
+    """The checkpointed tiny model trained `steps` steps: losses, trained arrays, optimizer state."""
+    transformer = load_model("tiny", text_encoders=False).transformer
+    apply_lora(transformer, targets, key=mx.random.key(0))
+    transformer.gradient_checkpointing = True
+    optimizer = optimizer_factory()
+    step = make_train_step(transformer, optimizer, mx.float32, has_guidance=True)
+    keys = mx.random.split(mx.random.key(3), 4)
+    latents = mx.random.normal((1, 16, 64), key=keys[0])
+    arguments = (latents, mx.random.normal((1, 32, 32), key=keys[2]), mx.random.normal((1, 32), key=keys[3]),
+                 mx.array([3.0]), latent_image_ids(8, 8), text_ids(32))
+    losses = []
+    for index in range(steps):
+        noise = mx.random.normal(latents.shape, key=mx.random.key(10 + index))
+        hidden, pooled, guidance, img_ids, txt_ids = arguments[1:]
+        losses.append(float(step(latents, noise, hidden, pooled, mx.array([0.2 + 0.25 * index]), guidance,
+                                 img_ids, txt_ids)))
+    return losses, tree_flatten(transformer.trainable_parameters()), tree_flatten(optimizer.state), step
+
+
+@pytest.mark.parametrize("layout", ["people", "everywhere"])
+@pytest.mark.parametrize("optimizer_factory", [
+    lambda: optim.AdamW(learning_rate=optim.linear_schedule(1e-2, 1e-3, 10)),  # a schedule, not initialised
+    lambda: optim.SGD(learning_rate=3e-2, momentum=0.9),
+    lambda: optim.Adafactor(learning_rate=1e-2, relative_step=False, scale_parameter=False),
+], ids=["adamw-scheduled", "sgd-momentum", "adafactor"])
+def test_updates_inside_the_backward_stages_equal_the_whole_update_to_the_bit(monkeypatch, layout, optimizer_factory):
+    # speed.BLOCKWISE_UPDATE_IN_BACKWARD: each backward stage updates its own trained arrays; the step count
+    # and schedules advance once a step. Losses, arrays and the optimizer's whole state stay the same as with
+    # the one update at the step's end
+    runs = {}
+    for in_backward in (False, True):
+        monkeypatch.setattr(speed, "BLOCKWISE_UPDATE_IN_BACKWARD", in_backward)
+        runs[in_backward] = _train_with(optimizer_factory, LAYOUTS[layout])
+    (losses, arrays, state, _), (losses_in, arrays_in, state_in, step) = runs[False], runs[True]
+    assert losses[-1] < losses[0]
+    assert losses_in == losses
+    assert [name for name, _ in arrays_in] == [name for name, _ in arrays]
+    for (name, got), (_, expected) in zip(arrays_in, arrays):
+        assert mx.array_equal(got, expected), name
+    assert [name for name, _ in state_in] == [name for name, _ in state]
+    for (name, got), (_, expected) in zip(state_in, state):
+        assert got.dtype == expected.dtype and mx.array_equal(got, expected), name
+    assert dict(state_in)["step"].item() == 3
+    # the stages did update: the compiled backward functions of trained stages are the updating ones
+    assert any(key[0] == "backward+update" for key in step.stage_functions._compiled)
+
+
+def test_a_resumed_optimizer_state_is_the_one_the_backward_stages_update(monkeypatch):
+    # the trainer restores a checkpoint by replacing the optimizer's state (MLX then marks it uninitialised):
+    # the stages must update the restored arrays, not the ones they looked up before
+    monkeypatch.setattr(speed, "BLOCKWISE_UPDATE_IN_BACKWARD", True)
+    losses, arrays, state, step = _train_with(lambda: optim.AdamW(learning_rate=1e-2), LAYOUTS["people"], steps=1)
+    optimizer = step.stage_updates.optimizer
+    restored = tree_unflatten([(name, mx.array(value) + 0) for name, value in state])
+    optimizer.state = restored
+    transformer = step.stage_updates.transformer
+    keys = mx.random.split(mx.random.key(3), 4)
+    step(mx.random.normal((1, 16, 64), key=keys[0]), mx.random.normal((1, 16, 64), key=keys[1]),
+         mx.random.normal((1, 32, 32), key=keys[2]), mx.random.normal((1, 32), key=keys[3]), mx.array([0.5]),
+         mx.array([3.0]), latent_image_ids(8, 8), text_ids(32))
+    mx.eval(transformer.parameters(), optimizer.state)
+    assert optimizer.state is restored and optimizer.state["step"].item() == 2
+    before, after = dict(state), dict(tree_flatten(optimizer.state))
+    for name in before:
+        if name.endswith(".m"):
+            assert not mx.array_equal(after[name], before[name]), name  # each restored moment moved

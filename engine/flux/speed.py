@@ -81,6 +81,13 @@ BLOCKWISE_SPLIT_BACKWARD = False
 # checkpointed people step on an H100, run 22's profile, bench/NOTES.md item 51). Queued first, a
 # stage ends with its input gradient's matmuls. The same kernels and values; off until measured
 BLOCKWISE_GRADS_FIRST = False
+# In that step, each backward stage updates its own trained arrays with the optimizer inside the stage's
+# compiled function, as soon as their gradients exist, instead of one update of all of them at the step's
+# end: there, 280 arrays' AdamW kernels of a 4-bit people step came after the last stage, with ~4.3 ms of
+# the GPU's idle around them while the host made the update's graph from its 1100 inputs (run 22's
+# profile, bench/NOTES.md item 53); in the stages, the host makes them while the GPU runs queued stages,
+# and each gradient's float32 cast joins its array's update kernel. The same numbers, to the bit
+BLOCKWISE_UPDATE_IN_BACKWARD = True
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch;
 # None: the backend's, `blockwise_depth`). 1: people 4-bit held 8.67 GiB at 0.157 s, 2: 9.63 GiB at
 # 0.160 s (H200, item 24). -1 (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between
