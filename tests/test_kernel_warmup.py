@@ -201,10 +201,15 @@ def test_waiting_for_the_warmup_gives_way_to_a_stop_and_to_its_limit(tmp_path):
     assert not (tmp_path / "marker").exists()
 
 
-def test_each_part_runs_its_share_of_the_stage_functions_on_stand_ins(monkeypatch):
+@pytest.mark.parametrize("update_in_backward", [True, False])
+def test_each_part_runs_its_share_of_the_stage_functions_on_stand_ins(monkeypatch, update_in_backward):
     # engine/blockwise_step.py: compile_only. Every stage function is traced in every part, in the same
-    # order; a part queues only those whose position it takes (the update's is after them all)
-    from engine.flux import bounded_queue
+    # order; a part queues only those whose position it takes (a whole update at the step's end: its
+    # position after them all; updates inside the backward stages: theirs)
+    from engine.flux import bounded_queue, speed
+
+    monkeypatch.setattr(speed, "BLOCKWISE_UPDATE_IN_BACKWARD", update_in_backward)
+    update = 0 if update_in_backward else 1  # the whole update, a position and a piece of its own
 
     targets = lora_targets(load_template("people"))
     config, moved = kernel_warmup.mini_model(TRANSFORMER_CONFIG, targets)
@@ -224,9 +229,9 @@ def test_each_part_runs_its_share_of_the_stage_functions_on_stand_ins(monkeypatc
         assert functions == whole  # all traced in every part
         queued.append(len(pushes))
     positions = sorted(set(asked))
-    assert positions == list(range(len(whole) + 1))  # each stage function's position, then the update's
+    assert positions == list(range(len(whole) + update))  # each stage function's position (then the update's)
     # every stage queued once over the three parts (calls of one function share its position)
-    assert sum(queued) == (stages - 1) + (stages - first_trained) + 1
+    assert sum(queued) == (stages - 1) + (stages - first_trained) + update
     assert all(0 < count < sum(queued) for count in queued)
 
 
