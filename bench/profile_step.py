@@ -14,9 +14,11 @@ With $OUT set, writes $OUT/profile.json. Needs torch with CUDA (the device has i
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -93,6 +95,8 @@ def kernel_profile(run_steps, steps: int) -> dict:
     host = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
             if e.device_type == DeviceType.CPU and e.name.startswith("dbw ")]
     gaps = idle_gaps([(e.time_range.start, e.time_range.end, e.name) for e in kernels], steps, host=host or None)
+    api = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+           if e.device_type == DeviceType.CPU and e.name.startswith("cu")]
     return {
         "wall_s_per_step": round(wall / steps, 4),
         "gpu_busy_s_per_step": round(busy / 1e6 / steps, 4),
@@ -102,7 +106,35 @@ def kernel_profile(run_steps, steps: int) -> dict:
         "top_kernels": [{"name": n, "ms_per_step": round(t / 1e3 / steps, 3), "count_per_step": counts[n] // steps}
                         for n, t in top],
         "idle": gaps,
+        "host": host_time(host, api, steps),
     }
+
+
+def host_time(ranges: list[tuple[float, float, str]], api: list[tuple[float, float, str]], steps: int,
+              top: int = 10) -> dict:
+    """Where the host's time goes, per step: each kind of the step's ranges (`host_ranges`; a queueing
+    holds MLX's encoding of the stage's kernels, the step's range holds the others), and the CUDA API
+    calls CUPTI saw (MLX's graph launches, updates and instantiations among them) by name, in ms and
+    count; and for a queueing, the us from its start to its first graph launch (MLX walking the stage's
+    graph and encoding its first CUDA graph, which the GPU waits for when it has run dry)."""
+    def per_step(items):
+        table = defaultdict(lambda: [0.0, 0])
+        for start, end, name in items:
+            table[name][0] += end - start
+            table[name][1] += 1
+        rows = sorted(table.items(), key=lambda item: -item[1][0])[:top]
+        return {name: {"ms": round(total / 1e3 / steps, 3), "count": round(n / steps, 1)} for name, (total, n) in rows}
+
+    launches = sorted(start for start, _, name in api if "GraphLaunch" in name or "LaunchKernel" in name)
+    firsts = []
+    for start, end, name in ranges:
+        if name == "dbw queue":
+            at = bisect.bisect_left(launches, start)
+            if at < len(launches) and launches[at] <= end:
+                firsts.append(launches[at] - start)
+    return {"ranges": per_step(ranges), "api": per_step(api),
+            "queue_to_first_launch_us": {"median": round(statistics.median(firsts), 1),
+                                         "mean": round(statistics.fmean(firsts), 1), "count": len(firsts)} if firsts else None}
 
 
 GAP_BINS_US = (5, 20, 100, 1000)
