@@ -43,7 +43,8 @@
 #           bf16 beside), rounds FIRST_ROUND..ROUNDS, then both profiled with the host's ranges (PROFILES=0: not) ~3 min + 1 a round
 #   s24     run 24: the optimizer's update inside each backward stage against the whole update at the step's
 #           end, with GRADS_FIRST, bf16 beside; rounds, CUDA tests, PROFILES=1: profile      ~4 min + ~0.5 a round
-#   s25     run 25: GRADS_FIRST on the split update, rounds, PROFILES=1: profiles with the host's time ~2 min + 0.3 a round
+#   s25     run 25: GRADS_FIRST and forward stages in threes on the split update, rounds, PROFILES=1|2:
+#           profiles with the host's time                                                 ~2 min + 0.6 a round
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -592,23 +593,26 @@ s24)
     [ "${PROFILES:-0}" != 0 ] && profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
     true ;;
 s25)
-    # run 25: BLOCKWISE_GRADS_FIRST on top of the updates inside the backward stages (item 53), more rounds:
-    # people 4-bit checkpointed on MLX's routes, bf16 beside, rounds FIRST_ROUND..ROUNDS (1..4), a warm-up
-    # row first. Then (PROFILES=1) both 4-bit variants and bf16 profiled with the host's time (profile_step.py:
-    # host_time: the step's ranges, the CUDA API calls, a queueing's time to its first graph launch).
+    # run 25: BLOCKWISE_GRADS_FIRST on top of the updates inside the backward stages (item 53), and forward
+    # stages three to a compiled call (BLOCKWISE_FORWARD_GROUP=3), each and both: people 4-bit checkpointed on
+    # MLX's routes, bf16 beside, rounds FIRST_ROUND..ROUNDS (1..4), a warm-up row first. Then (PROFILES=1)
+    # both together and the default profiled with the host's time (profile_step.py: host_time: the step's
+    # ranges, the CUDA API calls, a queueing's time to its first graph launch); PROFILES=2 bf16 too.
     # Read with python bench/read_rounds.py bench/raw/run25/s25 --against bf16
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
     [ "${FIRST_ROUND:-1}" = 1 ] && env_rows q4_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
     for round in $(seq ${FIRST_ROUND:-1} ${ROUNDS:-4}); do
         env_rows q4_$round 80 "" $PEOPLE4 $ROUTES_750
         env_rows q4_gf_$round 80 "" $PEOPLE4 $ROUTES_750 --switch BLOCKWISE_GRADS_FIRST=1
+        env_rows q4_g3_$round 80 "" $PEOPLE4 $ROUTES_750 --switch BLOCKWISE_FORWARD_GROUP=3
+        env_rows q4_g3gf_$round 80 "" $PEOPLE4 $ROUTES_750 --switch BLOCKWISE_FORWARD_GROUP=3 --switch BLOCKWISE_GRADS_FIRST=1
         env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
     done
     graphs="MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096"  # the trainer's, by hand
     [ "${PROFILES:-0}" != 0 ] && {
-        profile_rows q4_gf "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0,BLOCKWISE_GRADS_FIRST=1@none"
+        profile_rows q4_g3gf "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0,BLOCKWISE_GRADS_FIRST=1,BLOCKWISE_FORWARD_GROUP=3@none"
         profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
-        profile_rows bf16 "" "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0"
+        [ "${PROFILES}" = 2 ] && profile_rows bf16 "" "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0"
     }
     true ;;
 s21r)

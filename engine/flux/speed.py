@@ -88,6 +88,11 @@ BLOCKWISE_GRADS_FIRST = False
 # profile, bench/NOTES.md item 53); in the stages, the host makes them while the GPU runs queued stages,
 # and each gradient's float32 cast joins its array's update kernel. The same numbers, to the bit
 BLOCKWISE_UPDATE_IN_BACKWARD = True
+# How many consecutive stages of that step's forward (blocks and the join) run as one compiled call and
+# one queueing (an int, not a switch). Run 24's profile: the 4-bit step's GPU waits ~300 us before each
+# stage's first kernel while the host makes and starts that stage, 88 a step; fewer, larger forward
+# stages have fewer such boundaries. The checkpoints are the same arrays; measured in run 25
+BLOCKWISE_FORWARD_GROUP = 1
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch;
 # None: the backend's, `blockwise_depth`). 1: people 4-bit held 8.67 GiB at 0.157 s, 2: 9.63 GiB at
 # 0.160 s (H200, item 24). -1 (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between
