@@ -594,7 +594,9 @@ s24)
     true ;;
 s25)
     # run 25: BLOCKWISE_GRADS_FIRST on top of the updates inside the backward stages (item 53), and forward
-    # stages three to a compiled call (BLOCKWISE_FORWARD_GROUP=3), each and both: people 4-bit checkpointed on
+    # stages three to a compiled call (BLOCKWISE_FORWARD_GROUP=3, commit cc78f85; removed after this run,
+    # which found it no faster: NOTES item 54; its rows are comments below). Since run 25 GRADS_FIRST is the
+    # default, so q4_N and q4_gf_N are the same setting (a check of the machine's spread): people 4-bit checkpointed on
     # MLX's routes, bf16 beside, rounds FIRST_ROUND..ROUNDS (1..4), a warm-up row first. Then (PROFILES=1)
     # both together and the default profiled with the host's time (profile_step.py: host_time: the step's
     # ranges, the CUDA API calls, a queueing's time to its first graph launch); PROFILES=2 bf16 too.
@@ -604,13 +606,13 @@ s25)
     for round in $(seq ${FIRST_ROUND:-1} ${ROUNDS:-4}); do
         env_rows q4_$round 80 "" $PEOPLE4 $ROUTES_750
         env_rows q4_gf_$round 80 "" $PEOPLE4 $ROUTES_750 --switch BLOCKWISE_GRADS_FIRST=1
-        env_rows q4_g3_$round 80 "" $PEOPLE4 $ROUTES_750 --switch BLOCKWISE_FORWARD_GROUP=3
-        env_rows q4_g3gf_$round 80 "" $PEOPLE4 $ROUTES_750 --switch BLOCKWISE_FORWARD_GROUP=3 --switch BLOCKWISE_GRADS_FIRST=1
+        # run 25 also ran q4_g3_N and q4_g3gf_N here (--switch BLOCKWISE_FORWARD_GROUP=3, alone and with the
+        # gradients first), at commit cc78f85
         env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
     done
     graphs="MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096"  # the trainer's, by hand
     [ "${PROFILES:-0}" != 0 ] && {
-        profile_rows q4_g3gf "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0,BLOCKWISE_GRADS_FIRST=1,BLOCKWISE_FORWARD_GROUP=3@none"
+        profile_rows q4_gf "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0,BLOCKWISE_GRADS_FIRST=1@none"  # run 25: q4_g3gf, with BLOCKWISE_FORWARD_GROUP=3
         profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
         [ "${PROFILES}" = 2 ] && profile_rows bf16 "" "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0"
     }

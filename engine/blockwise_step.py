@@ -181,24 +181,6 @@ def _backward(template, run, trainable: tuple, carry_grads: int, temb_grad: bool
     return mx.vjp(stage, primals, cotangents)
 
 
-def _forward_group(templates: tuple, runs: tuple, first_kept: int, copies: bool, parameters: list, carry, temb, rope):
-    """Several consecutive stages' forward in one function: [the input of each stage from position
-    `first_kept` on (the checkpoints the backward recomputes from), ..., the last stage's output]."""
-    kept = []
-    for position, (template, run, stage_parameters) in enumerate(zip(templates, runs, parameters)):
-        if position and position >= first_kept:
-            kept.append(carry)
-        carry = tuple(_forward(template, run, copies, stage_parameters, carry, temb, rope))
-    return kept + [carry]
-
-
-def _forward_groups(count: int, size: int) -> list[tuple[int, int]]:
-    """(first, end) of each run of forward stages between the embedders (0) and the head (count - 1),
-    `size` stages a run (the last may be shorter)."""
-    size = max(1, int(size))
-    return [(i, min(i + size, count - 1)) for i in range(1, count - 1, size)]
-
-
 def _backward_updating(updates: StageUpdates, template, run, trainable: tuple, carry_grads: int, temb_grad: bool,
                        copies: bool, parameters, carry, temb, rope, cotangents, scalars, states):
     """_backward's, with the stage's trained arrays updated by the optimizer in the same function: (outputs,
@@ -234,14 +216,6 @@ class _Functions:
 
     def forward(self, stage: _Stage, layout: tuple):
         return self._get(("forward", layout), lambda: partial(_forward, stage.holder, stage.run, self.copies))
-
-    def forward_group(self, stages: list[_Stage], layouts: tuple, first_kept: int):
-        """Consecutive stages' forward as one function (`_forward_group`); `first_kept`: the position in
-        the group of the first stage whose input is a checkpoint (<= 0: every stage's after the first)."""
-        first_kept = min(max(1, first_kept), len(stages))
-        return self._get(("forward group", layouts, first_kept),
-                         lambda: partial(_forward_group, tuple(stage.holder for stage in stages),
-                                         tuple(stage.run for stage in stages), first_kept, self.copies))
 
     def backward(self, stage: _Stage, layout: tuple, carry_grads: int, temb_grad: bool):
         """The stage's backward; for a stage with trained arrays where the backward updates them,
@@ -286,7 +260,6 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     trainable = [stage.trainable() for stage in stages]
     trained = [i for i, names in enumerate(trainable) if names]
     first = trained[0] if trained else len(stages) - 1  # nothing trained: the loss alone
-    forward_groups = _forward_groups(len(stages), speed.BLOCKWISE_FORWARD_GROUP)
     temb_grad = bool(trainable[0])  # only the embedders lie behind temb
     # each backward stage updates its own trained arrays (engine/optimizer_update.py: StageUpdates), where
     # the copies, refreshed by the whole update, are off
@@ -334,25 +307,16 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
             queue.push([*carry, temb])
         if warming:
             temb = _stand_in(temb)
-        for i, end in forward_groups:  # stages i..end-1 as one compiled call and one queueing
+        for i in range(1, len(stages) - 1):
             given = tuple(map(_stand_in, carry)) if warming else carry
             if i >= first:
                 saved[i] = given
-            if end == i + 1:
-                function = functions.forward(stages[i], layouts[i])
-                carry = tuple(function(params_of(i), given, temb, rope))
-                queued = list(carry)
-            else:
-                function = functions.forward_group(stages[i:end], tuple(layouts[i:end]), first - i)
-                *inner, carry = function([params_of(k) for k in range(i, end)], given, temb, rope)
-                for k, inner_carry in zip(range(max(first, i + 1), end), inner):  # the group's checkpoints
-                    saved[k] = tuple(inner_carry)
-                carry = tuple(carry)
-                queued = [array for part in inner for array in part] + list(carry)
+            function = functions.forward(stages[i], layouts[i])
+            carry = tuple(function(params_of(i), given, temb, rope))
             if not warming or runs(function):
-                queue.push(queued)
+                queue.push(list(carry))
             if first_call[0]:
-                stage_times.append((time.perf_counter(), end - 1))
+                stage_times.append((time.perf_counter(), i))
         if warming:
             carry = tuple(map(_stand_in, carry))
 

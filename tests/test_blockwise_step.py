@@ -349,28 +349,3 @@ def test_a_resumed_optimizer_state_is_the_one_the_backward_stages_update(monkeyp
     for name in before:
         if name.endswith(".m"):
             assert not mx.array_equal(after[name], before[name]), name  # each restored moment moved
-
-
-@pytest.mark.parametrize("group", [2, 3, 7])
-@pytest.mark.parametrize("layout", ["people", "everywhere"])
-def test_forward_stages_run_in_groups_train_the_same(monkeypatch, layout, group):
-    # speed.BLOCKWISE_FORWARD_GROUP: consecutive forward stages as one compiled call and one queueing, the
-    # checkpoints inside a group returned by it; the same numbers, and fewer forward queueings
-    from engine.flux import bounded_queue
-
-    pushes = []
-    real_push = bounded_queue.BoundedQueue.push
-    monkeypatch.setattr(bounded_queue.BoundedQueue, "push",
-                        lambda self, arrays: pushes.append(len(arrays)) or real_push(self, arrays))
-    runs = {}
-    for size in (1, group):
-        monkeypatch.setattr(speed, "BLOCKWISE_FORWARD_GROUP", size)
-        pushes.clear()
-        runs[size] = _train_with(lambda: optim.AdamW(learning_rate=1e-2), LAYOUTS[layout]), len(pushes)
-    ((losses, arrays, state, _), pushed), ((losses_g, arrays_g, state_g, step), pushed_g) = runs[1], runs[group]
-    assert losses[-1] < losses[0] and losses_g == losses
-    for (name, got), (_, expected) in zip(arrays_g + state_g, arrays + state):
-        assert mx.array_equal(got, expected), name
-    # the forward's blocks and join (stages 1-58) queued in ceil(58 / group) pieces instead of 58, each step
-    assert pushed - pushed_g == 3 * (58 - -(-58 // group))
-    assert any(key[0] == "forward group" for key in step.stage_functions._compiled)

@@ -75,12 +75,15 @@ BLOCKWISE_KEEPS_DENSE = True
 # depth 1 at most two half-stages are held, not two stages. Off until measured on a GPU (bench/NOTES.md,
 # "why still missed": the people 4-bit peak at depth 1 is 8.67 GiB, 0.67 over the target)
 BLOCKWISE_SPLIT_BACKWARD = False
-# At depth -1, each backward stage's adapter gradients queued before the rest of its outputs. Queued
-# together, MLX encoded the gradients' small kernels (their float32 casts) last, and the GPU then waited
-# ~170 us at the end of each backward stage while the host made the next one (32 gaps, 5.6 ms of a 4-bit
-# checkpointed people step on an H100, run 22's profile, bench/NOTES.md item 51). Queued first, a
-# stage ends with its input gradient's matmuls. The same kernels and values; off until measured
-BLOCKWISE_GRADS_FIRST = False
+# At depth -1, each backward stage's adapter outputs (gradients, or the updated arrays and optimizer
+# state where the stage updates them) queued before the rest of its outputs. Queued together, MLX encoded
+# those small kernels last, and the GPU then waited at the end of each backward stage while the host made
+# the next one (run 22's profile: 32 gaps, 5.6 ms of a 4-bit checkpointed people step on an H100; run 24's:
+# 37 gaps after the stage's last update kernel, 14.7 ms; bench/NOTES.md items 51, 53). Queued first, a
+# stage ends with its input gradient's matmuls. The same kernels and values. On three H100s it was faster
+# in most rounds: run 23 by 1-2% in its three quiet rounds; run 24 in four rounds of six, floor 0.1329
+# against 0.1404 s; run 25 in two of three, the third even (item 54); peaks up to 0.15 GiB higher (7.79)
+BLOCKWISE_GRADS_FIRST = True
 # In that step, each backward stage updates its own trained arrays with the optimizer inside the stage's
 # compiled function, as soon as their gradients exist, instead of one update of all of them at the step's
 # end: there, 280 arrays' AdamW kernels of a 4-bit people step came after the last stage, with ~4.3 ms of
@@ -88,11 +91,6 @@ BLOCKWISE_GRADS_FIRST = False
 # profile, bench/NOTES.md item 53); in the stages, the host makes them while the GPU runs queued stages,
 # and each gradient's float32 cast joins its array's update kernel. The same numbers, to the bit
 BLOCKWISE_UPDATE_IN_BACKWARD = True
-# How many consecutive stages of that step's forward (blocks and the join) run as one compiled call and
-# one queueing (an int, not a switch). Run 24's profile: the 4-bit step's GPU waits ~300 us before each
-# stage's first kernel while the host makes and starts that stage, 88 a step; fewer, larger forward
-# stages have fewer such boundaries. The checkpoints are the same arrays; measured in run 25
-BLOCKWISE_FORWARD_GROUP = 1
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch;
 # None: the backend's, `blockwise_depth`). 1: people 4-bit held 8.67 GiB at 0.157 s, 2: 9.63 GiB at
 # 0.160 s (H200, item 24). -1 (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between
