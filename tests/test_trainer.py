@@ -58,14 +58,17 @@ def test_loss_falls_and_the_lora_pulls_samples_toward_the_training_image(tmp_pat
     assert trained < 0.9 * base, (trained, base)
 
 
-def test_three_steps_then_resumed_equals_one_straight_run(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_three_steps_then_resumed_equals_one_straight_run(tmp_path, checkpointing):
+    # checkpointed: the block-by-block step, whose backward stages update their own adapters and look the
+    # optimizer's state up again once a resumed run replaces it (engine/optimizer_update.py: StageUpdates)
     straight = make_training_folder(tmp_path / "a", count=3, training_loop={"num_epochs": 2, "batch_size": 1},
-                                    save={"checkpoint_frequency": 1})
+                                    save={"checkpoint_frequency": 1}, gradient_checkpointing=checkpointing)
     _, five, _ = run(straight)
     assert five.step == 6  # 3 images x 2 epochs, batch 1
     # stop the second run after 3 steps, then resume it for the rest
     split = make_training_folder(tmp_path / "b", count=3, training_loop={"num_epochs": 2, "batch_size": 1},
-                                 save={"checkpoint_frequency": 1})
+                                 save={"checkpoint_frequency": 1}, gradient_checkpointing=checkpointing)
     controls = TrainingControls()
 
     def stop_after_three(event):
