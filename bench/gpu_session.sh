@@ -45,6 +45,7 @@
 #           end, with GRADS_FIRST, bf16 beside; rounds, CUDA tests, PROFILES=1: profile      ~4 min + ~0.5 a round
 #   s25     run 25: GRADS_FIRST and forward stages in threes on the split update, rounds, PROFILES=1|2:
 #           profiles with the host's time                                                 ~2 min + 0.6 a round
+#   s26     (next) 20 and 30 kernels a CUDA graph against 10, rounds, PROFILES=1: host time  ~2 min + 0.6 a round
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -615,6 +616,27 @@ s25)
         profile_rows q4_gf "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0,BLOCKWISE_GRADS_FIRST=1@none"  # run 25: q4_g3gf, with BLOCKWISE_FORWARD_GROUP=3
         profile_rows q4 "$graphs" "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
         [ "${PROFILES}" = 2 ] && profile_rows bf16 "" "people-bf16-profiled+LORA_KERNELS=0,ROPE_KERNEL=0"
+    }
+    true ;;
+s26)
+    # (for the next session) the host's cost per CUDA graph: people 4-bit checkpointed with 20 and 30 kernels
+    # a graph (MLX_MAX_OPS_PER_BUFFER; 40 MB kept) against the default 10, bf16 beside, rounds
+    # FIRST_ROUND..ROUNDS (1..3), a warm-up row first; PROFILES=1: the default and 20 profiled with the host's
+    # time (NOTES item 54: 955 graph launches a step, ~36 us each under the profiler). Read with
+    # python bench/read_rounds.py bench/raw/runNN/s26 --against bf16
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    [ "${FIRST_ROUND:-1}" = 1 ] && env_rows q4_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750
+    for round in $(seq ${FIRST_ROUND:-1} ${ROUNDS:-3}); do
+        env_rows q4_$round 80 "" $PEOPLE4 $ROUTES_750
+        env_rows q4_o20_$round 80 "MLX_MAX_OPS_PER_BUFFER=20" $PEOPLE4 $ROUTES_750
+        env_rows q4_o30_$round 80 "MLX_MAX_OPS_PER_BUFFER=30" $PEOPLE4 $ROUTES_750
+        env_rows bf16_$round 80 "" $PEOPLE_BF16 $ROUTES_750
+    done
+    [ "${PROFILES:-0}" != 0 ] && {
+        profile_rows q4 "MLX_MAX_OPS_PER_BUFFER=10 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096" \
+            "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
+        profile_rows q4_o20 "MLX_MAX_OPS_PER_BUFFER=20 MLX_MAX_MB_PER_BUFFER=40 MLX_CUDA_GRAPH_CACHE_SIZE=4096" \
+            "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
     }
     true ;;
 s21r)
