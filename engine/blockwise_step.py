@@ -14,8 +14,10 @@ alive is: the weights, the input of every stage from the first trained one on
 queued op's buffers only once the GPU has run it: ~0.8 GiB a full-size stage in
 bf16, ~1.05 GiB over a 4-bit base). The backward walks the stages from the last
 to the first trained one, recomputing each from its saved input inside one
-compiled vector-Jacobian product. Numbers are the same as `nn.value_and_grad`
-over the whole model (tests/test_blockwise_step.py). People over a 4-bit base,
+compiled vector-Jacobian product, which also runs the optimizer's update of
+the stage's own trained arrays (engine/optimizer_update.py: StageUpdates).
+Numbers are the same as `nn.value_and_grad` and one optimizer update over the
+whole model (tests/test_blockwise_step.py). People over a 4-bit base,
 checkpointed, on an H200: 8.67 GiB at 0.157 s a step, where the one graph held
 10.5 GiB capped at 0.215 s (bench/NOTES.md items 23-27).
 
@@ -246,10 +248,11 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     0.96 GiB, bench/NOTES.md item 24).
 
     `compile_only` (engine/kernel_warmup.py): every stage function is traced, in the same order as a
-    real step's, but only those whose position (`_Functions.position`; the update's is the number of
-    stage functions) it accepts run, each on random stand-ins of its inputs. So several processes,
-    each running its share, compile a step's GPU kernels side by side. The step then returns a zero
-    loss; the model and optimizer change only if the update ran, and meaninglessly."""
+    real step's, but only those whose position (`_Functions.position`; a whole update at the step's
+    end, where the backward stages do not update their own arrays, is the number of stage functions)
+    it accepts run, each on random stand-ins of its inputs. So several processes, each running its
+    share, compile a step's GPU kernels side by side. The step then returns a zero loss; the model
+    changes only if a whole update ran, the optimizer's step count and state meaninglessly."""
     depth = speed.blockwise_depth() if depth is None else depth
     del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
     # before the layouts: the copies are parameters each stage function takes
