@@ -220,16 +220,12 @@ class _Functions:
         return self._get(("forward", layout), lambda: partial(_forward, stage.holder, stage.run, self.copies))
 
     def backward(self, stage: _Stage, layout: tuple, carry_grads: int, temb_grad: bool):
-        """The stage's backward; for a stage with trained arrays where the backward updates them,
-        `_backward_updating`'s."""
+        """The stage's backward; `_backward_updating`'s where it updates the stage's trained arrays."""
         # the trained names from the layout (its last part), not from the module tree on every call
         updating = self.updates is not None and bool(layout[-1])
-        if updating:
-            return self._get(("backward+update", layout, carry_grads, temb_grad),
-                             lambda: partial(_backward_updating, self.updates, stage.holder, stage.run, layout[-1],
-                                             carry_grads, temb_grad, self.copies))
-        return self._get(("backward", layout, carry_grads, temb_grad),
-                         lambda: partial(_backward, stage.holder, stage.run, layout[-1], carry_grads, temb_grad,
+        function = partial(_backward_updating, self.updates) if updating else _backward
+        return self._get(("backward+update" if updating else "backward", layout, carry_grads, temb_grad),
+                         lambda: partial(function, stage.holder, stage.run, layout[-1], carry_grads, temb_grad,
                                          self.copies))
 
 
@@ -270,7 +266,8 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         speed.BLOCKWISE_UPDATE_IN_BACKWARD and copies is None and updates_by_stage(optimizer)) else None
     functions = _Functions(copies is not None, updates)
     state = [transformer.state, optimizer.state]
-    update, trained_names = make_update(transformer, optimizer, copies)
+    # the whole update at the step's end, only where the stages do not update their own arrays
+    update, trained_names = make_update(transformer, optimizer, copies) if updates is None else (None, [])
     holders = [holders_of(stage.holder, names) for stage, names in zip(stages, trainable)]
     full_names = [[f"{stage.prefix}.{name}" if stage.prefix else name for name in names]
                   for stage, names in zip(stages, trainable)]
@@ -397,7 +394,6 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
         return loss
 
     step.stage_functions = functions  # for tests: which compiled functions the step made
-    step.update = update  # for tests: the optimizer update, fed the gradients as a flat list in trained_names order
-    step.trained_names = trained_names
-    step.stage_updates = updates  # for tests: None where the update is the step's last stage
+    # for tests: the whole update (fed the gradients as a flat list in trained_names order), or the stages'
+    step.update, step.trained_names, step.stage_updates = update, trained_names, updates
     return step
