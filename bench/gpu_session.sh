@@ -45,7 +45,9 @@
 #           end, with GRADS_FIRST, bf16 beside; rounds, CUDA tests, PROFILES=1: profile      ~4 min + ~0.5 a round
 #   s25     run 25: GRADS_FIRST and forward stages in threes on the split update, rounds, PROFILES=1|2:
 #           profiles with the host's time                                                 ~2 min + 0.6 a round
-#   s26     (next) 20 and 30 kernels a CUDA graph against 10, rounds, PROFILES=1: host time  ~2 min + 0.6 a round
+#   s26     run 26: 20 and 30 kernels a CUDA graph against 10, rounds, PROFILES=1: host time  ~2 min + 0.6 a round
+#   s27     run 27: a first run with the update kernels early in the join's share, then OLD_ROOT's; rounds
+#           of people 4-bit checkpointed against bf16                                ~4 min + 0.3 a round
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -639,6 +641,20 @@ s26)
             "people-q4-ckpt+LORA_KERNELS=0,ROPE_KERNEL=0@none"
     }
     true ;;
+s27)
+    # run 27: a machine's first run (cold_run: every kernel cache emptied) with the stages' update kernels
+    # compiled first in the join's share of the warm-up, then (OLD_ROOT: a checkout of 2f64be3) without,
+    # each with its warm-up's logs and kernels by time. Run 26 (an H100): 70.3 and 71.8 s, the two trained
+    # single-block backward parts 64-68 s against 30-38 s for every other part. Then people 4-bit checkpointed
+    # against bf16 on MLX's routes, rounds FIRST_ROUND..ROUNDS (1..4). Read the rounds with
+    # python bench/read_rounds.py bench/raw/run27/s27 --against bf16
+    cold_run cold ""
+    [ -n "${OLD_ROOT:-}" ] && (cd "$OLD_ROOT" && cold_run cold_old "")
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    for round in $(seq ${FIRST_ROUND:-1} ${ROUNDS:-4}); do
+        env_rows q4_$round $([ $round = 1 ] && echo 200 || echo 80) "" $PEOPLE4 $ROUTES_750
+        env_rows bf16_$round $([ $round = 1 ] && echo 200 || echo 80) "" $PEOPLE_BF16 $ROUTES_750
+    done ;;
 s21r)
     # run 21, after s21: results.json's 4-bit rows on the code as it is (CUDA's default depth and graphs),
     # every template checkpointed and not, each in its own process, and mflux's 4-bit step in the same

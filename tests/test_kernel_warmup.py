@@ -287,6 +287,48 @@ def test_the_parts_together_compile_every_kernel_a_real_step_compiles(tmp_path):
     assert all(len(share) < len(real) for share in shares)  # each part compiled only a share
 
 
+def test_the_stages_update_kernels_are_compiled_early_in_the_joins_share(tmp_path):
+    # the backward stages update their own arrays (speed.BLOCKWISE_UPDATE_IN_BACKWARD): the update's kernels
+    # would come last in each trained backward, the warm-up's longest parts (run 26: 64-68 s against 30-38 s
+    # for the rest). The share holding the join (a concatenation) compiles them first instead. In bfloat16
+    # with 4-bit layers, as on CUDA: some gradients reach the update in bfloat16 (the cast joins its kernel)
+    import subprocess
+    import sys
+
+    targets = lora_targets(load_template("people"))
+    config, moved = kernel_warmup.mini_model(TRANSFORMER_CONFIG, targets)
+    plan = kernel_warmup.WarmupPlan(
+        transformer_config=config, targets=[list(t) for t in moved], quantize=4, dtype="bfloat16",
+        checkpointing=True, depth=1, one_stage=False, steps_left=100, optimizer="AdamW", learning_rate=1e-4,
+        latent_shape=[4, 4], t5_length=8, pooled_width=TRANSFORMER_CONFIG["pooled_projection_dim"],
+        guidance=True, batch_size=1)
+    # people's small step: embedders, joint block, join, two single-block forwards, the head's backward,
+    # then the two trained single blocks' backward with their update (positions 6 and 7): one share each
+    parts, join, trained_backward = 8, 2, 6
+
+    def start(name, share, update_in_backward):
+        folder = tmp_path / name
+        folder.mkdir()
+        script = (f"from engine.flux import speed; speed.DEFAULTS['BLOCKWISE_UPDATE_IN_BACKWARD'] = "
+                  f"{update_in_backward}\n" + _KERNELS_SCRIPT)
+        return subprocess.Popen([sys.executable, "-c", script, json.dumps(plan.__dict__), json.dumps([share, parts])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, TMPDIR=str(folder)))
+
+    def compiled(process):
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+        return set(json.loads(out.splitlines()[-1]))
+
+    processes = [start("join", join, True), start("backward", trained_backward, True),
+                 start("backward_alone", trained_backward, False)]
+    join_share, backward, backward_alone = map(compiled, processes)
+    update_kernels = backward - backward_alone
+    assert len(update_kernels) >= 2 and any("AsType" in name for name in update_kernels)
+    assert update_kernels <= join_share  # compiled in the join's share, before its own stage
+    assert len(join_share - update_kernels) <= 1  # the join itself: a copy at most
+
+
 def test_processes_are_counted_from_the_cores_and_the_room(monkeypatch):
     plan = kernel_warmup.make_plan(load_template("people"), _Model(FLUX_DEV), 1, False, 100)
     plan.checkpointing, plan.encoder_configs = True, {"t5": {}, "vae": {}, "clip": {}}
