@@ -649,7 +649,7 @@ s27)
     # against bf16 on MLX's routes, rounds FIRST_ROUND..ROUNDS (1..4). Read the rounds with
     # python bench/read_rounds.py bench/raw/run27/s27 --against bf16
     cold_run cold ""
-    [ -n "${OLD_ROOT:-}" ] && (cd "$OLD_ROOT" && cold_run cold_old "")
+    [ -n "${OLD_ROOT:-}" ] && (cd "$OLD_ROOT" && export PYTHONPATH=/tmp/site:$OLD_ROOT && cold_run cold_old "")
     export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
     for round in $(seq ${FIRST_ROUND:-1} ${ROUNDS:-4}); do
         env_rows q4_$round $([ $round = 1 ] && echo 200 || echo 80) "" $PEOPLE4 $ROUTES_750
