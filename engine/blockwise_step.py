@@ -44,7 +44,7 @@ from engine.flux.bounded_queue import UNBOUNDED, BoundedQueue
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
 from engine.lora import ComputeCopies, using_compute_copies
-from engine.optimizer_update import StageUpdates, holders_of, make_update, updates_by_stage
+from engine.optimizer_update import StageUpdates, compile_stage_updates, holders_of, make_update, updates_by_stage
 from engine.training_step import flow_loss, noisy_latents
 
 log = logging.getLogger(__name__)
@@ -195,27 +195,6 @@ def _backward_updating(updates: StageUpdates, template, run, trainable: tuple, c
     return outputs, vjps[len(trainable):], new_parameters, new_states
 
 
-def _compile_stage_updates(updates: StageUpdates, scalars: dict, stages: list[tuple[list, list[str]]],
-                           compute_dtype: mx.Dtype) -> None:
-    """Run, on stand-in gradients, each trained stage's optimizer update as its backward stage function runs
-    it (StageUpdates.apply on the stage's arrays and state, in one compiled call), so that this process
-    compiles the update's GPU kernels (engine/kernel_warmup.py). A gradient reaches the update either in the
-    stage's compute dtype, its cast to the array's dtype joining the update's kernel (an adapter's A, or an
-    unfused LoRA layer's), or already cast (B, behind its transpose): both kinds are compiled. Nothing is
-    stored: the model and the optimizer's state stay as they were."""
-    done = set()
-    for holders, names in stages:
-        arrays = [module[key] for module, key in holders]
-        for dtype in dict.fromkeys([compute_dtype, *(array.dtype for array in arrays)]):
-            key = (dtype, tuple((tuple(array.shape), str(array.dtype)) for array in arrays))
-            if key in done:
-                continue
-            done.add(key)
-            gradients = [mx.random.normal(array.shape).astype(dtype) for array in arrays]
-            new_arrays, new_states = mx.compile(updates.apply)(scalars, gradients, arrays, updates.states(names))
-            mx.eval(new_arrays, new_states)
-
-
 class _Functions:
     """One compiled forward and backward per stage layout, traced on the first stage that has it."""
 
@@ -338,8 +317,8 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
                 if warming and stages[i].run is _run_join and scalars is not None:
                     # the stages' update kernels, in the process whose share holds the join, the cheapest stage
                     # function, first, rather than at the end of each trained backward (a machine's first run)
-                    _compile_stage_updates(updates, scalars, [(holders[j], full_names[j]) for j in trained],
-                                           transformer.dtype)
+                    compile_stage_updates(updates, scalars, [(holders[j], full_names[j]) for j in trained],
+                                          transformer.dtype)
                 queue.push(list(carry))
             if first_call[0]:
                 stage_times.append((time.perf_counter(), i))

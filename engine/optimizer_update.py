@@ -135,6 +135,28 @@ class StageUpdates:
             state.update(new)
 
 
+def compile_stage_updates(updates: StageUpdates, scalars: dict, stages: list[tuple[list, list[str]]],
+                          compute_dtype: mx.Dtype) -> None:
+    """Run, on stand-in gradients, each trained stage's optimizer update as its backward stage function runs
+    it (StageUpdates.apply on the stage's arrays and state, in one compiled call), so that this process
+    compiles the update's GPU kernels (engine/kernel_warmup.py: the part holding the join runs this first,
+    engine/blockwise_step.py). A gradient reaches the update either in the stage's compute dtype, its cast
+    to the array's dtype joining the update's kernel (an adapter's A, or an unfused LoRA layer's), or
+    already cast (B, behind its transpose): both kinds are compiled. Nothing is stored: the model and the
+    optimizer's state stay as they were."""
+    done = set()
+    for holders, names in stages:
+        arrays = [module[key] for module, key in holders]
+        for dtype in dict.fromkeys([compute_dtype, *(array.dtype for array in arrays)]):
+            key = (dtype, tuple((tuple(array.shape), str(array.dtype)) for array in arrays))
+            if key in done:
+                continue
+            done.add(key)
+            gradients = [mx.random.normal(array.shape).astype(dtype) for array in arrays]
+            new_arrays, new_states = mx.compile(updates.apply)(scalars, gradients, arrays, updates.states(names))
+            mx.eval(new_arrays, new_states)
+
+
 def holders_of(module: nn.Module, names: list[str]) -> list[tuple[nn.Module, str]]:
     """(module, attribute) of each trained array at `names` under `module`."""
     holders = []
