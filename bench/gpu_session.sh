@@ -48,7 +48,8 @@
 #   s26     run 26: 20 and 30 kernels a CUDA graph against 10, rounds, PROFILES=1: host time  ~2 min + 0.6 a round
 #   s27     run 27: a first run with the update kernels early in the join's share, then OLD_ROOT's; rounds
 #           of people 4-bit checkpointed against bf16                                ~4 min + 0.3 a round
-#   s28     the fused input projection's probe (one 4-bit product for q, k, v, MLP input against four)  ~2 min
+#   s28     one 4-bit product for a single block's q, k, v and MLP input against four: the probe, then the
+#           step with FUSED_SINGLE_INPUTS against the default, bf16 beside, rounds            ~5 min + 0.4 a round
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -657,13 +658,24 @@ s27)
         env_rows bf16_$round $([ $round = 1 ] && echo 200 || echo 80) "" $PEOPLE_BF16 $ROUTES_750
     done ;;
 s28)
-    # NOTES item 55's lead, probed before it is built: a single block's q, k, v and MLP input as one 4-bit
-    # product against four, each with its LoRA, forward and backward as a checkpointed backward stage runs
-    # them (bench/probe_fused_inputs.py: seconds a call with the host's share, rank 8 and 4)
+    # NOTES item 55's lead: a single block's q, k, v and MLP input as one 4-bit product against four, each
+    # with its LoRA. First the probe (bench/probe_fused_inputs.py: forward and backward as a checkpointed
+    # backward stage runs them, seconds a call with the host's share, rank 8 and 4), then the step itself
+    # (speed.FUSED_SINGLE_INPUTS) against the default, bf16 beside (the switch leaves bf16's dense layers
+    # alone), rounds FIRST_ROUND..ROUNDS (1..3), a first row to compile. Read the rounds with
+    # python bench/read_rounds.py bench/raw/runNN/s28 --against bf16
     for rank in 8 4; do
         timeout 150 python bench/probe_fused_inputs.py --rank $rank >"$out/probe_r$rank.log" 2>&1
         echo "rank $rank rc=$?"; grep '^{' "$out/probe_r$rank.log" | cut -c1-200
         mv -f "$out/fused_inputs.json" "$out/fused_inputs_r$rank.json" 2>/dev/null
+    done
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    [ "${FIRST_ROUND:-1}" = 1 ] && env_rows q4_fused_0 ${FIRST_ROW_TIMEOUT:-200} "" $PEOPLE4 $ROUTES_750 \
+        --switch FUSED_SINGLE_INPUTS=1
+    for round in $(seq ${FIRST_ROUND:-1} ${ROUNDS:-3}); do
+        env_rows q4_$round 120 "" $PEOPLE4 $ROUTES_750
+        env_rows q4_fused_$round 80 "" $PEOPLE4 $ROUTES_750 --switch FUSED_SINGLE_INPUTS=1
+        env_rows bf16_$round 120 "" $PEOPLE_BF16 $ROUTES_750
     done ;;
 s21r)
     # run 21, after s21: results.json's 4-bit rows on the code as it is (CUDA's default depth and graphs),

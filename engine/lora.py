@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from engine.errors import LoraFormatError, UserError
 from engine.flux import speed
 from engine.lora_fused import lora_linear, lora_linear_from_copies
-from engine.lora_kernels import kernels_apply, lora_update
+from engine.lora_kernels import add_low_rank, kernels_apply, lora_update, skinny_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ class LoRALinear(nn.Module):
         """Adapters from the outermost to the innermost wrapped layer."""
         inner = self.base.deltas() if isinstance(self.base, LoRALinear) else []
         return [LoraDelta(self.lora_A, self.lora_B, self.scale), *inner]
+
+    def add_to(self, y: mx.array, x: mx.array) -> mx.array:
+        """y + this adapter's product on x, y being the base's output on x made elsewhere (one product
+        for several layers: engine/flux/fused_inputs.py)."""
+        lora_B = self.lora_B if self.scale == 1.0 else self.lora_B * self.scale
+        return add_low_rank(y, skinny_matmul(x, self.lora_A), lora_B)
 
     def innermost(self) -> nn.Module:
         return self.base.innermost() if isinstance(self.base, LoRALinear) else self.base

@@ -33,7 +33,12 @@ def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, 
     gradient checkpointing on, the step runs block by block (engine/blockwise_step.py), at
     `blockwise_depth` (None: speed.blockwise_depth()); `compile_only`: see make_blockwise_step."""
     from engine.flux import speed
+    from engine.flux.fused_inputs import fuse_single_block_inputs
 
+    if speed.FUSED_SINGLE_INPUTS and fuse_single_block_inputs(transformer):
+        # the optimizer's state tree takes the new (frozen) layers' places; its values stay (MLX's init
+        # fills in only what is missing, as after a restored state)
+        optimizer.init(transformer.trainable_parameters())
     if transformer.gradient_checkpointing and speed.BLOCKWISE_CHECKPOINTING:
         from engine.blockwise_step import make_blockwise_step
 

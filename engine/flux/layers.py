@@ -157,10 +157,15 @@ class FluxAttention(nn.Module):
         x = projection(x).reshape(batch, length, self.heads, self.head_dim)
         return norm(x) if norm is not None else x
 
-    def __call__(self, x: mx.array, rope, context: mx.array | None = None):
-        query = self._heads(x, self.to_q, self.norm_q)
-        key = self._heads(x, self.to_k, self.norm_k)
-        value = self._heads(x, self.to_v)
+    def __call__(self, x: mx.array, rope, context: mx.array | None = None, projected: list | None = None):
+        """`projected`: to_q, to_k and to_v's outputs on x, made elsewhere (engine/flux/fused_inputs.py)."""
+        if projected is None:
+            query = self._heads(x, self.to_q, self.norm_q)
+            key = self._heads(x, self.to_k, self.norm_k)
+            value = self._heads(x, self.to_v)
+        else:
+            query, key, value = (self._heads(p, lambda a: a, norm)
+                                 for p, norm in zip(projected, (self.norm_q, self.norm_k, None)))
         if context is not None:
             # text tokens first, as the rotary ids are ordered
             query = mx.concatenate([self._heads(context, self.add_q_proj, self.norm_added_q), query], axis=1)

@@ -91,6 +91,11 @@ BLOCKWISE_GRADS_FIRST = True
 # profile, bench/NOTES.md item 53); in the stages, the host makes them while the GPU runs queued stages,
 # and each gradient's float32 cast joins its array's update kernel. The same numbers, to the bit
 BLOCKWISE_UPDATE_IN_BACKWARD = True
+# A single block's q, k, v and MLP input (four 4-bit layers reading one input) as one dequantize and one
+# product (engine/flux/fused_inputs.py), made where a training step is built: 3 dequantizes and 3 cuBLAS
+# calls fewer in each forward and recompute, 3 cuBLAS calls fewer in the backward, for up to 4 copies of
+# the slices. Off until measured on a GPU (bench/NOTES.md item 55; bench/probe_fused_inputs.py)
+FUSED_SINGLE_INPUTS = False
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch;
 # None: the backend's, `blockwise_depth`). 1: people 4-bit held 8.67 GiB at 0.157 s, 2: 9.63 GiB at
 # 0.160 s (H200, item 24). -1 (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between

@@ -9,7 +9,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.flux import speed
 from engine.flux.bounded_queue import BoundedQueue
+from engine.flux.fused_inputs import project
 from engine.flux.layers import (
     AdaptiveModulation,
     FeedForward,
@@ -64,8 +66,13 @@ class FluxSingleTransformerBlock(nn.Module):
     def __call__(self, x, temb, rope):
         shift, scale, gate = self.norm(temb)
         normed = modulate(x, shift, scale)
-        mlp = gelu_tanh(self.proj_mlp(normed))
-        attn = self.attn(normed, rope)
+        if speed.FUSED_SINGLE_INPUTS and "fused_inputs" in self:  # q, k, v and the MLP's input as one product
+            query, key, value, mlp = project(self, normed)
+            mlp = gelu_tanh(mlp)
+            attn = self.attn(normed, rope, projected=[query, key, value])
+        else:
+            mlp = gelu_tanh(self.proj_mlp(normed))
+            attn = self.attn(normed, rope)
         return x + gate * self.proj_out(mx.concatenate([attn, mlp], axis=-1))
 
 
