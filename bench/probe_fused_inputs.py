@@ -78,10 +78,9 @@ def variants(layers, fused):
     def separate(x, adapters):
         return with_adapters(adapters, lambda: [layer(x) for layer in layers])
 
-    def fused_slices(x, adapters):
+    def fused_slices(x, adapters):  # as engine/flux/fused_inputs.py: project runs it
         parts = mx.split(fused(x), splits, axis=-1)
-        return [add_low_rank(part, skinny_matmul(x, a), b * layer.scale)
-                for part, layer, (a, b) in zip(parts, layers, adapters)]
+        return with_adapters(adapters, lambda: [layer.add_to(part, x) for part, layer in zip(parts, layers)])
 
     def fused_sum(x, adapters):
         deltas = [add_low_rank(None, skinny_matmul(x, a), b * layer.scale) for layer, (a, b) in zip(layers, adapters)]

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from engine.errors import LoraFormatError, UserError
 from engine.flux import speed
 from engine.lora_fused import lora_linear, lora_linear_from_copies
-from engine.lora_kernels import add_low_rank, kernels_apply, lora_update, skinny_matmul
+from engine.lora_kernels import kernels_apply, lora_update
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,13 @@ class LoRALinear(nn.Module):
 
     def add_to(self, y: mx.array, x: mx.array) -> mx.array:
         """y + this adapter's product on x, y being the base's output on x made elsewhere (one product
-        for several layers: engine/flux/fused_inputs.py)."""
-        lora_B = self.lora_B if self.scale == 1.0 else self.lora_B * self.scale
-        return add_low_rank(y, skinny_matmul(x, self.lora_A), lora_B)
+        for several layers: engine/flux/fused_inputs.py). Autodiff takes its gradients, so it runs MLX's
+        own products, never our kernels (engine/lora_kernels.py), which have no vjp of their own."""
+        z = x @ self.lora_A.astype(x.dtype).T
+        lora_B = (self.lora_B if self.scale == 1.0 else self.lora_B * self.scale).astype(x.dtype).T
+        if speed.LORA_ADDMM and y.dtype == x.dtype:
+            return mx.addmm(y, z, lora_B)
+        return y + (z @ lora_B).astype(y.dtype)
 
     def innermost(self) -> nn.Module:
         return self.base.innermost() if isinstance(self.base, LoRALinear) else self.base
