@@ -3,8 +3,8 @@
 The four layers read the same normed input. On CUDA each is a dequantize and a cuBLAS call in the forward,
 again in a checkpointed step's recompute, and a cuBLAS call for the input's gradient in the backward; the
 4-bit step is bound by the host's cost per kernel and per cuBLAS call (bench/NOTES.md items 54-55). Here a
-block's four packed weights (and scales, biases, biases of the layer) are concatenated along the output
-axis into one frozen layer, `fused_inputs`, and the four layers' own arrays become slices of it (views:
+block's four packed weights, with their scales, quantization biases and layer biases, are concatenated along
+the output axis into one frozen layer, `fused_inputs`, and the four layers' own arrays become slices of it (views:
 no second copy), so every other route (and every name, file and LoRA) stays as it was. The block's call
 runs that one layer, splits its output into the four, and adds each layer's LoRA to its part; autodiff
 then takes the input's gradient as one product of the four cotangents joined.
@@ -18,12 +18,11 @@ import mlx.nn as nn
 
 from engine.flux.quantized import DequantizingLinear
 
-# the block's layers that read the normed input, in the order their outputs are joined
-PROJECTIONS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-PACKED = ("weight", "scales", "biases", "bias")
+PACKED = ("weight", "scales", "biases", "bias")  # a dequantizing linear's arrays, joined along the output axis
 
 
 def _layers(block: nn.Module) -> list[nn.Module]:
+    """The block's layers that read the normed input, in the order their outputs are joined."""
     return [block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp]
 
 
