@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from engine.flux.quantized import DequantizingLinear
+from engine.lora import LoRALinear
 
 PACKED = ("weight", "scales", "biases", "bias")  # a dequantizing linear's arrays, joined along the output axis
 
@@ -28,16 +29,12 @@ def _layers(block: nn.Module) -> list[nn.Module]:
 
 def _base(layer: nn.Module) -> nn.Module:
     """The frozen linear under at most one LoRA wrapper (engine/lora.py: LoRALinear), else the layer."""
-    from engine.lora import LoRALinear
-
     return layer.base if isinstance(layer, LoRALinear) else layer
 
 
 def fusable(block: nn.Module) -> bool:
     """Whether the four layers are dequantizing linears (each under at most one LoRA) of one quantization,
     with their biases, in one dtype."""
-    from engine.lora import LoRALinear
-
     layers = _layers(block)
     if any(isinstance(layer, LoRALinear) and isinstance(layer.base, LoRALinear) for layer in layers):
         return False
@@ -77,8 +74,6 @@ def fuse_single_block_inputs(transformer: nn.Module) -> int:
 
 def project(block: nn.Module, x: mx.array) -> list[mx.array]:
     """The four layers' outputs on `x` (q, k, v, the MLP's input) through the block's `fused_inputs`."""
-    from engine.lora import LoRALinear
-
     layers = _layers(block)
     widths = [_base(layer)["bias"].shape[0] for layer in layers]
     bounds = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]

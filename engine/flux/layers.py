@@ -151,26 +151,23 @@ class FluxAttention(nn.Module):
             self.norm_added_k = nn.RMSNorm(head_dim, eps=NORM_EPS)
             self.to_add_out = nn.Linear(inner_dim, dim)
 
-    def _heads(self, x: mx.array, projection: nn.Module, norm: nn.Module | None = None) -> mx.array:
-        """(B, L, dim) -> (B, L, heads, head_dim): rotary positions apply in this layout, one row per token."""
-        batch, length, _ = x.shape
-        x = projection(x).reshape(batch, length, self.heads, self.head_dim)
+    def _heads(self, projected: mx.array, norm: nn.Module | None = None) -> mx.array:
+        """A projection's (B, L, inner) -> (B, L, heads, head_dim): rotary positions apply in this layout, one
+        row per token."""
+        batch, length, _ = projected.shape
+        x = projected.reshape(batch, length, self.heads, self.head_dim)
         return norm(x) if norm is not None else x
 
     def __call__(self, x: mx.array, rope, context: mx.array | None = None, projected: list | None = None):
         """`projected`: to_q, to_k and to_v's outputs on x, made elsewhere (engine/flux/fused_inputs.py)."""
         if projected is None:
-            query = self._heads(x, self.to_q, self.norm_q)
-            key = self._heads(x, self.to_k, self.norm_k)
-            value = self._heads(x, self.to_v)
-        else:
-            query, key, value = (self._heads(p, lambda a: a, norm)
-                                 for p, norm in zip(projected, (self.norm_q, self.norm_k, None)))
+            projected = [self.to_q(x), self.to_k(x), self.to_v(x)]
+        query, key, value = (self._heads(p, norm) for p, norm in zip(projected, (self.norm_q, self.norm_k, None)))
         if context is not None:
             # text tokens first, as the rotary ids are ordered
-            query = mx.concatenate([self._heads(context, self.add_q_proj, self.norm_added_q), query], axis=1)
-            key = mx.concatenate([self._heads(context, self.add_k_proj, self.norm_added_k), key], axis=1)
-            value = mx.concatenate([self._heads(context, self.add_v_proj), value], axis=1)
+            query = mx.concatenate([self._heads(self.add_q_proj(context), self.norm_added_q), query], axis=1)
+            key = mx.concatenate([self._heads(self.add_k_proj(context), self.norm_added_k), key], axis=1)
+            value = mx.concatenate([self._heads(self.add_v_proj(context)), value], axis=1)
         # (B, heads, L, head_dim) for the fused attention
         query, key, value = (t.transpose(0, 2, 1, 3) for t in (apply_rope(query, rope), apply_rope(key, rope), value))
         out = attention(query, key, value, self.head_dim**-0.5, backward=_joint_backward() if context is not None else "fused")
