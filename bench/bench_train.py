@@ -34,7 +34,7 @@ from engine.flux.latents import latent_image_ids, text_ids  # noqa: E402
 from engine.flux.loading import quantize_module  # noqa: E402
 from engine.flux.transformer import FluxTransformer  # noqa: E402
 from engine.lora import apply_lora, remove_lora  # noqa: E402
-from engine.training_step import make_train_step  # noqa: E402
+from engine.training_step import make_train_step, queue_uncompiled  # noqa: E402
 
 SMALL = bool(os.environ.get("SMALL"))
 DEFAULT_MEMORY_LIMIT = mx.set_memory_limit(0)  # MLX's default, read by setting and restoring it
@@ -119,7 +119,8 @@ def steady_intervals(intervals: list[float]) -> list[float]:
 
 
 def measure(transformer, template: str, checkpointing: bool, resolution: int, steps: int, warmup: int = 3,
-            memory_limit: int | None = None, switches: dict | None = None, phase_peaks: bool = False) -> dict:
+            memory_limit: int | None = None, switches: dict | None = None, phase_peaks: bool = False,
+            uncompiled: bool = False) -> dict:
     from engine.flux import speed
 
     dtype = mx.float32 if SMALL else mx.bfloat16
@@ -145,7 +146,8 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
     def one_step(index):
         noise = mx.random.normal(latents.shape, key=mx.random.key(100 + index))
         sigma = mx.array([0.1 + 0.8 * ((index * 0.37) % 1.0)])
-        return step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
+        arrays = (latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
+        return queue_uncompiled(step, *arrays) if uncompiled else step(*arrays)
 
     mx.clear_cache()
     active_before = mx.get_active_memory()
@@ -186,6 +188,9 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+",
                         help="checkpointed rows: one row per block-by-block depth (BLOCKWISE_DEPTH), in one process; "
                              "-1 never waits between stages, leaving MLX's own limit of in-flight CUDA graphs")
+    parser.add_argument("--uncompiled", action="store_true",
+                        help="every step with MLX's compile off, as the trainer runs the steps it queues while the "
+                             "kernel warm-up compiles (engine/training_step.py: queue_uncompiled)")
     parser.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
                         help="set a switch of engine/flux/speed.py after the trainer's own choice (repeatable; "
                              "a number for the integer ones: BLOCKWISE_DEPTH=3)")
@@ -226,7 +231,7 @@ def main() -> None:
                        "resolution": args.resolution, "device": device, "mlx": mx.__version__,
                        "weights_gib": round(weights_gib, 2), "build_s": round(build_s, 1), "switches_set": row_switches,
                        "mlx_env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
-                       "graph_settings_set": graph_settings}
+                       "graph_settings_set": graph_settings, "uncompiled": args.uncompiled}
                 try:
                     # the estimate at this row's settings (the previous row's --depths must not leak in)
                     speed.configure_for_training()
@@ -244,7 +249,8 @@ def main() -> None:
                         limit = int(args.memory_limit_gib * 2**30)
                     row["memory_limit_gib"] = round(limit / 2**30, 2) if limit else None
                     row.update(measure(transformer, template, checkpointing, args.resolution, args.steps,
-                                       memory_limit=limit, switches=row_switches, phase_peaks=args.phase_peaks))
+                                       memory_limit=limit, switches=row_switches, phase_peaks=args.phase_peaks,
+                                       uncompiled=args.uncompiled))
                     row["estimate_gib"], row["estimate_parts_gib"] = estimate, parts
                 except Exception as error:  # keep measuring the others
                     row["error"] = repr(error)[:300]

@@ -50,6 +50,8 @@
 #           of people 4-bit checkpointed against bf16                                ~4 min + 0.3 a round
 #   s28     one 4-bit product for a single block's q, k, v and MLP input against four: the probe, then the
 #           step with FUSED_SINGLE_INPUTS against the default, bf16 beside, rounds            ~5 min + 0.4 a round
+#   s29     a first run training uncompiled while the warm-up compiles (the default), the same waiting for it,
+#           OLD_ROOT's first run, then the next run                                    ~5-6 min (+ the model's write)
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -132,13 +134,15 @@ profile_rows() {
     mv -f "$out/profile.json" "$out/profile_$name.json" 2>/dev/null
 }
 
-# a machine's first run (every kernel cache emptied first): cold_run NAME "VAR=VALUE ..." (timeout COLD_TIMEOUT)
+# a machine's first run (every kernel cache emptied first): cold_run NAME "VAR=VALUE ..." [time_to_first_step.py's
+# arguments] (timeout COLD_TIMEOUT)
 cold_run() {
     local name=$1 vars=$2
+    shift 2
     rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
     mkdir -p "$out/$name"
     OUT=$out/$name env $vars timeout ${COLD_TIMEOUT:-330} python bench/time_to_first_step.py --template people \
-        --quantize 4 --checkpointing >"$out/$name/stdout.log" 2>&1
+        --quantize 4 --checkpointing "$@" >"$out/$name/stdout.log" 2>&1
     echo "$name [$vars] rc=$?"; tail -c 1200 "$out/$name/stdout.log"; echo
     echo "marker: $(cat /tmp/ttfs-mlx-kernels/dreambooth-wizard-warm-* 2>/dev/null)"
     grep -h "warm-up\|first block-by-block step" "$out/$name/train_stderr.log" | cut -c1-400
@@ -657,6 +661,19 @@ s27)
         env_rows q4_$round $([ $round = 1 ] && echo 200 || echo 80) "" $PEOPLE4 $ROUTES_750
         env_rows bf16_$round $([ $round = 1 ] && echo 200 || echo 80) "" $PEOPLE_BF16 $ROUTES_750
     done ;;
+s29)
+    # run 29: a machine's first run training uncompiled while the warm-up compiles (speed.TRAIN_WHILE_COMPILING,
+    # NOTES item 56): the first step once the transformer has loaded, the compiled step from the step after the
+    # warm-up ends (phases' kernels_ready), whole-run peak over both (--compiled-steps); then the same commit
+    # waiting for the warm-up (the update kernels in the join's share, item 55's fix, alone), then OLD_ROOT's
+    # (a checkout of 2f64be3: neither), then the next run with every cache kept. Run 26 (an H100): 70.3 s
+    cold_run cold "" --epochs 200 --compiled-steps 5
+    cold_run cold_wait "DREAMBOOTH_WIZARD_TRAIN_WHILE_COMPILING=0" --epochs 200 --compiled-steps 5
+    [ -n "${OLD_ROOT:-}" ] && (cd "$OLD_ROOT" && export PYTHONPATH=/tmp/site:$OLD_ROOT && cold_run cold_old "")
+    mkdir -p "$out/next"
+    OUT=$out/next timeout 150 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
+        --epochs 200 --steps 5 >"$out/next/stdout.log" 2>&1
+    echo "next rc=$?"; tail -c 600 "$out/next/stdout.log"; echo ;;
 s28)
     # NOTES item 55's lead: a single block's q, k, v and MLP input as one 4-bit product against four, each
     # with its LoRA. First the probe (bench/probe_fused_inputs.py: forward and backward as a checkpointed

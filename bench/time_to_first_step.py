@@ -92,7 +92,7 @@ def write_random_model(folder: Path) -> None:
 
 
 def make_run_folder(folder: Path, model_dir: Path, template: str, quantize: int | None, checkpointing: bool,
-                    preview_every: int | None = None) -> Path:
+                    preview_every: int | None = None, epochs: int = 1) -> Path:
     from engine.config import config_to_dict, load_template
     from tests.helpers import draw_subject
 
@@ -106,7 +106,7 @@ def make_run_folder(folder: Path, model_dir: Path, template: str, quantize: int 
     data.update(model=str(model_dir), quantize=quantize, width=512, height=512, gradient_checkpointing=checkpointing,
                 examples={"path": "images/", "images": entries},
                 save={"output_path": str(folder / "out"), "checkpoint_frequency": 1000},
-                training_loop={"num_epochs": 1, "batch_size": 1})
+                training_loop={"num_epochs": epochs, "batch_size": 1})
     if preview_every:  # the template's preview (its prompt, 25 steps at 512) this often
         data["instrumentation"] = dict(data.get("instrumentation") or {"validation_prompt": "photo of sks toy"},
                                        generate_image_frequency=preview_every, plot_frequency=preview_every)
@@ -127,6 +127,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1,
                         help="steps to wait for before stopping the trainer (each one's time and peak is kept: "
                              "the last one's peak is the whole run's so far, encoding included)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs over the 5 images (the run's length)")
+    parser.add_argument("--compiled-steps", type=int, default=0,
+                        help="after --steps, go on until this many compiled steps have finished (on a machine's "
+                             "first run the first steps run uncompiled while the GPU kernels compile: the whole "
+                             "run's peak then covers both)")
     parser.add_argument("--preview-every", type=int,
                         help="make the template's preview image every this many steps (default: none)")
     args = parser.parse_args()
@@ -139,7 +144,7 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # a user's first run: no encodings cached yet
     config = make_run_folder(run_dir, model_dir, args.template, args.quantize or None, args.checkpointing,
-                             args.preview_every)
+                             args.preview_every, args.epochs)
     log_path = Path(os.environ.get("OUT", run_dir), "train_stderr.log")
     launched = time.time()
     # the trainer's own home (encodings cache, logs) in the fresh run folder; --verbose logs where
@@ -160,17 +165,22 @@ def main() -> None:
                 except ValueError:
                     continue
                 if event["type"] == "phase":
-                    phases[event["phase"]] = round(event["time"] - launched, 2)
+                    at = round(event["time"] - launched, 2)
+                    if event["phase"] in phases:  # a second "train": the GPU kernels are compiled (engine/trainer.py)
+                        phases["kernels_ready"] = at
+                    phases.setdefault(event["phase"], at)
                     # as it happens, so a run cut by its timeout still says how far it got
-                    print(f"phase {event['phase']} at {phases[event['phase']]} s", file=sys.stderr, flush=True)
+                    print(f"phase {event['phase']} at {at} s: {event.get('detail')}", file=sys.stderr, flush=True)
                 if event["type"] == "progress":  # each progress phase's first and last event (encode prompts, ...)
                     seen = progress.setdefault(event["phase"], [round(event["time"] - launched, 2)] * 2)
                     seen[1] = round(event["time"] - launched, 2)
                 if event["type"] == "step":
-                    steps.append({"s": round(event["time"] - launched, 2), "peak_gib": round(event["peak_memory_gib"], 2)})
-                    print(f"step {len(steps)} at {steps[-1]['s']} s, peak {steps[-1]['peak_gib']} GiB", file=sys.stderr,
-                          flush=True)
-                    if len(steps) == args.steps:
+                    steps.append({"s": round(event["time"] - launched, 2), "peak_gib": round(event["peak_memory_gib"], 2),
+                                  "uncompiled": bool(event.get("uncompiled"))})
+                    print(f"step {len(steps)} at {steps[-1]['s']} s, peak {steps[-1]['peak_gib']} GiB"
+                          f"{' (uncompiled)' if steps[-1]['uncompiled'] else ''}", file=sys.stderr, flush=True)
+                    compiled = sum(not step["uncompiled"] for step in steps)
+                    if len(steps) >= args.steps and compiled >= args.compiled_steps and process.poll() is None:
                         process.terminate()  # SIGTERM: the trainer checkpoints and exits
             process.wait(timeout=600)
         finally:
@@ -185,6 +195,8 @@ def main() -> None:
            "progress_s_from_launch": progress, "first_step": first_step,
            "time_to_first_step_s": first_step["s"] if first_step else None, "first_step_log": first_step_log,
            "steps": steps, "whole_run_peak_gib": steps[-1]["peak_gib"] if steps else None,
+           "uncompiled_steps": sum(step["uncompiled"] for step in steps),
+           "uncompiled_peak_gib": max((step["peak_gib"] for step in steps if step["uncompiled"]), default=None),
            "kernel_cache_files": kernels, "exit_code": process.returncode}
     print(json.dumps(row), flush=True)
     if os.environ.get("OUT"):

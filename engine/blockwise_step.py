@@ -45,7 +45,7 @@ from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
 from engine.lora import ComputeCopies, using_compute_copies
 from engine.optimizer_update import StageUpdates, compile_stage_updates, holders_of, make_update, updates_by_stage
-from engine.training_step import flow_loss, noisy_latents
+from engine.training_step import compile_is_off, flow_loss, noisy_latents
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     it accepts run, each on random stand-ins of its inputs. So several processes, each running its
     share, compile a step's GPU kernels side by side. The step then returns a zero loss; the model
     changes only if a whole update ran, the optimizer's step count and state meaninglessly."""
-    depth = speed.blockwise_depth() if depth is None else depth
+    default_depth = speed.blockwise_depth() if depth is None else depth
     del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
     # before the layouts: the copies are parameters each stage function takes
     copies = ComputeCopies(transformer, transformer.dtype) if speed.LORA_COMPUTE_COPIES else None
@@ -276,13 +276,14 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     warming = compile_only is not None
     runs = lambda function: compile_only(functions.position(function))  # noqa: E731
 
-    def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
+    def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids, depth: int | None = None):
+        """`depth`: this call's, where it is not the step's (engine/training_step.py: queue_uncompiled)."""
         started = time.perf_counter()
         if copies is not None:
             copies.ensure_fresh()
         scalars = updates.begin() if updates is not None and trained else None
         stage_times = [(started, 0)]  # (when each forward stage was queued, its index), on the first call
-        queue = BoundedQueue(depth)
+        queue = BoundedQueue(default_depth if depth is None else depth)
         rope = transformer.rope(img_ids, txt_ids)
         inputs = (latents, noise, sigma, hidden, pooled) + ((guidance,) if has_guidance else ())
         # each stage's parameters, gathered when the stage is first queued rather than all at the step's
@@ -386,7 +387,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
                 if copies is not None:
                     copies.mark_fresh()
             queue.push([loss, state])  # the update is the last stage
-        if first_call[0]:  # where a first step's time goes: tracing, compiling kernels, running
+        if first_call[0] and not compile_is_off():  # where a first compiled step's time goes: tracing, compiling
             first_call[0] = False
             log.info("first block-by-block step: forward traced and queued in %.1f s, backward and update in "
                      "%.1f s (%d stage functions compiled); the slowest forward stages: %s", forward_done - started,

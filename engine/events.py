@@ -7,7 +7,9 @@ JSON-lines printer or a test can subscribe without importing the trainer:
               (encoders load and run first, the transformer loads, quantized as it loads, after they are freed;
               "kernels": waiting for engine/kernel_warmup.py, on CUDA, on a machine's first run)
   progress    {"phase": str, "done": int, "total": int}           (loading, encoding)
-  step        {"step", "total_steps", "epoch", "num_epochs", "loss", "it_per_s", "eta_s", "peak_memory_gib"}
+  step        {"step", "total_steps", "epoch", "num_epochs", "loss", "it_per_s", "eta_s", "peak_memory_gib",
+               "uncompiled": bool}  (uncompiled: run while this machine's GPU kernels compiled, slower; a second
+              "train" phase event says when they are ready)
   preview     {"step", "path"}
   checkpoint  {"step", "path"}
   plot        {"step", "path"}

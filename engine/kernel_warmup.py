@@ -25,8 +25,11 @@ the CPU backend), so the other processes compile the block-by-block step's share
 it finds most of its kernels on disk when it gets to them. Helpers, one
 per encoder (T5, the VAE, then CLIP: the run encodes CLIP first), compile the encoders' kernels with
 random encoders (the text encoders cut to two layers) while the run encodes; they are ended once
-it has. The run waits for the step's processes, after loading the transformer where they fit beside
-it, and writes the marker when every one of them finished.
+it has. Where the step's processes fit beside the loaded transformer, the run loads it and trains without
+waiting for them: its steps run with MLX's compile off (unfused, so no kernel to compile: engine/training_step.py,
+queue_uncompiled) until every process has ended, then compiled, finding the kernels on disk
+(speed.TRAIN_WHILE_COMPILING; `Warmup.poll`). Where they do not fit, it waits for them before loading the
+transformer. The marker is written when every one of them finished.
 
 It runs only on CUDA, only where the cache lacks this run's marker (a file the warm-up writes
 when all its processes finished), and each process only where the memory free leaves room for it beside the
@@ -200,24 +203,34 @@ class Warmup:
 
     def wait(self, limit_s: float = WAIT_LIMIT_S, give_up=lambda: False, poll_s: float = 0.25) -> str:
         """Wait for every part; 'none', 'done' (the marker is written), 'failed' (a part's log says why), 'cut'
-        (past `limit_s`) or 'stopped' (`give_up()` turned true: a user's stop is not kept waiting). A cut or
-        stopped warm-up is ended. A second call returns the first one's outcome."""
+        (past `limit_s` from the start) or 'stopped' (`give_up()` turned true: a user's stop is not kept
+        waiting). A cut or stopped warm-up is ended. A second call returns the first one's outcome."""
+        while True:
+            outcome = self.poll(limit_s)
+            if outcome is not None:
+                return outcome
+            if give_up():
+                self.stop()
+                self.outcome = "stopped"
+                return self.outcome
+            try:
+                next(part for part in self.parts if part.poll() is None).wait(timeout=poll_s)
+            except (StopIteration, subprocess.TimeoutExpired):
+                pass
+
+    def poll(self, limit_s: float = WAIT_LIMIT_S) -> str | None:
+        """`wait`'s outcome without waiting: None while a part still runs (and `limit_s` from the start has not
+        passed), else the outcome, settled (helpers ended, the marker written) on the first call that sees it."""
         if not self.parts:
             return "none"
         if self.outcome is not None:
             return self.outcome
-        deadline = time.perf_counter() + limit_s
-        for part in self.parts:
-            while True:
-                try:
-                    part.wait(timeout=poll_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    outcome = "stopped" if give_up() else "cut" if time.perf_counter() > deadline else None
-                    if outcome:
-                        self.stop()
-                        self.outcome = outcome
-                        return outcome
+        if any(part.poll() is None for part in self.parts):
+            if time.perf_counter() - self.started <= limit_s:
+                return None
+            self.stop()
+            self.outcome = "cut"
+            return self.outcome
         self.stop_helpers()  # the parts compiled whatever they had not
         for share in self.shares:
             _end(share)

@@ -30,7 +30,7 @@ from engine.instrumentation import write_loss_history, write_validation_image
 from engine.lora import apply_lora, load_lora_parameters, lora_parameters
 from engine.optimizers import build_optimizer, state_mismatch
 from engine.paths import prepare_output_folder
-from engine.training_step import make_train_step
+from engine.training_step import make_train_step, queue_uncompiled
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,9 @@ class Trainer:
         detail = f"quantizing to {cfg.quantize} bits as it loads" if cfg.quantize else "bf16" if model.dtype == mx.bfloat16 else "float32"
         self.emit("phase", phase="load_transformer", detail=detail)
         transformer = model.load_transformer()
-        self._wait_for_kernel_warmup()
+        compiling = self._warmup_still_running() and speed.TRAIN_WHILE_COMPILING
+        if not compiling:
+            self._wait_for_kernel_warmup()
         self._limit_graph_memory(model, available)
         transformer.gradient_checkpointing = bool(cfg.gradient_checkpointing)
         targets = lora_targets(cfg, model.num_joint_blocks, model.num_single_blocks)
@@ -162,7 +164,8 @@ class Trainer:
 
         state = _RunState(iterator=iterator, loss_history=loss_history, started=started,
                           window_start=time.perf_counter())
-        self.emit("phase", phase="train", detail=f"{iterator.total_steps} steps")
+        self.emit("phase", phase="train", detail=f"{iterator.total_steps} steps" + (
+            "; the first ones slower while this machine compiles its GPU kernels (once)" if compiling else ""))
         last_checkpoint = None
         # One step in flight: step n+1 is queued before step n's loss is read, so the host builds
         # the next graph while the GPU works. A step whose state must be saved or shown (checkpoint,
@@ -187,13 +190,16 @@ class Trainer:
             noise = mx.array(iterator.draw_noise(tuple(latents.shape)))
             sigma = mx.array(sigmas[t_index])
             guidance = mx.full((len(indices),), cfg.guidance, dtype=mx.float32)
+            # while the warm-up's processes compile the step's kernels, steps run uncompiled rather than wait
+            compiling = compiling and self._kernels_still_compiling(iterator.num_iterations)
             queue_call_began = time.perf_counter()
-            queued = _QueuedStep(iterator.num_iterations,
-                                 step_fn(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids),
-                                 queued_at=time.perf_counter())
-            if not state.first_step_queued:  # the trace (and compile) happen in this first call
+            arrays = (latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
+            queued = _QueuedStep(iterator.num_iterations, queue_uncompiled(step_fn, *arrays) if compiling
+                                 else step_fn(*arrays), queued_at=time.perf_counter(), uncompiled=compiling)
+            if not state.first_step_queued:  # the trace (and compile, unless uncompiled) happen in this first call
                 state.first_step_queued = True
-                log.info("first step traced and queued in %.1f s", queued.queued_at - queue_call_began)
+                log.info("first step traced and queued in %.1f s%s", queued.queued_at - queue_call_began,
+                         " (uncompiled, while the kernel warm-up runs)" if compiling else "")
             if pending:
                 self._finish_step(pending, state, model, validation, state_is_current=False)
             pending = queued
@@ -246,6 +252,21 @@ class Trainer:
         outcome = self._warmup.wait(give_up=lambda: self.controls.stop_requested)
         log.info("kernel warm-up %s after %.1f s (%s)", outcome, time.perf_counter() - self._warmup.started,
                  self._warmup.log_path)
+
+    def _warmup_still_running(self) -> bool:
+        return self._warmup is not None and bool(self._warmup.parts) and self._warmup.poll() is None
+
+    def _kernels_still_compiling(self, step: int) -> bool:
+        """Whether the kernel warm-up still runs before step `step` is queued. Once it has ended, says so
+        (the log, and a `train` phase event): the compiled step takes over from this step."""
+        if self._warmup_still_running():
+            return True
+        log.info("kernel warm-up %s after %.1f s (%s): compiled steps from step %d, peak %.2f GiB so far",
+                 self._warmup.outcome, time.perf_counter() - self._warmup.started, self._warmup.log_path, step,
+                 mx.get_peak_memory() / 2**30)
+        self.emit("phase", phase="train", detail=f"GPU kernels compiled: full speed from step {step}" if (
+            self._warmup.outcome == "done") else f"compiling GPU kernels in this process from step {step}")
+        return False
 
     def _settle_cuda_graphs(self, model_name: str, available: int | None, progress, steps_done: int) -> int | None:
         """On CUDA, before the first kernel runs: the depth the checkpointed step will run at (one stage at
@@ -300,7 +321,7 @@ class Trainer:
         self.emit("step", step=step, total_steps=iterator.total_steps, epoch=iterator.epoch + 1,
                   num_epochs=iterator.num_epochs, loss=loss_value, it_per_s=it_per_s,
                   eta_s=remaining / it_per_s if it_per_s else None,
-                  peak_memory_gib=mx.get_peak_memory() / 2**30)
+                  peak_memory_gib=mx.get_peak_memory() / 2**30, uncompiled=queued.uncompiled)
         return self._instrument(step, state, model, validation, state_is_current)
 
     def _instrument(self, step: int, state: "_RunState", model, validation, state_is_current: bool) -> Path | None:
@@ -381,6 +402,7 @@ class _QueuedStep:
     step: int  # the iteration count once this step is done
     loss: mx.array  # not yet evaluated
     queued_at: float = 0.0  # time.perf_counter() when the call that queued it returned
+    uncompiled: bool = False  # queued with MLX's compile off, while the kernel warm-up ran
 
 
 def _scheduler(model) -> dict:

@@ -183,6 +183,32 @@ def test_a_failed_part_is_reported_the_wait_ends_and_no_marker_is_written(tmp_pa
     assert kernel_warmup.Warmup().wait() == "none"
 
 
+def test_polling_the_warmup_waits_for_nothing_and_settles_it_once_it_ends(tmp_path):
+    # the trainer polls it between steps it runs uncompiled (speed.TRAIN_WHILE_COMPILING)
+    import subprocess
+    import sys
+    import time
+
+    flag = tmp_path / "flag"
+    part = subprocess.Popen([sys.executable, "-c", f"import os, time\nwhile not os.path.exists({str(flag)!r}): "
+                                                   "time.sleep(0.02)"])
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    warmup = kernel_warmup.Warmup((part,), tmp_path / "marker", helpers=(helper,))
+    asked = time.perf_counter()
+    assert warmup.poll() is None and warmup.poll() is None and time.perf_counter() - asked < 1
+    assert helper.poll() is None and not (tmp_path / "marker").exists()
+    flag.touch()
+    part.wait(timeout=30)
+    assert warmup.poll() == "done" and (tmp_path / "marker").exists()
+    assert helper.wait(timeout=20) is not None  # the encoders' helpers are ended with it
+    assert warmup.wait() == "done" and warmup.poll() == "done"
+    slow = kernel_warmup.Warmup((subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),),
+                                tmp_path / "marker2")
+    assert slow.poll(limit_s=60) is None
+    assert slow.poll(limit_s=0) == "cut" and slow.parts[0].wait(timeout=20) is not None
+    assert not (tmp_path / "marker2").exists()
+
+
 def test_waiting_for_the_warmup_gives_way_to_a_stop_and_to_its_limit(tmp_path):
     import subprocess
     import sys

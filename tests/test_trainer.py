@@ -388,45 +388,72 @@ def test_trainer_runs_the_checkpointed_step_one_stage_at_a_time_only_where_it_mu
 
 
 @pytest.mark.parametrize("beside_training", [False, True])
-def test_trainer_waits_for_the_kernel_warmup_before_its_first_step(tmp_path, monkeypatch, beside_training):
-    # engine/kernel_warmup.py: started before the model loads, its encoders' helpers ended once the
-    # run has encoded, waited for (and shown) before the transformer loads, or after where its processes
-    # fit beside the transformer; stopped when the run ends whatever happens
-    from engine import kernel_warmup
+def test_trainer_trains_uncompiled_while_the_kernel_warmup_runs(tmp_path, monkeypatch, beside_training):
+    # engine/kernel_warmup.py: started before the model loads, its encoders' helpers ended once the run has
+    # encoded. Where its processes fit beside the transformer, the run loads it and trains with MLX's compile
+    # off until they end (speed.TRAIN_WHILE_COMPILING), then compiled; where they do not, it waits for them
+    # (and says so) before loading the transformer. Stopped when the run ends whatever happens
+    import subprocess
+    import sys
+
+    from engine import kernel_warmup, training_step
     from engine.trainer import Trainer as TrainerClass
 
-    order = []
+    order, flag = [], tmp_path / "compiled"
+    # a warm-up part that ends once the flag exists (the test's stand-in for the kernels being compiled)
+    part = subprocess.Popen([sys.executable, "-c", f"import os, time\nwhile not os.path.exists({str(flag)!r}): "
+                                                   "time.sleep(0.02)"])
 
     class FakeWarmup(kernel_warmup.Warmup):
-        running = True
-
-        def wait(self, limit_s=kernel_warmup.WAIT_LIMIT_S, give_up=lambda: False, poll_s=0.25):
+        def wait(self, *args, **kwargs):
             order.append("wait")
-            assert give_up() is False  # the run's stop request, read while waiting
-            self.outcome = "done"
-            return "done"
+            flag.touch()
+            return super().wait(*args, **kwargs)
 
         def stop_helpers(self):
             order.append("stop helpers")
 
         def stop(self):
             order.append("stop")
+            kernel_warmup._end(part)
 
     def fake_start(cfg, model, depth, one_stage, steps_left, available, estimate, log_folder):
         order.append(("start", model.transformer is None and model.vae is None, steps_left, estimate.encoding_peak > 0))
-        return FakeWarmup(parts=(object(),), beside_training=beside_training)
+        return FakeWarmup(parts=(part,), marker=tmp_path / "marker", beside_training=beside_training)
 
     real_load = FluxModel.load_transformer
     monkeypatch.setattr(FluxModel, "load_transformer", lambda self: order.append("load") or real_load(self))
     monkeypatch.setattr(kernel_warmup, "start", fake_start)
     monkeypatch.setattr(TrainerClass, "_available_on_cuda", staticmethod(lambda: 2**40))
-    config = make_training_folder(tmp_path, count=2, training_loop={"num_epochs": 1, "batch_size": 1})
+    real_uncompiled = training_step.queue_uncompiled
+    monkeypatch.setattr("engine.trainer.queue_uncompiled",
+                        lambda step, *arrays: order.append("uncompiled") or real_uncompiled(step, *arrays))
+    config = make_training_folder(tmp_path, count=3, training_loop={"num_epochs": 2, "batch_size": 1})
     events = []
-    TrainerClass(load_config(config), lambda event: events.append(event)).run()
-    phases = [e["phase"] for e in events if e["type"] == "phase"]
-    waited = ["load", "wait"] if beside_training else ["wait", "load"]
-    assert order == [("start", True, 2, True), "stop helpers", *waited, "stop"]
+
+    def listen(event):
+        events.append(event)
+        if event["type"] == "step" and event["step"] == 2:  # the kernels are ready, and the part has ended
+            flag.touch()
+            part.wait(timeout=30)
+
+    try:
+        TrainerClass(load_config(config), listen).run()
+    finally:
+        flag.touch()
+    phases = [(e["phase"], e.get("detail")) for e in events if e["type"] == "phase"]
+    names = [name for name, _ in phases]
+    uncompiled = [e["uncompiled"] for e in events if e["type"] == "step"]
+    assert (tmp_path / "marker").exists()  # the warm-up's end was seen: the next run skips it
     if beside_training:
-        assert phases.index("encode") < phases.index("load_transformer") < phases.index("kernels")
+        # step 3 was queued before step 2's loss was read (one step in flight): three uncompiled steps
+        assert uncompiled == [True] * 3 + [False] * 3
+        assert order == [("start", True, 6, True), "stop helpers", "load", *["uncompiled"] * 3, "stop helpers", "stop"]
+        assert "kernels" not in names  # nothing waited for
+        assert "compiles its GPU kernels" in phases[names.index("train")][1]
+        assert phases[-1] == ("train", "GPU kernels compiled: full speed from step 4")
     else:
-        assert phases.index("encode") < phases.index("kernels") < phases.index("load_transformer")
+        assert uncompiled == [False] * 6
+        assert order == [("start", True, 6, True), "stop helpers", "wait", "stop helpers", "load", "stop"]
+        assert names.index("encode") < names.index("kernels") < names.index("load_transformer")
+        assert names.count("train") == 1

@@ -96,6 +96,13 @@ BLOCKWISE_UPDATE_IN_BACKWARD = True
 # calls fewer in each forward and recompute, 3 cuBLAS calls fewer in the backward, for up to 4 copies of
 # the slices. Off until measured on a GPU (bench/NOTES.md item 55; bench/probe_fused_inputs.py)
 FUSED_SINGLE_INPUTS = False
+# On a machine's first run, train while the kernel warm-up's processes still compile the step's fused
+# kernels (engine/kernel_warmup.py), with MLX's compile off (engine/training_step.py: queue_uncompiled):
+# unfused steps need no kernel compiled, so the first step comes once the transformer has loaded instead of
+# once the warm-up's slowest part ends (run 26: loaded at 41.5 s, first step at 70.3 s, bench/NOTES.md
+# item 56); the compiled step takes over from the first step after the warm-up ends. Off (also with
+# DREAMBOOTH_WIZARD_TRAIN_WHILE_COMPILING=0): the run waits for the warm-up before its first step
+TRAIN_WHILE_COMPILING = os.environ.get("DREAMBOOTH_WIZARD_TRAIN_WHILE_COMPILING", "1").strip() != "0"
 # how many stages that step queues ahead of the GPU before the host waits (an int, not a switch;
 # None: the backend's, `blockwise_depth`). 1: people 4-bit held 8.67 GiB at 0.157 s, 2: 9.63 GiB at
 # 0.160 s (H200, item 24). -1 (engine/flux/bounded_queue.py: UNBOUNDED): the host never waits between

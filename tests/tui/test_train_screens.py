@@ -46,6 +46,21 @@ def train_app(state: WizardState, factory, monkeypatch, start: str = "train") ->
 # ---------------------------------------------------------------- train screen, scripted
 
 
+async def test_train_screen_says_while_steps_run_before_the_gpu_kernels_are_compiled(tmp_path, monkeypatch):
+    # engine/trainer.py: on a machine's first CUDA run, the first steps run uncompiled
+    monkeypatch.chdir(tmp_path)
+    events = scripted_events(until=3, previews=())
+    for event in events:
+        if event["type"] == "step":
+            event["uncompiled"] = True
+    app = train_app(WizardState(model="tiny"), scripted_factory(events), monkeypatch)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: "3 / 32" in text_of(app, "#train-numbers"), what="step 3")
+        assert "4.00 it/s (GPU kernels compiling)" in text_of(app, "#train-numbers")
+        app.screen.stop_training()
+        await wait_until(pilot, lambda: not app.screen.training_running, what="end of the run")
+
+
 async def test_train_screen_shows_steps_checkpoints_and_browsable_previews(tmp_path, monkeypatch):
     from tests.tui.run_helpers import draw_previews
 
@@ -56,6 +71,7 @@ async def test_train_screen_shows_steps_checkpoints_and_browsable_previews(tmp_p
         await wait_until(pilot, lambda: "20 / 32" in text_of(app, "#train-numbers"), what="step 20")
         numbers = text_of(app, "#train-numbers")
         assert "epoch     3 / 4" in numbers and "4.00 it/s" in numbers and "0.25 GiB" in numbers
+        assert "compiling" not in numbers  # compiled steps
         assert "ETA       3s" in numbers
         await wait_until(pilot, lambda: "warning" in log_text(app), what="warning in log")
         log = log_text(app)

@@ -246,7 +246,8 @@ class ProgressDisplay:
                 self.task = self.progress.add_task("training", total=None, loss="-", speed="")
             self.progress.update(self.task, completed=event["step"], total=event["total_steps"],
                                  description=f"epoch {event['epoch']}/{event['num_epochs']}",
-                                 loss=f"{event['loss']:.4f}", speed=f"{event['it_per_s']:.2f} it/s")
+                                 loss=f"{event['loss']:.4f}", speed=f"{event['it_per_s']:.2f} it/s"
+                                 + (" (GPU kernels compiling)" if event.get("uncompiled") else ""))
         elif kind == "checkpoint":
             say(f"checkpoint at step {event['step']}: {escape(event['path'])}")
         elif kind == "preview":

@@ -373,12 +373,14 @@ the trend. Judge by the previews, not by the loss: a LoRA trained too long copie
             return fmt.format(event[key]) if event.get(key) is not None else "-"
 
         step = f"{event['step']} / {event['total_steps']}" if "step" in event else "-"
+        compiling = " (GPU kernels compiling)" if event.get("uncompiled") else ""
         epoch = f"{event['epoch']} / {event['num_epochs']}" if "epoch" in event else "-"
         lines = [
             f"step      {step}",
             f"epoch     {epoch}",
             f"loss      {value('loss', '{:.4f}')}",
-            f"speed     {value('it_per_s', '{:.2f} it/s')}",
+            # uncompiled steps, while this machine compiles its GPU kernels once (engine/trainer.py)
+            f"speed     {value('it_per_s', '{:.2f} it/s')}{compiling}",
             f"ETA       {format_duration(event.get('eta_s')) if 'step' in event else '-'}",
             f"peak mem  {value('peak_memory_gib', '{:.2f} GiB')}",
         ]
