@@ -43,9 +43,10 @@ from engine.flux import speed
 from engine.flux.bounded_queue import UNBOUNDED, BoundedQueue
 from engine.flux.quantized import keeping_dense_weights
 from engine.flux.transformer import join_streams
+from engine.flux.uncompiled import compile_is_off
 from engine.lora import ComputeCopies, using_compute_copies
 from engine.optimizer_update import StageUpdates, compile_stage_updates, holders_of, make_update, updates_by_stage
-from engine.training_step import compile_is_off, flow_loss, noisy_latents
+from engine.training_step import flow_loss, noisy_latents
 
 log = logging.getLogger(__name__)
 

@@ -7,39 +7,16 @@ and optimizer's state.
 """
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
-_UNCOMPILED = [False]  # inside compile_switched_off
-
-
-@contextmanager
-def compile_switched_off():
-    """MLX's compile off for what runs inside: a compiled function runs as the plain function it wraps, so
-    no fused kernel is made, nor compiled (NVRTC on CUDA, a C++ compiler on the CPU), nor waited for. Left as
-    it is where MLX_DISABLE_COMPILE has it off for the process."""
-    if os.environ.get("MLX_DISABLE_COMPILE") or _UNCOMPILED[0]:
-        yield
-        return
-    _UNCOMPILED[0] = True
-    mx.disable_compile()
-    try:
-        yield
-    finally:
-        mx.enable_compile()
-        _UNCOMPILED[0] = False
-
-
-def compile_is_off() -> bool:
-    return _UNCOMPILED[0]
+from engine.flux.uncompiled import compile_switched_off
 
 
 def queue_uncompiled(step, *arrays):
-    """Queue one step of `make_train_step`'s with MLX's compile off (`compile_switched_off`): the same numbers,
+    """Queue one step of `make_train_step`'s with MLX's compile off (engine/flux/uncompiled.py): the same numbers,
     on MLX's own unfused kernels, while other processes compile the fused ones (engine/kernel_warmup.py). The
     block-by-block step then queues one stage at a time: an unfused stage holds more temporaries than its
     compiled function, and only one stage's are held at once that way."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from engine.flux.uncompiled import uncompiled
+
 # transformers' CLIP before PR #24773 shipped eos_token_id == 2 in configs
 # (FLUX.1's among them); such models pool at the highest token id instead.
 LEGACY_EOS_TOKEN_ID = 2
@@ -138,6 +140,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
+    @uncompiled  # once per prompt: MLX's fused activations would cost a compile for microseconds saved
     def __call__(self, input_ids: mx.array) -> tuple[mx.array, mx.array]:
         x = self.text_model(input_ids)
         return x, x[mx.arange(x.shape[0]), self.pooled_positions(input_ids)]

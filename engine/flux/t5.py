@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from engine.flux.clip import activation
+from engine.flux.uncompiled import uncompiled
 
 SHARED_EMBEDDING = "shared.weight"
 TIED_EMBEDDING = "encoder.embed_tokens.weight"
@@ -196,6 +197,7 @@ class T5Encoder(nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 
+    @uncompiled  # once per prompt: MLX's fused activations would cost a compile for microseconds saved
     def __call__(self, input_ids: mx.array) -> mx.array:
         return self.encoder(self.shared(input_ids))
 

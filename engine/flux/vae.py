@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from engine.errors import ModelLoadError
 from engine.flux.bounded_queue import BoundedQueue
+from engine.flux.uncompiled import uncompiled
 
 # diffusers hard-codes this epsilon for every norm of the VAE, whatever the config says
 NORM_EPS = 1e-6
@@ -271,8 +272,9 @@ class AutoencoderKL(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.decoder.conv_in.weight.dtype
 
+    @uncompiled  # once per training image: MLX's fused activations would cost a compile for microseconds saved
     def encode(self, images: mx.array) -> mx.array:
-        """Posterior mean, unscaled: training uses the mean, never a sample."""
+        """Posterior mean, unscaled: training uses the mean, never a sample (engine/flux/uncompiled.py)."""
         if "encoder" not in self:
             raise RuntimeError("the VAE encoder was released; build the VAE again to encode images")
         moments = self.encoder(images.astype(self.encoder.conv_in.weight.dtype))

@@ -1,6 +1,7 @@
-"""Training while the kernel warm-up compiles (engine/flux/speed.py: TRAIN_WHILE_COMPILING): steps queued with
-MLX's compile off (engine/training_step.py: queue_uncompiled) until the warm-up's processes end, then the
-compiled step."""
+"""MLX's compile off where compiling costs more than it saves (engine/flux/uncompiled.py): the encoders, and
+training steps queued while the kernel warm-up compiles (engine/flux/speed.py: TRAIN_WHILE_COMPILING;
+engine/training_step.py: queue_uncompiled) until its processes end, then the compiled step. The trainer's
+side is in tests/test_trainer.py."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -87,3 +89,62 @@ def test_uncompiled_steps_compile_no_kernel_and_train_as_compiled_ones(tmp_path,
     if checkpointing:  # uncompiled, the block-by-block step queues one stage at a time; compiled, at its depth
         assert mixed["depths"][:2] == [0, 0] and mixed["depths"][2:] == compiled["depths"][2:]
         assert compiled["depths"][0] != 0
+
+
+_ENCODE_SCRIPT = textwrap.dedent("""
+    import glob, json, os
+    import mlx.core as mx
+    import mlx.nn as nn
+    from engine.flux.loading import load_model
+
+    def kernels():
+        return len(glob.glob(os.path.join(os.environ["TMPDIR"], "mlx", "**", "*.cpp"), recursive=True))
+
+    model = load_model("tiny")
+    hidden, pooled = model.encode_prompts(["photo of sks toy"])
+    mean = model.vae.encode(mx.random.uniform(-1, 1, (1, 64, 64, 3)))
+    mx.eval(hidden, pooled, mean)
+    encoded = kernels()
+    x = mx.random.normal((8, 8))
+    mx.eval(nn.gelu_fast_approx(x), nn.silu(x))  # MLX's compiled activations, as the encoders use them
+    print(json.dumps({"encoding": encoded, "activations": kernels() - encoded}))
+""")
+
+
+def test_the_encoders_compile_no_kernel(tmp_path):
+    # CLIP's quick GELU, T5's tanh GELU and the VAE's SiLU are compiled functions in MLX; called inside the
+    # encoders they run unfused: nothing to compile (~17 s of NVRTC on a machine's first CUDA run)
+    result = subprocess.run([sys.executable, "-c", _ENCODE_SCRIPT], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)),
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(result.stdout.splitlines()[-1])
+    assert counts["activations"] >= 2  # outside the encoders the same activations compile
+    assert counts["encoding"] == 0
+
+
+def test_compile_comes_back_on_when_the_last_user_ends():
+    from engine.flux.uncompiled import compile_is_off, compile_switched_off, uncompiled
+
+    calls = []
+
+    @mx.compile
+    def double(x):
+        calls.append("traced")
+        return x * 2
+
+    @uncompiled
+    def eager(x):
+        assert compile_is_off()
+        return double(x)
+
+    x = mx.array([1.0])
+    with compile_switched_off():
+        eager(x)
+        assert compile_is_off()  # the inner use ended, the outer holds it off
+        double(x)
+    assert calls == ["traced", "traced"]  # every call ran the function itself
+    assert not compile_is_off()
+    double(x)
+    double(x)
+    assert calls == ["traced"] * 3  # compiled again: traced once, then replayed
