@@ -34,7 +34,7 @@ from engine.flux.latents import latent_image_ids, text_ids  # noqa: E402
 from engine.flux.loading import quantize_module  # noqa: E402
 from engine.flux.transformer import FluxTransformer  # noqa: E402
 from engine.lora import apply_lora, remove_lora  # noqa: E402
-from engine.training_step import make_train_step, queue_uncompiled  # noqa: E402
+from engine.training_step import make_train_step, make_uncompiled_step  # noqa: E402
 
 SMALL = bool(os.environ.get("SMALL"))
 DEFAULT_MEMORY_LIMIT = mx.set_memory_limit(0)  # MLX's default, read by setting and restoring it
@@ -131,7 +131,8 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
     transformer.gradient_checkpointing = checkpointing
     optimizer = optim.AdamW(learning_rate=1e-4)
     optimizer.init(transformer.trainable_parameters())
-    step = make_train_step(transformer, optimizer, dtype, has_guidance=transformer.guidance_embeds)
+    make = make_uncompiled_step if uncompiled else make_train_step
+    step = make(transformer, optimizer, dtype, has_guidance=transformer.guidance_embeds)
     latent = resolution // 16
     tokens, text = latent * latent, (8 if SMALL else 512)
     key = mx.random.key(1)
@@ -146,8 +147,7 @@ def measure(transformer, template: str, checkpointing: bool, resolution: int, st
     def one_step(index):
         noise = mx.random.normal(latents.shape, key=mx.random.key(100 + index))
         sigma = mx.array([0.1 + 0.8 * ((index * 0.37) % 1.0)])
-        arrays = (latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
-        return queue_uncompiled(step, *arrays) if uncompiled else step(*arrays)
+        return step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
 
     mx.clear_cache()
     active_before = mx.get_active_memory()
@@ -190,7 +190,7 @@ def main() -> None:
                              "-1 never waits between stages, leaving MLX's own limit of in-flight CUDA graphs")
     parser.add_argument("--uncompiled", action="store_true",
                         help="every step with MLX's compile off, as the trainer runs the steps it queues while the "
-                             "kernel warm-up compiles (engine/training_step.py: queue_uncompiled)")
+                             "kernel warm-up compiles (engine/training_step.py: make_uncompiled_step)")
     parser.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
                         help="set a switch of engine/flux/speed.py after the trainer's own choice (repeatable; "
                              "a number for the integer ones: BLOCKWISE_DEPTH=3)")

@@ -250,7 +250,7 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     it accepts run, each on random stand-ins of its inputs. So several processes, each running its
     share, compile a step's GPU kernels side by side. The step then returns a zero loss; the model
     changes only if a whole update ran, the optimizer's step count and state meaninglessly."""
-    default_depth = speed.blockwise_depth() if depth is None else depth
+    depth = speed.blockwise_depth() if depth is None else depth
     del compute_dtype  # the stages run in the transformer's own dtype, as the whole-model step does
     # before the layouts: the copies are parameters each stage function takes
     copies = ComputeCopies(transformer, transformer.dtype) if speed.LORA_COMPUTE_COPIES else None
@@ -277,14 +277,13 @@ def make_blockwise_step(transformer, optimizer, compute_dtype: mx.Dtype, has_gui
     warming = compile_only is not None
     runs = lambda function: compile_only(functions.position(function))  # noqa: E731
 
-    def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids, depth: int | None = None):
-        """`depth`: this call's, where it is not the step's (engine/training_step.py: queue_uncompiled)."""
+    def step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids):
         started = time.perf_counter()
         if copies is not None:
             copies.ensure_fresh()
         scalars = updates.begin() if updates is not None and trained else None
         stage_times = [(started, 0)]  # (when each forward stage was queued, its index), on the first call
-        queue = BoundedQueue(default_depth if depth is None else depth)
+        queue = BoundedQueue(depth)
         rope = transformer.rope(img_ids, txt_ids)
         inputs = (latents, noise, sigma, hidden, pooled) + ((guidance,) if has_guidance else ())
         # each stage's parameters, gathered when the stage is first queued rather than all at the step's

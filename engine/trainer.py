@@ -30,7 +30,7 @@ from engine.instrumentation import write_loss_history, write_validation_image
 from engine.lora import apply_lora, load_lora_parameters, lora_parameters
 from engine.optimizers import build_optimizer, state_mismatch
 from engine.paths import prepare_output_folder
-from engine.training_step import make_train_step, queue_uncompiled
+from engine.training_step import make_train_step, make_uncompiled_step
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,9 @@ class Trainer:
         self.emit("phase", phase="compile", detail="compiling the training step")
         step_fn = make_train_step(transformer, optimizer, model.dtype, model.has_guidance,
                                   blockwise_depth=depth)
+        # while the warm-up's processes compile step_fn's kernels, steps run uncompiled rather than wait
+        uncompiled_step = make_uncompiled_step(transformer, optimizer, model.dtype, model.has_guidance) \
+            if compiling else None
         latent_h, latent_w = latent_size(cfg.height, cfg.width, model.vae.scale_factor)
         img_ids, txt_ids = latent_image_ids(latent_h, latent_w), text_ids(model.t5_max_length)
         sigmas = sigma_grid(cfg.steps, img_ids.shape[0], _scheduler(model)).astype(np.float32)
@@ -190,12 +193,11 @@ class Trainer:
             noise = mx.array(iterator.draw_noise(tuple(latents.shape)))
             sigma = mx.array(sigmas[t_index])
             guidance = mx.full((len(indices),), cfg.guidance, dtype=mx.float32)
-            # while the warm-up's processes compile the step's kernels, steps run uncompiled rather than wait
             compiling = compiling and self._kernels_still_compiling(iterator.num_iterations)
             queue_call_began = time.perf_counter()
-            arrays = (latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids)
-            queued = _QueuedStep(iterator.num_iterations, queue_uncompiled(step_fn, *arrays) if compiling
-                                 else step_fn(*arrays), queued_at=time.perf_counter(), uncompiled=compiling)
+            queued = _QueuedStep(iterator.num_iterations, (uncompiled_step if compiling else step_fn)(
+                latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids), queued_at=time.perf_counter(),
+                uncompiled=compiling)
             if not state.first_step_queued:  # the trace (and compile, unless uncompiled) happen in this first call
                 state.first_step_queued = True
                 log.info("first step traced and queued in %.1f s%s", queued.queued_at - queue_call_began,

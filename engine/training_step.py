@@ -15,17 +15,6 @@ import mlx.nn as nn
 from engine.flux.uncompiled import compile_switched_off
 
 
-def queue_uncompiled(step, *arrays):
-    """Queue one step of `make_train_step`'s with MLX's compile off (engine/flux/uncompiled.py): the same numbers,
-    on MLX's own unfused kernels, while other processes compile the fused ones (engine/kernel_warmup.py). The
-    block-by-block step then queues one stage at a time: an unfused stage holds more temporaries than its
-    compiled function, and only one stage's are held at once that way."""
-    with compile_switched_off():
-        if getattr(step, "stage_functions", None) is not None:  # the block-by-block step
-            return step(*arrays, depth=0)
-        return step(*arrays)
-
-
 def noisy_latents(latents: mx.array, noise: mx.array, sigma: mx.array, dtype: mx.Dtype) -> mx.array:
     """The transformer's input at noise level sigma (B,): (1 - sigma) x0 + sigma noise."""
     s = sigma[:, None, None]
@@ -98,4 +87,29 @@ def make_train_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, 
         mx.async_eval(loss, state)
         return loss
 
+    return step
+
+
+def make_uncompiled_step(transformer: nn.Module, optimizer, compute_dtype: mx.Dtype, has_guidance: bool):
+    """step(latents, noise, hidden, pooled, sigma, guidance, img_ids, txt_ids) -> loss, as make_train_step's
+    (the same numbers, the same model and optimizer state), with MLX's compile off (engine/flux/uncompiled.py):
+    on MLX's own unfused kernels, nothing to compile, for the steps a run queues while other processes compile
+    the compiled step's kernels (engine/kernel_warmup.py). It is the block-by-block step one stage at a time,
+    checkpointed or not: unfused, a stage keeps more temporaries alive than compiled (and on CUDA MLX keeps a
+    queued kernel's buffers until its CUDA graph has run), so the least memory there is, within the run's
+    estimate whatever its own step."""
+    from engine.flux import speed
+
+    if speed.BLOCKWISE_CHECKPOINTING:
+        from engine.blockwise_step import make_blockwise_step
+
+        inner = make_blockwise_step(transformer, optimizer, compute_dtype, has_guidance, depth=0)
+    else:  # that step switched off (a benchmark): the run's own
+        inner = make_train_step(transformer, optimizer, compute_dtype, has_guidance, blockwise_depth=0)
+
+    def step(*arrays):
+        with compile_switched_off():
+            return inner(*arrays)
+
+    step.inner = inner  # for tests
     return step

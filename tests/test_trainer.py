@@ -425,9 +425,13 @@ def test_trainer_trains_uncompiled_while_the_kernel_warmup_runs(tmp_path, monkey
     monkeypatch.setattr(FluxModel, "load_transformer", lambda self: order.append("load") or real_load(self))
     monkeypatch.setattr(kernel_warmup, "start", fake_start)
     monkeypatch.setattr(TrainerClass, "_available_on_cuda", staticmethod(lambda: 2**40))
-    real_uncompiled = training_step.queue_uncompiled
-    monkeypatch.setattr("engine.trainer.queue_uncompiled",
-                        lambda step, *arrays: order.append("uncompiled") or real_uncompiled(step, *arrays))
+    real_make = training_step.make_uncompiled_step
+
+    def make_uncompiled_step(*args):
+        step = real_make(*args)
+        return lambda *arrays: order.append("uncompiled") or step(*arrays)
+
+    monkeypatch.setattr("engine.trainer.make_uncompiled_step", make_uncompiled_step)
     config = make_training_folder(tmp_path, count=3, training_loop={"num_epochs": 2, "batch_size": 1})
     events = []
 

@@ -1,6 +1,6 @@
 """MLX's compile off where compiling costs more than it saves (engine/flux/uncompiled.py): the encoders, and
 training steps queued while the kernel warm-up compiles (engine/flux/speed.py: TRAIN_WHILE_COMPILING;
-engine/training_step.py: queue_uncompiled) until its processes end, then the compiled step. The trainer's
+engine/training_step.py: make_uncompiled_step) until its processes end, then the compiled step. The trainer's
 side is in tests/test_trainer.py."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ _STEP_SCRIPT = textwrap.dedent("""
     from engine.flux.transformer import FluxTransformer
     from engine.lora import apply_lora
     from engine.optimizers import build_optimizer
-    from engine.training_step import make_train_step, queue_uncompiled
+    from engine.training_step import make_train_step, make_uncompiled_step
 
     def kernels():  # MLX's CPU backend writes each fused kernel it compiles under TMPDIR
         return len(glob.glob(os.path.join(os.environ["TMPDIR"], "mlx", "**", "*.cpp"), recursive=True))
@@ -37,11 +37,11 @@ _STEP_SCRIPT = textwrap.dedent("""
     optimizer = build_optimizer("AdamW", 1e-3)
     optimizer.init(transformer.trainable_parameters())
     step = make_train_step(transformer, optimizer, mx.float32, True)
-    depths = []
-    if checkpointing:  # the depth each call of the block-by-block step asks for
-        from engine.flux import bounded_queue
-        real_init = bounded_queue.BoundedQueue.__init__
-        bounded_queue.BoundedQueue.__init__ = lambda self, depth: depths.append(depth) or real_init(self, depth)
+    uncompiled = make_uncompiled_step(transformer, optimizer, mx.float32, True)
+    depths = []  # the depth each call of a block-by-block step queues at
+    from engine.flux import bounded_queue
+    real_init = bounded_queue.BoundedQueue.__init__
+    bounded_queue.BoundedQueue.__init__ = lambda self, depth: depths.append(depth) or real_init(self, depth)
     tokens, channels = 4, TRANSFORMER_CONFIG["in_channels"]
     losses, compiled_after = [], []
     for index in range(4):
@@ -50,7 +50,7 @@ _STEP_SCRIPT = textwrap.dedent("""
                   mx.random.normal((1, 8, TRANSFORMER_CONFIG["joint_attention_dim"]), key=key + 2),
                   mx.random.normal((1, TRANSFORMER_CONFIG["pooled_projection_dim"]), key=key + 3), mx.array([0.3 + 0.1 * index]),
                   mx.array([3.5]), latent_image_ids(4, 4), text_ids(8))
-        loss = queue_uncompiled(step, *arrays) if index < uncompiled_steps else step(*arrays)
+        loss = (uncompiled if index < uncompiled_steps else step)(*arrays)
         losses.append(float(loss))
         compiled_after.append(kernels())
     adapters = {name: value.tolist() for name, value in
@@ -81,14 +81,16 @@ def test_uncompiled_steps_compile_no_kernel_and_train_as_compiled_ones(tmp_path,
     # fresh kernel caches: a compiled step compiles its fused kernels, an uncompiled one none
     assert compiled["kernels"][0] > 5
     assert mixed["kernels"][:2] == [0, 0] and mixed["kernels"][2] > 5
-    # the same numbers: MLX's unfused kernels compute what the fused ones do
-    np.testing.assert_allclose(mixed["losses"], compiled["losses"], rtol=1e-6, atol=0)
+    # the same numbers: MLX's unfused kernels compute what the fused ones do, and the block-by-block step what
+    # the one-graph step does (to the rounding: its gradients add up in another order)
+    tolerance = 1e-6 if checkpointing else 1e-5
+    np.testing.assert_allclose(mixed["losses"], compiled["losses"], rtol=tolerance, atol=0)
     assert compiled["adapters"].keys() == mixed["adapters"].keys()
     for name, value in compiled["adapters"].items():
         np.testing.assert_allclose(mixed["adapters"][name], value, rtol=1e-4, atol=1e-6, err_msg=name)
-    if checkpointing:  # uncompiled, the block-by-block step queues one stage at a time; compiled, at its depth
-        assert mixed["depths"][:2] == [0, 0] and mixed["depths"][2:] == compiled["depths"][2:]
-        assert compiled["depths"][0] != 0
+    # uncompiled, the block-by-block step one stage at a time, checkpointed or not; compiled, the run's step
+    assert mixed["depths"][:2] == [0, 0] and mixed["depths"][2:] == compiled["depths"][2:]
+    assert compiled["depths"][0] != 0 if checkpointing else compiled["depths"] == []
 
 
 _ENCODE_SCRIPT = textwrap.dedent("""

@@ -97,7 +97,7 @@ BLOCKWISE_UPDATE_IN_BACKWARD = True
 # the slices. Off until measured on a GPU (bench/NOTES.md item 55; bench/probe_fused_inputs.py)
 FUSED_SINGLE_INPUTS = False
 # On a machine's first run, train while the kernel warm-up's processes still compile the step's fused
-# kernels (engine/kernel_warmup.py), with MLX's compile off (engine/training_step.py: queue_uncompiled):
+# kernels (engine/kernel_warmup.py), with MLX's compile off (engine/training_step.py: make_uncompiled_step):
 # unfused steps need no kernel compiled, so the first step comes once the transformer has loaded instead of
 # once the warm-up's slowest part ends (run 26: loaded at 41.5 s, first step at 70.3 s, bench/NOTES.md
 # item 56); the compiled step takes over from the first step after the warm-up ends. Off (also with

@@ -9,7 +9,7 @@ library: the same numbers, more kernels, nothing to compile. So:
   activations saved microseconds and cost ~17 s of compiling on a machine's first CUDA run (bench/NOTES.md
   item 56);
 - a training step queued while other processes still compile the compiled step's kernels
-  (engine/training_step.py: queue_uncompiled).
+  (engine/training_step.py: make_uncompiled_step).
 
 MLX's switch is global. Nested and concurrent uses are counted, so compile comes back on when the last one
 ends; a process started with MLX_DISABLE_COMPILE keeps it off.
