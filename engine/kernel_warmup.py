@@ -26,8 +26,9 @@ it finds most of its kernels on disk when it gets to them. Helpers, one
 per encoder (T5, the VAE, then CLIP: the run encodes CLIP first), compile the encoders' kernels with
 random encoders (the text encoders cut to two layers) while the run encodes; they are ended once
 it has. (The encoders run with MLX's compile off, engine/flux/uncompiled.py, so what is left for them
-to compile is MLX's own kernels that it compiles at run time, its gathers among them.) Where the step's processes fit beside the loaded transformer, the run loads it and trains without
-waiting for them: its steps run with MLX's compile off (unfused, so no kernel to compile: engine/training_step.py,
+to compile is MLX's own kernels that it compiles at run time, its gathers among them.) Where the step's
+processes fit beside the loaded transformer, the run loads it and trains without waiting for them: its
+steps run with MLX's compile off (unfused, so no kernel to compile: engine/training_step.py,
 make_uncompiled_step) until every process has ended, then compiled, finding the kernels on disk
 (speed.TRAIN_WHILE_COMPILING; `Warmup.poll`). Where they do not fit, it waits for them before loading the
 transformer. The marker is written when every one of them finished.
