@@ -51,7 +51,7 @@
 #   s28     one 4-bit product for a single block's q, k, v and MLP input against four: the probe, then the
 #           step with FUSED_SINGLE_INPUTS against the default, bf16 beside, rounds            ~5 min + 0.4 a round
 #   s29     a first run training uncompiled while the warm-up compiles (the default), the same waiting for it,
-#           OLD_ROOT's first run, then the next run                                    ~5-6 min (+ the model's write)
+#           OLD_ROOT's first run, the next run, pets' first run                        ~6-7 min (+ the model's write)
 #   s14     run 14's rows: depth 1 and 0, one or two dense copies, 8-bit ckpt, bf16     ~6 min
 #   ttfs    time to first step with MLX's kernel cache emptied first (a user's first run) ~5-10 min
 #   q8      our 8-bit rows                                                               ~4 min
@@ -665,15 +665,22 @@ s29)
     # run 29: a machine's first run training uncompiled while the warm-up compiles (speed.TRAIN_WHILE_COMPILING,
     # NOTES item 56): the first step once the transformer has loaded, the compiled step from the step after the
     # warm-up ends (phases' kernels_ready), whole-run peak over both (--compiled-steps); then the same commit
-    # waiting for the warm-up (the update kernels in the join's share, item 55's fix, alone), then OLD_ROOT's
-    # (a checkout of 2f64be3: neither), then the next run with every cache kept. Run 26 (an H100): 70.3 s
+    # waiting for the warm-up (the update kernels in the join's share, item 55's fix, alone), then its next run
+    # with every cache kept, then OLD_ROOT's first run (a checkout of 2f64be3: neither), then pets' first run.
+    # Run 26 (an H100): 70.3 s
     cold_run cold "" --epochs 200 --compiled-steps 5
     cold_run cold_wait "DREAMBOOTH_WIZARD_TRAIN_WHILE_COMPILING=0" --epochs 200 --compiled-steps 5
-    [ -n "${OLD_ROOT:-}" ] && (cd "$OLD_ROOT" && export PYTHONPATH=/tmp/site:$OLD_ROOT && cold_run cold_old "")
-    mkdir -p "$out/next"
+    mkdir -p "$out/next"  # this commit's next run: its caches as cold_wait left them
     OUT=$out/next timeout 150 python bench/time_to_first_step.py --template people --quantize 4 --checkpointing \
         --epochs 200 --steps 5 >"$out/next/stdout.log" 2>&1
-    echo "next rc=$?"; tail -c 600 "$out/next/stdout.log"; echo ;;
+    echo "next rc=$?"; tail -c 600 "$out/next/stdout.log"; echo
+    [ -n "${OLD_ROOT:-}" ] && (cd "$OLD_ROOT" && export PYTHONPATH=/tmp/site:$OLD_ROOT && cold_run cold_old "")
+    # pets at its own setting (4-bit, no checkpointing: its uncompiled steps are the block-by-block step's)
+    rm -rf /tmp/mlx /tmp/ttfs-mlx-kernels ~/.nv/ComputeCache
+    mkdir -p "$out/cold_pets"
+    OUT=$out/cold_pets timeout ${COLD_TIMEOUT:-330} python bench/time_to_first_step.py --template pets --quantize 4 \
+        --epochs 200 --compiled-steps 5 >"$out/cold_pets/stdout.log" 2>&1
+    echo "cold_pets rc=$?"; tail -c 800 "$out/cold_pets/stdout.log"; echo ;;
 s28)
     # NOTES item 55's lead: a single block's q, k, v and MLP input as one 4-bit product against four, each
     # with its LoRA. First the probe (bench/probe_fused_inputs.py: forward and backward as a checkpointed
