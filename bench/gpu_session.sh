@@ -680,7 +680,11 @@ s29)
     mkdir -p "$out/cold_pets"
     OUT=$out/cold_pets timeout ${COLD_TIMEOUT:-330} python bench/time_to_first_step.py --template pets --quantize 4 \
         --epochs 200 --compiled-steps 5 >"$out/cold_pets/stdout.log" 2>&1
-    echo "cold_pets rc=$?"; tail -c 800 "$out/cold_pets/stdout.log"; echo ;;
+    echo "cold_pets rc=$?"; tail -c 800 "$out/cold_pets/stdout.log"; echo
+    # an uncompiled step in steady state, people 4-bit checkpointed (its speed and peak), then pets'
+    export MLX_PTX_CACHE_DIR=/tmp/ttfs-mlx-kernels
+    env_rows q4_uncompiled 120 "" $PEOPLE4 $ROUTES_750 --uncompiled
+    env_rows pets_q4_uncompiled 120 "" --templates pets --quantize 4 --checkpointing off --steps 10 $ROUTES_750 --uncompiled ;;
 s28)
     # NOTES item 55's lead: a single block's q, k, v and MLP input as one 4-bit product against four, each
     # with its LoRA. First the probe (bench/probe_fused_inputs.py: forward and backward as a checkpointed
