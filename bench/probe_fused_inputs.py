@@ -7,7 +7,9 @@ Variants, at people's single-block shapes by default (1536 tokens, width 3072, M
 group 64, bf16 activations, MLX's routes as a 750-step run takes them):
   separate   four LoRA layers over dequantizing linears, as the step runs them now (engine/lora.py)
   fused      one dequantizing linear over the four packed weights concatenated along the output axis,
-             each layer's LoRA added into its column slice of the product
+             each layer's LoRA added into its column slice of the product, the adapters' first products
+             (x @ A.T) one product too, as engine/flux/fused_inputs.py runs it (add_adapters)
+  fused_own_a  the same with each adapter's first product its own
   fused_sum  the same, the four LoRA products concatenated and added to the whole product at once
 Each is one compiled function (the outputs, then the vjp for the adapters and the input), called
 `--iterations` times, each call queued as the trainer queues a stage (async_eval, a sync every `--sync`),
@@ -34,6 +36,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
 from engine.flux import speed  # noqa: E402
+from engine.flux.fused_inputs import add_adapters  # noqa: E402
 from engine.flux.loading import quantize_module  # noqa: E402
 from engine.flux.quantized import keeping_dense_weights  # noqa: E402
 from engine.lora import apply_lora  # noqa: E402
@@ -80,13 +83,17 @@ def variants(layers, fused):
 
     def fused_slices(x, adapters):  # as engine/flux/fused_inputs.py: project runs it
         parts = mx.split(fused(x), splits, axis=-1)
+        return with_adapters(adapters, lambda: add_adapters(layers, parts, x))
+
+    def fused_own_a(x, adapters):  # each adapter's first product its own
+        parts = mx.split(fused(x), splits, axis=-1)
         return with_adapters(adapters, lambda: [layer.add_to(part, x) for part, layer in zip(parts, layers)])
 
     def fused_sum(x, adapters):
         deltas = [add_low_rank(None, skinny_matmul(x, a), b * layer.scale) for layer, (a, b) in zip(layers, adapters)]
         return mx.split(fused(x) + mx.concatenate(deltas, axis=-1), splits, axis=-1)
 
-    return {"separate": separate, "fused": fused_slices, "fused_sum": fused_sum}
+    return {"separate": separate, "fused": fused_slices, "fused_own_a": fused_own_a, "fused_sum": fused_sum}
 
 
 def stage(function):

@@ -113,9 +113,12 @@ class LoRALinear(nn.Module):
         """y + this adapter's product on x, y being the base's output on x made elsewhere (one product
         for several layers: engine/flux/fused_inputs.py). Autodiff takes its gradients, so it runs MLX's
         own products, never our kernels (engine/lora_kernels.py), which have no vjp of their own."""
-        z = x @ self.lora_A.astype(x.dtype).T
-        lora_B = (self.lora_B if self.scale == 1.0 else self.lora_B * self.scale).astype(x.dtype).T
-        if speed.LORA_ADDMM and y.dtype == x.dtype:
+        return self.add_from_low_rank(y, x @ self.lora_A.astype(x.dtype).T)
+
+    def add_from_low_rank(self, y: mx.array, z: mx.array) -> mx.array:
+        """y + this adapter's product, z = x @ lora_A.T being made elsewhere (`add_to`)."""
+        lora_B = (self.lora_B if self.scale == 1.0 else self.lora_B * self.scale).astype(z.dtype).T
+        if speed.LORA_ADDMM and y.dtype == z.dtype:
             return mx.addmm(y, z, lora_B)
         return y + (z @ lora_B).astype(y.dtype)
 

@@ -81,3 +81,29 @@ def test_only_four_dequantizing_layers_of_one_quantization_are_fused():
     block.attn.to_q = LoRALinear(block.attn.to_q, 2, key=mx.random.key(1))  # a second adapter on the first
     assert not fused_inputs.fusable(block)
     assert fused_inputs.fusable(transformer.single_transformer_blocks[11])
+
+
+@pytest.mark.parametrize("adapted", [4, 2, 1])
+def test_the_adapters_first_products_are_one_product(adapted):
+    # add_adapters: x @ [A_1; A_2; ...].T once for a block's adapters, then each adapter's B into its part
+    from tests.helpers import launches
+
+    mx.random.seed(3)
+    transformer = load_model("tiny", text_encoders=False).transformer
+    quantize_module(transformer, 4)
+    layers = ("attn.to_q", "proj_mlp", "attn.to_k", "attn.to_v")[:adapted]
+    apply_lora(transformer, [(f"single_transformer_blocks.0.{layer}", 4) for layer in layers], key=mx.random.key(0))
+    block = transformer.single_transformer_blocks[0]
+    for layer in fused_inputs._layers(block):
+        if isinstance(layer, LoRALinear):  # B starts at zero: something to add
+            layer.lora_B = mx.random.normal(layer.lora_B.shape) * 0.1
+    assert fused_inputs.fuse_single_block_inputs(transformer)
+    x = mx.random.normal((1, 8, block.attn.to_q.base["weight"].shape[1] * 8))
+    mx.eval(x, transformer.parameters())
+    fused = fused_inputs.project(block, x)
+    products = [name for name in launches(fused) if name in ("Matmul", "AddMM")]  # before evaluating them
+    # the base's one product, the A's (one, or the lone adapter's own) and each adapter's B
+    assert len(products) == 1 + 1 + adapted, products
+    separate = [layer(x) for layer in fused_inputs._layers(block)]
+    for got, want in zip(fused, separate):
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)

@@ -6,8 +6,9 @@ again in a checkpointed step's recompute, and a cuBLAS call for the input's grad
 block's four packed weights, with their scales, quantization biases and layer biases, are concatenated along
 the output axis into one frozen layer, `fused_inputs`, and the four layers' own arrays become slices of it (views:
 no second copy), so every other route (and every name, file and LoRA) stays as it was. The block's call
-runs that one layer, splits its output into the four, and adds each layer's LoRA to its part; autodiff
-then takes the input's gradient as one product of the four cotangents joined.
+runs that one layer, splits its output into the four, and adds each layer's LoRA to its part, the
+adapters' first products (x @ A.T) also made as one (`add_adapters`); autodiff then takes the input's
+gradient as one product of the four cotangents joined, and one more through the joined A's.
 
 Off until measured on a GPU (bench/probe_fused_inputs.py, gpu_session.sh s28). The fusion is made where a
 training step is built (engine/training_step.py), from the layers' arrays as they are then."""
@@ -76,6 +77,25 @@ def project(block: nn.Module, x: mx.array) -> list[mx.array]:
     """The four layers' outputs on `x` (q, k, v, the MLP's input) through the block's `fused_inputs`."""
     layers = _layers(block)
     widths = [_base(layer)["bias"].shape[0] for layer in layers]
-    bounds = [sum(widths[:i + 1]) for i in range(len(widths) - 1)]
-    parts = mx.split(block.fused_inputs(x), bounds, axis=-1)
-    return [layer.add_to(part, x) if isinstance(layer, LoRALinear) else part for layer, part in zip(layers, parts)]
+    return add_adapters(layers, mx.split(block.fused_inputs(x), _bounds(widths), axis=-1), x)
+
+
+def add_adapters(layers: list[nn.Module], parts: list[mx.array], x: mx.array) -> list[mx.array]:
+    """Each part (a layer's base output on `x`) plus the layer's LoRA product where it has one. The adapters'
+    first products are one too, x @ [A_1; A_2; ...].T, split by rank: so a trained block's four adapters
+    take one product where they took four, in the forward, the recompute and each of the two gradients that
+    go through A (the adapters' and the input's)."""
+    adapted = [i for i, layer in enumerate(layers) if isinstance(layer, LoRALinear)]
+    if len(adapted) < 2:
+        return [layers[i].add_to(part, x) if i in adapted else part for i, part in enumerate(parts)]
+    joined = mx.concatenate([layers[i].lora_A for i in adapted], axis=0).astype(x.dtype)
+    low_rank = mx.split(x @ joined.T, _bounds([layers[i].lora_A.shape[0] for i in adapted]), axis=-1)
+    parts = list(parts)
+    for i, z in zip(adapted, low_rank):
+        parts[i] = layers[i].add_from_low_rank(parts[i], z)
+    return parts
+
+
+def _bounds(widths: list[int]) -> list[int]:
+    """Where to split a concatenation of parts `widths` wide."""
+    return [sum(widths[:i + 1]) for i in range(len(widths) - 1)]

@@ -94,7 +94,8 @@ BLOCKWISE_UPDATE_IN_BACKWARD = True
 # A single block's q, k, v and MLP input (four 4-bit layers reading one input) as one dequantize and one
 # product (engine/flux/fused_inputs.py), made where a training step is built: 3 dequantizes and 3 cuBLAS
 # calls fewer in each forward and recompute, 3 cuBLAS calls fewer in the backward, for up to 4 copies of
-# the slices. Off until measured on a GPU (bench/NOTES.md item 55; bench/probe_fused_inputs.py)
+# the slices; their adapters' first products (x @ A.T) as one too, 12 cuBLAS calls fewer a trained block
+# and step. Off until measured on a GPU (bench/NOTES.md items 55, 57; bench/probe_fused_inputs.py)
 FUSED_SINGLE_INPUTS = False
 # On a machine's first run, train while the kernel warm-up's processes still compile the step's fused
 # kernels (engine/kernel_warmup.py), with MLX's compile off (engine/training_step.py: make_uncompiled_step):
