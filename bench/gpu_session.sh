@@ -686,8 +686,8 @@ s29)
     env_rows q4_uncompiled 120 "" $PEOPLE4 $ROUTES_750 --uncompiled
     env_rows pets_q4_uncompiled 120 "" --templates pets --quantize 4 --checkpointing off --steps 10 $ROUTES_750 --uncompiled ;;
 s28)
-    # NOTES item 55's lead: a single block's q, k, v and MLP input as one 4-bit product against four, each
-    # with its LoRA. First the probe (bench/probe_fused_inputs.py: forward and backward as a checkpointed
+    # NOTES items 55 and 57: a single block's q, k, v and MLP input as one 4-bit product against four, each
+    # with its LoRA, the adapters' first products as one too. First the probe (bench/probe_fused_inputs.py: forward and backward as a checkpointed
     # backward stage runs them, seconds a call with the host's share, rank 8 and 4), then the step itself
     # (speed.FUSED_SINGLE_INPUTS) against the default, bf16 beside (the switch leaves bf16's dense layers
     # alone), rounds FIRST_ROUND..ROUNDS (1..3), a first row to compile. Read the rounds with
