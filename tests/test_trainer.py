@@ -407,6 +407,7 @@ def test_trainer_trains_uncompiled_while_the_kernel_warmup_runs(tmp_path, monkey
     class FakeWarmup(kernel_warmup.Warmup):
         def wait(self, *args, **kwargs):
             order.append("wait")
+            assert kwargs["give_up"]() is False  # the run's stop request, read while waiting
             flag.touch()
             return super().wait(*args, **kwargs)
 
